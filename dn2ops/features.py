@@ -1,0 +1,108 @@
+"""Feature shards: Parquet files ``features-SSSSS-of-NNNNN.parquet``.
+
+Columns: ``uri``, ``sha256`` (of the image bytes), ``backbone``, ``dim``,
+``embedding`` (list<float32>, length dim) and any manifest columns (strings).
+The backbone metadata (name, dim, preprocessing) is kept in the directory's
+``_SUCCESS`` marker and checked before features are mixed or indexed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dn2ops import outputs
+
+KIND = "features"
+ERROR_SCHEMA = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+
+
+class MetadataMismatch(ValueError):
+    """Features, index or query come from different backbones or preprocessing."""
+
+
+def feature_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
+    fields = [("uri", pa.string()), ("sha256", pa.string()), ("backbone", pa.string()),
+              ("dim", pa.int32()), ("embedding", pa.list_(pa.float32()))]
+    fields += [(c, pa.string()) for c in extra_columns]
+    return pa.schema(fields)
+
+
+class WriteTable(beam.PTransform):
+    """Rows -> ``{prefix}-SSSSS-of-NNNNN.parquet`` files under ``directory``."""
+
+    def __init__(self, directory: str, prefix: str, schema: pa.Schema, num_shards: int = 0):
+        super().__init__()
+        self.path = outputs.join(directory, prefix)
+        self.schema = schema
+        self.num_shards = num_shards
+
+    def expand(self, rows):
+        return rows | beam.io.WriteToParquet(
+            self.path, self.schema, file_name_suffix=".parquet", num_shards=self.num_shards,
+            shard_name_template="-SSSSS-of-NNNNN")
+
+
+def shard_paths(directory: str, prefix: str) -> list[str]:
+    fs, path = outputs.fs_and_path(directory)
+    files = sorted(fs.glob(outputs.join(path, f"{prefix}-*.parquet")))
+    return [fs.unstrip_protocol(p) if "://" in directory else p for p in files]
+
+
+def read_table(directory: str, prefix: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """All ``prefix`` shards of a directory as one table (empty if none)."""
+    fs, _ = outputs.fs_and_path(directory)
+    tables = []
+    for p in shard_paths(directory, prefix):
+        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables) if tables else None
+
+
+def iter_feature_shards(directory: str,
+                        columns: Sequence[str] | None = ("uri", "sha256", "embedding")
+                        ) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """Yields (table without embedding, embeddings (n, dim) float32), one shard at a time."""
+    fs, _ = outputs.fs_and_path(directory)
+    for p in shard_paths(directory, "features"):
+        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
+            table = pq.read_table(f, columns=None if columns is None else list(columns))
+        yield table.drop_columns(["embedding"]), embeddings(table)
+
+
+def embeddings(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column as a float32 array (n, dim)."""
+    col = table.column("embedding").combine_chunks()
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if flat.size % n:
+        raise MetadataMismatch("feature rows have embeddings of different lengths")
+    return flat.reshape(n, flat.size // n)
+
+
+def load_features(directory: str) -> tuple[pa.Table, np.ndarray, dict[str, Any]]:
+    """(rows without embeddings, embeddings (n, dim), marker) of a committed features dir."""
+    marker = outputs.require_complete(directory, KIND)
+    parts = list(iter_feature_shards(directory, columns=None))
+    if not parts:
+        return None, np.zeros((0, marker["dim"]), np.float32), marker
+    table = pa.concat_tables([t for t, _ in parts], promote_options="default")
+    return table, np.concatenate([x for _, x in parts]), marker
+
+
+def check_compatible(expected: dict[str, Any], got: dict[str, Any], what: str) -> None:
+    """Raises MetadataMismatch naming every field where two backbone metadata differ."""
+    diffs = [f"{key}: {expected.get(key)!r} != {got.get(key)!r}"
+             for key in ("backbone", "dim", "preprocessing")
+             if json.dumps(expected.get(key), sort_keys=True)
+             != json.dumps(got.get(key), sort_keys=True)]
+    if diffs:
+        raise MetadataMismatch(f"{what} do not match: " + "; ".join(diffs))

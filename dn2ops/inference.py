@@ -1,0 +1,175 @@
+"""Embedding stage: image rows -> feature rows, through Beam's RunInference.
+
+Per element (plain functions, testable without Beam): read the bytes, hash
+them, decode to RGB, resize and crop to uint8. Batched: the model handler
+normalises and runs the backbone (one model per worker process, loaded in
+``load_model``). Anything that fails for one image becomes an error row with
+its stage and reason; it never fails the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import torch
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
+
+from dn2ops.backbones import get_spec, load_backbone
+from dn2ops.embed import Embedder
+from dn2ops.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, sha256_hex
+from dn2ops.preprocess import Preprocessing
+
+ERRORS = "errors"
+
+
+class ImageKey(NamedTuple):
+    """What travels beside an image through RunInference."""
+
+    uri: str
+    sha256: str
+    extras: tuple[tuple[str, str], ...]  # manifest columns other than uri
+
+
+def error_row(uri: str, stage: str, error: BaseException | str) -> dict[str, str]:
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"uri": uri, "stage": stage, "error": reason}
+
+
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def prepare(row: dict[str, Any], preprocessing: Preprocessing,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageKey, torch.Tensor]:
+    """Row -> (key, uint8 tensor (3, crop, crop)). Raises _StageError naming the stage."""
+    uri = row["uri"]
+    try:
+        data = read_bytes(uri)
+    except Exception as e:  # every storage backend has its own errors
+        raise _StageError("read", _read_reason(e)) from e
+    try:
+        image = load_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        raise _StageError("decode", str(e)) from e
+    try:
+        tensor = preprocessing.crop_image(image)
+    except Exception as e:
+        raise _StageError("preprocess", f"{type(e).__name__}: {e}") from e
+    extras = tuple((k, v) for k, v in row.items() if k != "uri")
+    return ImageKey(uri, sha256_hex(data), extras), tensor
+
+
+def _read_reason(e: Exception) -> str:
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not an image file"
+    if isinstance(e, PermissionError):
+        return "permission denied: the file is not readable by this worker"
+    if isinstance(e, FileNotFoundError):
+        return "file not found (deleted after listing, or a manifest points nowhere)"
+    return f"{type(e).__name__}: {e}"
+
+
+class _StageError(Exception):
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+
+
+class PrepareImages(beam.DoFn):
+    """Row -> (ImageKey, uint8 tensor); failures to the ``errors`` output."""
+
+    def __init__(self, preprocessing: Preprocessing, max_pixels: int):
+        self.preprocessing = preprocessing
+        self.max_pixels = max_pixels
+
+    def process(self, row: dict[str, Any]) -> Iterator[Any]:
+        try:
+            yield prepare(row, self.preprocessing, self.max_pixels)
+        except _StageError as e:
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(row["uri"], e.stage, str(e)))
+        except Exception as e:  # a bug or a surprise for one image: report it, go on
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(row["uri"], "prepare", e))
+
+
+class BackboneModelHandler(ModelHandler[torch.Tensor, PredictionResult, Embedder]):
+    """Batches of uint8 image tensors -> pooled backbone features (dim,) float32."""
+
+    def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
+                 batch_size: int = 64, fast: bool = True, torch_threads: int | None = None):
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self.backbone = backbone
+        self.weights = weights
+        self.device = device
+        self.fast = fast
+        self.torch_threads = torch_threads
+        self.preprocessing = get_spec(backbone).preprocessing
+
+    def load_model(self) -> Embedder:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        logging.getLogger("dn2").info("loading backbone %s on %s", self.backbone, self.device)
+        return Embedder(load_backbone(self.backbone, self.weights), device=self.device,
+                        fast=self.fast)
+
+    def run_inference(self, batch: Sequence[torch.Tensor], model: Embedder,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        features = model(self.preprocessing.normalize(torch.stack(list(batch))))
+        # The example is not kept: it would carry 150 KB per image downstream.
+        return [PredictionResult(None, f) for f in features]
+
+    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "dn2"
+
+
+def feature_row(key: ImageKey, features: np.ndarray, backbone: str) -> dict[str, Any]:
+    """The row written to feature shards (see dn2ops.features.feature_schema)."""
+    return {"uri": key.uri, "sha256": key.sha256, "backbone": backbone,
+            "dim": int(features.shape[0]), "embedding": features.astype(np.float32).tolist(),
+            **dict(key.extras)}
+
+
+def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Exception]):
+    batch, exc = failed
+    for key, _ in batch:
+        yield error_row(key.uri, "embed", exc)
+
+
+class EmbedImages(beam.PTransform):
+    """Rows {"uri", ...} -> (feature rows, error rows)."""
+
+    def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
+                 batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 torch_threads: int | None = None):
+        super().__init__()
+        self.handler = BackboneModelHandler(backbone=backbone, weights=weights, device=device,
+                                            batch_size=batch_size, torch_threads=torch_threads)
+        self.max_pixels = max_pixels
+
+    def expand(self, rows):
+        prepared = rows | "Prepare" >> beam.ParDo(
+            PrepareImages(self.handler.preprocessing, self.max_pixels)).with_outputs(
+                ERRORS, main="images")
+        inferred, failed = (prepared.images
+                            | "Embed" >> RunInference(KeyedModelHandler(self.handler))
+                            .with_exception_handling())
+        features = inferred | "ToRow" >> beam.MapTuple(
+            lambda key, result, name=self.handler.backbone: feature_row(key, result.inference,
+                                                                        name))
+        embed_errors = failed.failed_inferences | "FailedBatch" >> beam.FlatMap(
+            _failed_batch_rows)
+        errors = (prepared[ERRORS], embed_errors) | "AllErrors" >> beam.Flatten()
+        return features, errors

@@ -1,0 +1,91 @@
+"""Listing stage: SRC (directory, glob or manifest) -> one row per image.
+
+SRC is expanded on a worker, not at pipeline construction, so a source of
+millions of paths is never materialised in the launcher; the rows are then
+reshuffled so that reading and embedding spread over all workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+MANIFEST_EXTENSIONS = (".csv", ".parquet")
+
+
+class SourceError(ValueError):
+    """SRC cannot be listed: it does not exist, is empty, or a manifest is malformed."""
+
+
+def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _is_manifest(src: str) -> bool:
+    return src.lower().endswith(MANIFEST_EXTENSIONS) and not any(c in src for c in "*?[")
+
+
+def read_manifest(src: str) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV or Parquet manifest with a ``uri`` column; other columns kept as str."""
+    with fsspec.open(src, "rb") as f:
+        data = f.read()
+    if src.lower().endswith(".parquet"):
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    else:
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    if rows and "uri" not in rows[0]:
+        raise SourceError(f"manifest {src} has no 'uri' column (columns: {list(rows[0])})")
+    base = posixpath.dirname(src)
+    for row in rows:
+        uri = str(row["uri"])
+        if "://" not in uri and not uri.startswith("/"):
+            uri = posixpath.join(base, uri)  # relative to the manifest
+        yield {**{k: "" if v is None else str(v) for k, v in row.items()}, "uri": uri}
+
+
+def list_source(src: str) -> Iterator[dict[str, Any]]:
+    """Expands SRC into rows ``{"uri": ..., **manifest columns}``.
+
+    A directory yields every file under it with an image extension (hidden
+    files skipped); a glob yields every match, image or not, so that a bad
+    match is reported rather than dropped; a manifest yields its rows.
+    """
+    if _is_manifest(src):
+        yield from read_manifest(src)
+        return
+    fs, path = fsspec.core.url_to_fs(src)
+    if any(c in path for c in "*?["):
+        paths = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        paths = sorted(p for p in fs.find(path)
+                       if p.lower().endswith(IMAGE_EXTENSIONS)
+                       and not posixpath.basename(p).startswith("."))
+    elif fs.exists(path):
+        paths = [path]
+    else:
+        raise SourceError(f"input {src} does not exist")
+    for p in paths:
+        yield {"uri": _full_uri(fs, p)}
+
+
+class ListImages(beam.PTransform):
+    """PBegin -> PCollection of rows ``{"uri": str, **manifest columns}``, reshuffled."""
+
+    def __init__(self, src: str):
+        super().__init__()
+        self.src = src
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Source" >> beam.Create([self.src])
+                | "Expand" >> beam.FlatMap(list_source)
+                | "Spread" >> beam.Reshuffle())

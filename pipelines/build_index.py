@@ -1,0 +1,15 @@
+"""dn2 build-index --features FEATURES_DIR --output INDEX_DIR [--k 2] [--kmeans C] ..."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipelines import jobs, options
+from pipelines.common import guarded
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args, _ = options.parse("build-index", argv)
+    return guarded(lambda: jobs.build(
+        features_dir=args.features, output=args.output, k=args.k, kmeans=args.kmeans,
+        clean_fraction=args.clean_fraction, shards=args.shards), "build-index")

@@ -1,0 +1,17 @@
+"""dn2 embed --input SRC --output FEATURES_DIR [--backbone NAME] [Beam options]."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipelines import jobs, options
+from pipelines.common import guarded
+
+
+def run(argv: Sequence[str] | None = None, test_pipeline=None) -> int:
+    args, beam_args = options.parse("embed", argv)
+    return guarded(lambda: jobs.embed(
+        input=args.input, output=args.output, backbone=args.backbone, weights=args.weights,
+        batch_size=args.batch_size, device=args.device, max_pixels=args.max_pixels,
+        torch_threads=args.torch_threads, options=options.beam_options(beam_args),
+        test_pipeline=test_pipeline), "embed")

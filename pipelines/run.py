@@ -1,0 +1,23 @@
+"""dn2 run --normal SRC --input SRC --output OUT_DIR: the whole nightly job in one command.
+
+Writes OUT_DIR/normal_features, OUT_DIR/index, OUT_DIR/features and
+OUT_DIR/results (the ranked table: OUT_DIR/results/anomalies-*.parquet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipelines import jobs, options
+from pipelines.common import guarded
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args, beam_args = options.parse("run", argv)
+    return guarded(lambda: jobs.run(
+        normal=args.normal, input=args.input, output=args.output, k=args.k, kmeans=args.kmeans,
+        clean_fraction=args.clean_fraction, shards=args.shards, partition=args.partition,
+        top=args.top, max_error_fraction=args.max_error_fraction, report=args.report,
+        backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
+        device=args.device, max_pixels=args.max_pixels, torch_threads=args.torch_threads,
+        options=options.beam_options(beam_args)), "run")

