@@ -1,0 +1,155 @@
+"""End to end through the dn2 command on small real image stores (local and memory://)."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dn2ops.datasets import write_png_store
+from dn2ops.features import embeddings, read_table
+from pipelines.cli import main
+from tests.conftest import digit_images
+
+
+def _brute_force_scores(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
+    d = np.sqrt(((xq[:, None, :].astype(np.float64) - xb[None, :, :]) ** 2).sum(-1))
+    return np.sort(d, axis=1)[:, :k].mean(axis=1)
+
+
+def _results(results_dir) -> list[dict]:
+    table = read_table(str(results_dir), "anomalies")
+    return sorted(table.to_pylist(), key=lambda r: r["uri"])
+
+
+@pytest.fixture(scope="module")
+def run_out(digit_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    code = main(["run", "--normal", str(digit_store / "normal"),
+                 "--input", str(digit_store / "incoming.csv"), "--output", str(out),
+                 "--top", "5", "--partition", "dt=2026-11-28"])
+    assert code == 0
+    return out
+
+
+def test_every_input_is_accounted_for(run_out, digit_store):
+    summary = json.loads((run_out / "results" / "summary.json").read_text())
+    n_files = len(list((digit_store / "incoming").glob("*.png")))
+    assert summary["count_in"] == n_files
+    assert summary["scored"] + summary["errored"] == n_files
+    assert summary["errored"] == 0
+    uris = {r["uri"] for r in _results(run_out / "results")}
+    assert uris == {str(p) for p in (digit_store / "incoming").glob("*.png")}
+
+
+def test_scores_equal_brute_force_over_written_shards(run_out):
+    normal = read_table(str(run_out / "normal_features"), "features")
+    incoming = read_table(str(run_out / "features"), "features")
+    expected = dict(zip(incoming.column("uri").to_pylist(),
+                        _brute_force_scores(embeddings(incoming), embeddings(normal), k=2),
+                        strict=True))
+    rows = _results(run_out / "results")
+    got = np.array([r["score"] for r in rows])
+    np.testing.assert_allclose(got, [expected[r["uri"]] for r in rows], rtol=1e-5)
+    normal_uris = normal.column("uri").to_pylist()
+    xb = embeddings(normal)
+    for r in rows[:5]:  # the explanation: the k nearest normal images, nearest first
+        xq = embeddings(incoming)[incoming.column("uri").to_pylist().index(r["uri"])]
+        d = np.linalg.norm(xb - xq, axis=1)
+        assert r["neighbor_uris"] == [normal_uris[i] for i in np.argsort(d)[:2]]
+
+
+def test_ranks_follow_scores(run_out):
+    rows = _results(run_out / "results")
+    scores = np.array([r["score"] for r in rows])
+    for r in rows:
+        assert r["rank"] == 1 + int((scores > r["score"]).sum())
+    assert {r["partition"] for r in rows} == {"dt=2026-11-28"}
+    top = (run_out / "results" / "top_anomalies.csv").read_text().splitlines()
+    assert len(top) == 6 and top[1].startswith("1,")
+
+
+def test_manifest_columns_are_carried_and_anomalies_rank_high(run_out):
+    from sklearn.metrics import roc_auc_score
+    rows = _results(run_out / "results")
+    labels = [int(r["label"]) for r in rows]
+    assert roc_auc_score(labels, [r["score"] for r in rows]) > 0.9
+
+
+def test_three_shards_give_the_same_table(run_out, tmp_path):
+    assert main(["build-index", "--features", str(run_out / "normal_features"),
+                 "--output", str(tmp_path / "index3"), "--shards", "3"]) == 0
+    manifest = json.loads((tmp_path / "index3" / "_SUCCESS").read_text())
+    assert manifest["shards"] == 3
+    assert main(["score", "--features", str(run_out / "features"), "--index",
+                 str(tmp_path / "index3"), "--output", str(tmp_path / "res3"),
+                 "--partition", "dt=2026-11-28"]) == 0
+    one, three = _results(run_out / "results"), _results(tmp_path / "res3")
+    for a, b in zip(one, three, strict=True):
+        assert (a["uri"], a["rank"], a["neighbor_uris"]) == (b["uri"], b["rank"],
+                                                             b["neighbor_uris"])
+        assert a["score"] == pytest.approx(b["score"], rel=1e-6)
+
+
+def test_rerun_replaces_outputs(run_out, tmp_path):
+    out = tmp_path / "res"
+    args = ["score", "--features", str(run_out / "features"), "--index",
+            str(run_out / "index"), "--output", str(out)]
+    assert main(args) == 0
+    first = _results(out)
+    assert main(args) == 0
+    assert _results(out) == [dict(r) for r in first]
+    assert len(list(out.glob("anomalies-*.parquet"))) == 1
+    assert not list(out.glob("_staging-*"))
+
+
+def test_memory_store_embeds_like_the_local_store(digit_store, tmp_path):
+    normal, _, _ = digit_images()
+    fs = fsspec.filesystem("memory")
+    write_png_store(normal[:6], [f"n{i:03d}" for i in range(6)], "memory://dn2-test/store")
+    assert main(["embed", "--input", "memory://dn2-test/store", "--output",
+                 str(tmp_path / "mem")]) == 0
+    assert main(["embed", "--input", str(digit_store / "normal" / "n00[0-5].png"),
+                 "--output", str(tmp_path / "local")]) == 0
+    mem = read_table(str(tmp_path / "mem"), "features")
+    local = read_table(str(tmp_path / "local"), "features")
+    assert sorted(mem.column("uri").to_pylist()) == [
+        f"memory:///dn2-test/store/n{i:03d}.png" for i in range(6)]
+    by_name = {u.rsplit("/", 1)[1]: e for u, e in zip(mem.column("uri").to_pylist(),
+                                                      embeddings(mem), strict=True)}
+    for u, e in zip(local.column("uri").to_pylist(), embeddings(local), strict=True):
+        np.testing.assert_allclose(by_name[u.rsplit("/", 1)[1]], e, rtol=1e-5, atol=1e-5)
+    assert mem.column("sha256").to_pylist() != [None] * 6
+    fs.rm("/dn2-test", recursive=True)
+
+
+def test_feature_shards_are_named_and_typed(run_out):
+    files = sorted((run_out / "features").glob("features-*.parquet"))
+    assert files and all("-of-" in f.name for f in files)
+    schema = pq.read_schema(files[0])
+    assert schema.field("embedding").type.value_type == pa.float32()
+    marker = json.loads((run_out / "features" / "_SUCCESS").read_text())
+    assert marker["backbone"] == "efficientnet_lite0" and marker["dim"] == 1280
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["embed", "--output", "x"], "required: --input"),
+    (["score", "--index", "i", "--output", "o"], "one of the arguments --input --features"),
+    (["build-index", "--features", "f", "--output", "o", "--k", "0"], "positive integer"),
+    (["embed", "--input", "a", "--output", "b", "--bogus-flag"], "unrecognized arguments"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    code = main(["embed", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    assert code == 1
+    assert "does not exist" in capsys.readouterr().err
