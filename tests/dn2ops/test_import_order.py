@@ -1,0 +1,48 @@
+"""torch and faiss each bring OpenMP: both import orders must work, also in forked workers.
+
+Runs in fresh interpreters (the import order of this test process is already fixed) and
+does what a Beam worker does: embed with torch, then search with faiss with its threads
+capped by dn2ops.knn.set_faiss_threads, in the parent and in forked children.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import {first}
+import {second}
+import multiprocessing as mp
+import numpy as np
+import torch
+from dn2ops.knn import knn, set_faiss_threads
+
+def work(seed):
+    set_faiss_threads(1)  # what dn2ops.scoring does in every worker's setup
+    rng = np.random.default_rng(seed)
+    xb, xq = rng.random((2000, 64), np.float32), rng.random((50, 64), np.float32)
+    feats = torch.nn.functional.relu(torch.from_numpy(xq) @ torch.ones(64, 8))
+    D, _ = knn(xq, xb, 2)
+    return float(D.sum()) + float(feats.sum())
+
+parent = work(0)
+with mp.get_context("fork").Pool(2) as pool:
+    # A hung child shows as a TimeoutError here rather than a stuck test.
+    children = [pool.apply_async(work, (s,)).get(timeout=60) for s in (0, 1)]
+assert abs(children[0] - parent) < 1e-3 * abs(parent), (children, parent)
+print("ok", parent)
+"""
+
+
+# The orders a dn2 process can meet: a stage module that uses faiss imported before
+# torch, or after it, or the command-line entry point.
+@pytest.mark.parametrize("first, second", [("dn2ops.knn", "torch"), ("torch", "dn2ops.knn"),
+                                           ("pipelines.cli", "dn2ops.scoring")])
+def test_torch_and_faiss_in_either_order_and_in_forked_workers(first, second):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(first=first, second=second)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok")
