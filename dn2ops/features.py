@@ -98,11 +98,46 @@ def load_features(directory: str) -> tuple[pa.Table, np.ndarray, dict[str, Any]]
     return table, np.concatenate([x for _, x in parts]), marker
 
 
-def check_compatible(expected: dict[str, Any], got: dict[str, Any], what: str) -> None:
-    """Raises MetadataMismatch naming every field where two backbone metadata differ."""
-    diffs = [f"{key}: {expected.get(key)!r} != {got.get(key)!r}"
-             for key in ("backbone", "dim", "preprocessing")
-             if json.dumps(expected.get(key), sort_keys=True)
-             != json.dumps(got.get(key), sort_keys=True)]
+def check_compatible(expected: dict[str, Any], got: dict[str, Any], what: str,
+                     names: tuple[str, str] = ("expected", "got")) -> None:
+    """Raises MetadataMismatch naming every field where two backbone metadata differ.
+
+    ``names`` say whose values are whose in the message, e.g. ("index",
+    "features") gives ``preprocessing.resize: index 256, features 288``.
+    """
+    def same(a: Any, b: Any) -> bool:
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    diffs = []
+    for key in ("backbone", "dim", "preprocessing"):
+        a, b = expected.get(key), got.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):  # name the sub-fields that differ
+            diffs += [f"{key}.{sub}: {names[0]} {a.get(sub)!r}, {names[1]} {b.get(sub)!r}"
+                      for sub in sorted(set(a) | set(b)) if not same(a.get(sub), b.get(sub))]
+        elif not same(a, b):
+            diffs.append(f"{key}: {names[0]} {a!r}, {names[1]} {b!r}")
     if diffs:
         raise MetadataMismatch(f"{what} do not match: " + "; ".join(diffs))
+
+
+def row_dims(directory: str) -> set[int]:
+    """The ``dim`` values of a features directory's rows, from the Parquet footers' statistics.
+
+    Costs one footer read per shard; shards written without statistics fall
+    back to reading the (tiny) ``dim`` column.
+    """
+    fs, _ = outputs.fs_and_path(directory)
+    dims: set[int] = set()
+    for p in shard_paths(directory, "features"):
+        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
+            pf = pq.ParquetFile(f)
+            col = pf.schema_arrow.get_field_index("dim")
+            if col < 0:
+                raise MetadataMismatch(f"{p} has no 'dim' column: not a dn2 feature shard")
+            for g in range(pf.metadata.num_row_groups):
+                stats = pf.metadata.row_group(g).column(col).statistics
+                if stats is not None and stats.has_min_max:
+                    dims.update({int(stats.min), int(stats.max)})
+                else:
+                    dims.update(pf.read_row_group(g, columns=["dim"]).column(0).to_pylist())
+    return dims

@@ -10,8 +10,20 @@ Layout of INDEX_DIR:
   _SUCCESS                     the manifest (JSON): backbone metadata, k,
                                counts, sha256 per file, created_at, index_id
 
+  ivf.faiss, ivf.ivfdata        with --ivf NLIST instead of the flat shards: a
+                               centred IVF-Flat / IVF-PQ index (dn2ops.ivf);
+                               ivf.ivfdata holds its inverted lists on disk
+                               (--ondisk, memory-mapped when scoring)
+
 Scores are plain Euclidean (not squared) distances, averaged over k, as in
-dn2ops.scorer; higher = more anomalous.
+dn2ops.scorer; higher = more anomalous. Flat shards give exact scores; IVF
+scores are approximate (>= exact; the manifest records recall@k).
+
+`build_index` streams: it reads the feature shards one at a time (several
+passes), writes one index shard at a time, and computes the leave-one-out
+reference scores by searching the shards it wrote, loaded one at a time, so
+the whole normal set is never in memory (unless --shards 1 asks for one shard
+of everything). `LoadedIndex(stream_shards=True)` scores the same way.
 """
 
 from __future__ import annotations
@@ -19,15 +31,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from dn2ops import features, outputs
-from dn2ops.knn import as_float32, knn, knn_sharded
+from dn2ops import features, gpu, ivf, outputs, streams
+from dn2ops.knn import as_float32, kmeans_centroids, knn, knn_sharded
 from dn2ops.scorer import DN2Scorer
 
 KIND = "index"
@@ -47,6 +62,11 @@ def _index_bytes(xb: np.ndarray) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
+# How faiss serializes an IndexFlatL2: fourcc, d, ntotal, two unused int64, is_trained,
+# metric type, then the vectors' length in floats (and the floats).
+_FLAT_HEADER = struct.Struct("<4siqqq?iQ")
+
+
 def _vectors(data: bytes, name: str) -> np.ndarray:
     """The vectors of a serialized IndexFlatL2, (n, d) float32."""
     try:
@@ -58,16 +78,341 @@ def _vectors(data: bytes, name: str) -> np.ndarray:
                               index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
 
 
+def _flat_view(data: bytes, name: str) -> tuple[np.ndarray, faiss.Index]:
+    """(vectors (n, d) float32, their index): the vectors are a view into the index's
+    memory (no copy), valid only while the caller keeps the index."""
+    try:
+        # This proxy owns the C++ index; a downcast proxy would not keep it alive.
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:  # faiss raises RuntimeError on corrupt bytes
+        raise IndexError_(f"index file {name} is corrupt or truncated: "
+                          f"{str(e).splitlines()[0]}") from None
+    xb = faiss.rev_swig_ptr(faiss.downcast_index(index).get_xb(), index.ntotal * index.d)
+    return xb.reshape(index.ntotal, index.d), index
+
+
+# Rows per centroid that K-means trains on when the normal set is streamed
+# (a uniform sample; sets smaller than this times C train on every row, as
+# DN2Scorer does).
+KMEANS_SAMPLE_PER_CENTROID = 1024
+# Query rows searched at once when computing reference scores of a sample.
+_QUERY_BLOCK = 8192
+_HASH_BLOCK = 1 << 24
+
+
+def _feature_rows(features_dir: str) -> list[int]:
+    """Rows of each feature shard, from the Parquet footers (no data read)."""
+    fs, _ = outputs.fs_and_path(features_dir)
+    rows = []
+    for p in features.shard_paths(features_dir, "features"):
+        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
+            rows.append(pq.ParquetFile(f).metadata.num_rows)
+    return rows
+
+
+def _chunks(features_dir: str, dim: int, kept: np.ndarray | None = None
+            ) -> Iterator[np.ndarray]:
+    """The (kept) normal vectors, one feature shard at a time: float32 (n_i, dim)."""
+    start = 0
+    for _, X in features.iter_feature_shards(features_dir, columns=("embedding",)):
+        n = len(X)
+        if n and X.shape[1] != dim:
+            raise features.MetadataMismatch(
+                f"feature rows have dimension {X.shape[1]}, the directory says {dim}")
+        if kept is not None:
+            X = X[kept[start:start + n]]
+        start += n
+        if len(X):
+            yield X
+
+
+def _index_blob(xb: np.ndarray) -> np.ndarray:
+    """A serialized IndexFlatL2 over xb (n, d), as a uint8 array (no extra bytes copy)."""
+    index = faiss.IndexFlatL2(xb.shape[1])
+    index.add(xb)
+    return faiss.serialize_index(index)
+
+
+def _put(fs, path: str, blob: np.ndarray | bytes) -> str:
+    """Writes ``blob`` to ``path``; returns its sha256."""
+    data = blob if isinstance(fs, LocalFileSystem) or isinstance(blob, bytes) else blob.tobytes()
+    fs.pipe_file(path, data)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _file_sha256(fs, path: str) -> str:
+    """sha256 of a file, read in 16 MiB blocks (index files can exceed memory)."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_flat_shards(fs, directory: str, chunks: Iterable[np.ndarray],
+                       sizes: list[int]) -> dict[str, str]:
+    """Writes shard-SSSSS-of-NNNNN.faiss files of ``sizes`` rows each; returns name -> sha256."""
+    checksums = {}
+    fs.makedirs(directory, exist_ok=True)
+    for i, xb in enumerate(streams.rechunk(chunks, sizes)):
+        name = _shard_name(i, len(sizes))
+        checksums[name] = _put(fs, outputs.join(directory, name), _index_blob(xb))
+        del xb
+    return checksums
+
+
+def _shard_loader(fs, directory: str, names: list[str]) -> Callable[[], Iterator[np.ndarray]]:
+    def load() -> Iterator[np.ndarray]:
+        for name in names:
+            # The generator holds the index while the consumer uses the view.
+            xb, owner = _flat_view(fs.cat_file(outputs.join(directory, name)), name)
+            yield xb
+            del xb, owner
+    return load
+
+
+def _shard_sizes(n: int, shards: int | None, per_feature_shard: list[int]) -> list[int]:
+    """Rows per index shard: ``shards`` equal parts, or (None) one per non-empty feature shard."""
+    if shards is None:
+        return [c for c in per_feature_shard if c > 0]
+    bounds = np.linspace(0, n, min(shards, n) + 1).astype(int)
+    return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                      chunks: Callable[[], Iterator[np.ndarray]], n: int,
+                      ids: np.ndarray | None, xq: np.ndarray | None = None) -> np.ndarray:
+    """Scores (n,) float64 of the rows ``ids`` (all when None; NaN elsewhere).
+
+    ``score(xq, ids)`` scores query rows xq (m, d) whose global ids are ``ids``;
+    ``xq``: the rows ``ids``, when already gathered (else read from ``chunks()``).
+    """
+    out = np.full(n, np.nan)
+    if ids is None:
+        start = 0
+        for x in chunks():
+            out[start:start + len(x)] = score(x, np.arange(start, start + len(x)))
+            start += len(x)
+        return out
+    if xq is None:
+        xq = streams.gather_rows(chunks(), ids)
+    for a in range(0, len(ids), _QUERY_BLOCK):
+        out[ids[a:a + _QUERY_BLOCK]] = score(xq[a:a + _QUERY_BLOCK], ids[a:a + _QUERY_BLOCK])
+    return out
+
+
+def _flat_loo(load: Callable[[], Iterator[np.ndarray]], k: int, device: str
+              ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Leave-one-out kNN score of query rows against the shards ``load()`` yields: exact."""
+    def score(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        search = gpu.knn_sharded_gpu if device == "cuda" else knn_sharded
+        D, I = search(xq, load(), k + 1)
+        D, _ = streams.drop_self(D, I, ids)
+        return D.mean(axis=1, dtype=np.float64)
+    return score
+
+
 def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int | None = None,
-                clean_fraction: float = 0.0, shards: int = 1) -> dict[str, Any]:
-    """Builds INDEX_DIR ``output`` from a committed features directory. Returns the manifest."""
+                clean_fraction: float = 0.0, shards: int | None = 1,
+                ivf_lists: int | None = None, pq_m: int | None = None,
+                nprobe: int | None = None, target_recall: float = 0.95, ondisk: bool = False,
+                reference_sample: int | None = None, recall_queries: int = ivf.RECALL_QUERIES,
+                device: str = "cpu", seed: int = 1234) -> dict[str, Any]:
+    """Builds INDEX_DIR ``output`` from a committed features directory, streaming its shards.
+
+    Equals DN2Scorer(k, n_centroids, clean_fraction).fit on all the features
+    (tested), without holding them: the features are read shard by shard in
+    several passes, and each index shard is written as soon as it is full.
+
+    Args:
+      shards: split the kept set into this many equal flat shards (peak memory
+        ~ one shard); None: one index shard per feature shard.
+      n_centroids: K-means mode; trains on a uniform sample of
+        KMEANS_SAMPLE_PER_CENTROID * C rows (all rows of smaller sets).
+      clean_fraction: needs every row's exact leave-one-out score first
+        (quadratic in n): pass 1 writes provisional shards of all rows and
+        scores them, pass 2 rebuilds without the dropped rows.
+      ivf_lists, pq_m, nprobe, target_recall, ondisk: an IVF index instead of
+        flat shards (see dn2ops.ivf); nprobe None picks the smallest power of
+        two whose measured recall@k reaches target_recall. ondisk needs a
+        local output directory.
+      reference_sample: compute the percentile reference (leave-one-out
+        scores) on a uniform sample of this many kept rows instead of all
+        (exact leave-one-out over n rows costs n^2 d); other rows get NaN.
+      recall_queries: sampled rows the IVF recall is measured on.
+      device: 'cpu' | 'cuda' | 'auto' for the exact searches (dn2ops.gpu).
+    Returns the manifest.
+    """
+    if shards is not None and shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {shards}")
+    if ivf_lists is not None and n_centroids is not None:
+        raise ValueError("--ivf and --kmeans are different index modes; choose one")
+    if reference_sample is not None and reference_sample < 1:
+        raise ValueError(f"--reference-sample must be >= 1, got {reference_sample}")
+    device = gpu.resolve_faiss_device(device)
+    outputs.check_writable(output, KIND)
+    fmeta = outputs.require_complete(features_dir, features.KIND)
+    per_shard = _feature_rows(features_dir)
+    n = int(sum(per_shard))
+    if n == 0:
+        listed = fmeta.get("count_in")
+        raise IndexError_(
+            f"the normal set is empty: {fmeta.get('input', features_dir)} lists no image files"
+            if listed == 0 else
+            f"the normal set is empty: none of the {f'{listed} ' if listed else ''}images of "
+            f"{fmeta.get('input', features_dir)} could be embedded (see "
+            f"{outputs.join(features_dir, 'errors-*.parquet')} for why)")
+    DN2Scorer(k=k, n_centroids=n_centroids, clean_fraction=clean_fraction)._validate_params(n)
+    fs, out_path = outputs.fs_and_path(output)
+    if ondisk and (ivf_lists is None or not isinstance(fs, LocalFileSystem)):
+        raise ValueError("--ondisk needs --ivf NLIST and a local --output directory "
+                         "(faiss memory-maps the inverted lists)")
+    names = features.read_table(features_dir, "features", columns=["uri", "sha256"])
+    staging = outputs.new_staging(output)
+    _, stage_path = outputs.fs_and_path(staging)
+    fs.makedirs(stage_path, exist_ok=True)
+    try:
+        manifest = _build_staged(
+            fs, stage_path, features_dir, fmeta, names, per_shard, k=k,
+            n_centroids=n_centroids, clean_fraction=clean_fraction, shards=shards,
+            ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe, target_recall=target_recall,
+            ondisk=ondisk, reference_sample=reference_sample, recall_queries=recall_queries,
+            device=device, seed=seed)
+    except BaseException:
+        outputs.discard(staging)
+        raise
+    outputs.commit(staging, output, manifest)
+    return manifest
+
+
+def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], names: pa.Table,
+                  per_shard: list[int], *, k: int, n_centroids: int | None,
+                  clean_fraction: float, shards: int | None, ivf_lists: int | None,
+                  pq_m: int | None, nprobe: int | None, target_recall: float, ondisk: bool,
+                  reference_sample: int | None, recall_queries: int, device: str,
+                  seed: int) -> dict[str, Any]:
+    dim = int(fmeta["dim"])
+    n = int(sum(per_shard))
+    kept = np.ones(n, bool)
+    if clean_fraction > 0:
+        min_keep = k + 1 if n_centroids is None else int(n_centroids)
+        n_drop = min(round(float(clean_fraction) * n), n - min_keep)
+        if n_drop > 0:
+            tmp = outputs.join(stage, "_clean")
+            sizes = _shard_sizes(n, shards, per_shard)
+            tmp_names = list(_write_flat_shards(fs, tmp, _chunks(features_dir, dim), sizes))
+            load = _shard_loader(fs, tmp, tmp_names)
+            loo = _reference_scores(_flat_loo(load, k, device), load, n, None)
+            fs.rm(tmp, recursive=True)
+            # As DN2Scorer: the n_drop highest scores go, ties -> lower row first.
+            kept[np.argsort(-loo, kind="stable")[:n_drop]] = False
+    n_kept = int(kept.sum())
+    kept_arg = None if kept.all() else kept
+    kept_per_shard = [int(kept[a:b].sum()) for a, b in
+                      zip(np.cumsum([0] + per_shard[:-1]), np.cumsum(per_shard), strict=True)]
+
+    def chunks() -> Iterator[np.ndarray]:
+        return _chunks(features_dir, dim, kept_arg)
+
+    ref_ids = (None if reference_sample is None or reference_sample >= n_kept
+               else streams.sample_ids(n_kept, reference_sample, seed + 2))
+    # Samples are gathered during the first pass over the features (a Tap),
+    # not in passes of their own: at scale every pass is minutes of reading.
+    km_ids = (None if n_centroids is None else
+              streams.sample_ids(n_kept, KMEANS_SAMPLE_PER_CENTROID * n_centroids, seed))
+    checksums: dict[str, str] = {}
+    ivf_info = None
+    n_flat = 0
+    if ivf_lists is not None:
+        nlist = int(min(ivf_lists, n_kept))
+        train_ids = streams.sample_ids(n_kept, ivf.train_size(n_kept, nlist, pq_m), seed)
+        q_ids = streams.sample_ids(n_kept, recall_queries, seed + 1)
+        tap = streams.Tap(chunks(), train_ids, q_ids, ref_ids)
+        for _ in tap:
+            pass
+        index, ivf_info = ivf.build(chunks, n_kept, dim, k=k, nlist=nlist, pq=pq_m,
+                                    nprobe=nprobe, target_recall=target_recall,
+                                    train_x=tap.rows(0), q_ids=q_ids, xq=tap.rows(1),
+                                    ondisk_dir=stage if ondisk else None)
+        ref_x = tap.rows(2)
+        del tap
+        if ondisk:
+            faiss.write_index(index, outputs.join(stage, ivf.INDEX_FILE))
+            for name in (ivf.INDEX_FILE, ivf.DATA_FILE):
+                checksums[name] = _file_sha256(fs, outputs.join(stage, name))
+        else:
+            checksums[ivf.INDEX_FILE] = _put(fs, outputs.join(stage, ivf.INDEX_FILE),
+                                             faiss.serialize_index(index))
+
+        def ivf_loo(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+            D, I = ivf.search(index, xq, k + 1)
+            D, _ = streams.drop_self(D, I, ids)
+            return D.mean(axis=1, dtype=np.float64)
+
+        ref = _reference_scores(ivf_loo, chunks, n_kept, ref_ids, ref_x)
+        del index
+    else:
+        sizes = _shard_sizes(n_kept, shards, kept_per_shard)
+        tap = streams.Tap(chunks(), ref_ids, km_ids)
+        checksums.update(_write_flat_shards(fs, stage, tap, sizes))
+        ref_x, km_x = tap.rows(0), tap.rows(1)
+        del tap
+        n_flat = len(sizes)
+        load = _shard_loader(fs, stage, sorted(checksums))
+        if n_centroids is None:
+            ref = _reference_scores(_flat_loo(load, k, device), load, n_kept, ref_ids, ref_x)
+    kmeans_info = None
+    if n_centroids is not None:
+        centroids = kmeans_centroids(km_x, int(n_centroids), seed=seed)
+        checksums["kmeans.faiss"] = _put(fs, outputs.join(stage, "kmeans.faiss"),
+                                         _index_blob(centroids))
+        # In-sample distance to the nearest centre, as DN2Scorer (biased low).
+        ref = _reference_scores(lambda xq, ids: knn(xq, centroids, 1)[0][:, 0].astype(
+            np.float64), load, n_kept, ref_ids, ref_x)
+        kmeans_info = {"trained_on": int(len(km_x))}
+    ids = np.full(n, -1, np.int64)
+    ids[kept] = np.arange(n_kept)
+    loo = np.full(n, np.nan)
+    loo[kept] = ref
+    normal = pa.table({"uri": names.column("uri"), "sha256": names.column("sha256"),
+                       "kept": pa.array(kept), "id": pa.array(ids), "loo_score": pa.array(loo)})
+    buf = io.BytesIO()
+    pq.write_table(normal, buf)
+    checksums["normal.parquet"] = _put(fs, outputs.join(stage, "normal.parquet"),
+                                       buf.getvalue())
+    checksums = dict(sorted(checksums.items()))
+    return {
+        "kind": KIND, "backbone": fmeta["backbone"], "dim": fmeta["dim"],
+        "preprocessing": fmeta["preprocessing"], "k": k, "n_centroids": n_centroids,
+        "clean_fraction": clean_fraction, "shards": n_flat,
+        "counts": {"normal_in": n, "kept": n_kept, "dropped": n - n_kept},
+        "ivf": ivf_info, "kmeans": kmeans_info,
+        "reference": {"scores": int(np.isfinite(ref).sum()),
+                      "sample": None if ref_ids is None else int(len(ref_ids)),
+                      "how": ("distance to the nearest centre" if n_centroids is not None else
+                              "leave-one-out, IVF (approximate)" if ivf_lists is not None else
+                              "leave-one-out, exact")},
+        "files": checksums, "features_dir": features_dir,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "index_id": hashlib.sha256("".join(checksums.values()).encode()).hexdigest()[:16],
+    }
+
+
+def build_index_from_arrays(uris: list[str], sha256s: list[str], X: np.ndarray,
+                            fmeta: dict[str, Any], output: str, *, k: int = 2,
+                            n_centroids: int | None = None, clean_fraction: float = 0.0,
+                            shards: int = 1, features_dir: str = "",
+                            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Builds a flat INDEX_DIR ``output`` over vectors X (n, dim) named ``uris``, in memory.
+
+    For vectors that are not a features directory and are few, e.g. the pooled
+    features of normal sets (dn2ops.group_scoring); same layout and scores as
+    build_index. ``fmeta`` is the backbone metadata (backbone, dim,
+    preprocessing); ``extra`` keys are added to the manifest (e.g. group_by and
+    pool for an index of sets). Returns the manifest.
+    """
     if shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
-    outputs.check_writable(output, KIND)
-    table, X, fmeta = features.load_features(features_dir)
-    if X.shape[0] == 0:
-        raise IndexError_(f"the normal set in {features_dir} is empty: no image was embedded "
-                          "(see its errors-*.parquet)")
     scorer = DN2Scorer(k=k, n_centroids=n_centroids, clean_fraction=clean_fraction).fit(X)
     kept = scorer.kept_mask_
     xk = np.ascontiguousarray(X[kept])
@@ -81,7 +426,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
     ids[kept] = np.arange(kept.sum())
     loo = np.full(len(X), np.nan)
     loo[kept] = scorer.train_scores_
-    normal = pa.table({"uri": table.column("uri"), "sha256": table.column("sha256"),
+    normal = pa.table({"uri": pa.array(uris, pa.string()),
+                       "sha256": pa.array(sha256s, pa.string()),
                        "kept": pa.array(kept), "id": pa.array(ids), "loo_score": pa.array(loo)})
     buf = io.BytesIO()
     pq.write_table(normal, buf)
@@ -96,6 +442,7 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
         "files": checksums, "features_dir": features_dir,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "index_id": hashlib.sha256("".join(checksums.values()).encode()).hexdigest()[:16],
+        **(extra or {}),
     }
     staging = outputs.new_staging(output)
     fs, stage_path = outputs.fs_and_path(staging)
@@ -107,32 +454,128 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
 
 
 class LoadedIndex:
-    """A verified index directory in memory, ready to score features (nq, dim)."""
+    """A verified index directory, ready to score features (nq, dim).
 
-    def __init__(self, directory: str, *, verify: bool = True):
+    Flat shards are held in memory, or with ``stream_shards=True`` loaded one
+    at a time for each query batch (for indexes larger than memory; every
+    load re-checks the shard's sha256), merged exactly either way. IVF
+    indexes are read whole, or memory-mapped when their lists are on disk.
+    ``device``: 'auto' puts the search on the GPU when faiss sees one (see
+    dn2ops.gpu), 'cpu' forces the CPU, 'cuda' without a GPU raises DeviceError.
+    """
+
+    def __init__(self, directory: str, *, verify: bool = True, stream_shards: bool = False,
+                 device: str = "auto"):
         self.manifest = outputs.require_complete(directory, KIND)
-        fs, path = outputs.fs_and_path(directory)
-        blobs = {}
-        for name, digest in self.manifest["files"].items():
-            full = outputs.join(path, name)
-            if not fs.exists(full):
+        self.device = gpu.resolve_faiss_device(device)
+        self.verify = verify
+        self.stream_shards = stream_shards
+        self._fs, self._path = outputs.fs_and_path(directory)
+        files = self.manifest["files"]
+        for name in files:
+            if not self._fs.exists(outputs.join(self._path, name)):
                 raise IndexError_(f"index file {name} listed in the manifest is missing "
                                   f"from {directory}")
-            blobs[name] = fs.cat_file(full)
-            if verify and hashlib.sha256(blobs[name]).hexdigest() != digest:
-                raise IndexError_(f"index file {name} has sha256 "
-                                  f"{hashlib.sha256(blobs[name]).hexdigest()[:12]}..., the "
-                                  f"manifest says {digest[:12]}...: the file was changed or "
-                                  "damaged; rebuild the index")
         self.k = int(self.manifest["k"])
         self.index_id = self.manifest["index_id"]
-        self.shards = [_vectors(blobs[n], n) for n in sorted(blobs) if n.startswith("shard-")]
-        self.centroids = (_vectors(blobs["kmeans.faiss"], "kmeans.faiss")
-                          if "kmeans.faiss" in blobs else None)
-        normal = pq.read_table(io.BytesIO(blobs["normal.parquet"]))
+        self.shard_names = sorted(n for n in files if n.startswith("shard-"))
+        ivf_meta = self.manifest.get("ivf")
+        self.centroids = (_vectors(self._read("kmeans.faiss"), "kmeans.faiss")
+                          if "kmeans.faiss" in files else None)
+        self.shards: list[np.ndarray] = []
+        self.ivf_index = self._ivf_cpu = None
+        self._gpu_shards: list[gpu.GpuFlat] | None = None
+        if ivf_meta:
+            self._ivf_cpu = self._load_ivf(ivf_meta)
+            self.ivf_index = self._ivf_cpu
+            if self.device == "cuda" and not ivf_meta["ondisk"]:
+                self.ivf_index = gpu.to_gpu(self._ivf_cpu)
+        elif self.centroids is None:  # K-means mode needs only the centres
+            if stream_shards:
+                for name in self.shard_names:  # fail before any heavy work; loads check again
+                    if verify:
+                        self._check_file(name)
+                    self._check_flat_shard(name)
+            else:
+                # Views into the deserialized indexes (kept in _owners): no second copy.
+                views = [_flat_view(self._read(n), n) for n in self.shard_names]
+                self.shards = [xb for xb, _ in views]
+                self._owners = [owner for _, owner in views]
+                if self.device == "cuda":
+                    self._gpu_shards = [gpu.GpuFlat(x) for x in self.shards]
+        try:
+            normal = pq.read_table(io.BytesIO(self._read("normal.parquet")))
+        except pa.ArrowException as e:  # checksum recomputed over a damaged file
+            raise IndexError_(f"index file normal.parquet is corrupt or truncated: {e}; "
+                              "rebuild the index") from None
         kept = normal.filter(normal.column("kept"))
         self.uris = kept.column("uri").to_pylist()
-        self.train_scores = np.sort(kept.column("loo_score").to_numpy())
+        ref = kept.column("loo_score").to_numpy()
+        self.train_scores = np.sort(ref[np.isfinite(ref)])
+
+    def _mismatch(self, name: str, got: str) -> IndexError_:
+        return IndexError_(f"index file {name} has sha256 {got[:12]}..., the manifest says "
+                           f"{self.manifest['files'][name][:12]}...: the file was changed or "
+                           "damaged; rebuild the index")
+
+    def _read(self, name: str) -> bytes:
+        """The bytes of one index file, checked against the manifest's sha256."""
+        data = self._fs.cat_file(outputs.join(self._path, name))
+        if self.verify:
+            got = hashlib.sha256(data).hexdigest()
+            if got != self.manifest["files"][name]:
+                raise self._mismatch(name, got)
+        return data
+
+    def _check_file(self, name: str) -> None:
+        """Checks one file's sha256 reading it in blocks (for files larger than memory)."""
+        got = _file_sha256(self._fs, outputs.join(self._path, name))
+        if got != self.manifest["files"][name]:
+            raise self._mismatch(name, got)
+
+    def _check_flat_shard(self, name: str) -> None:
+        """A streamed shard's header and size agree (truncation shows without loading it)."""
+        path = outputs.join(self._path, name)
+        with self._fs.open(path, "rb") as f:
+            head = f.read(_FLAT_HEADER.size)
+        size = self._fs.size(path)
+        if len(head) == _FLAT_HEADER.size:
+            fourcc, d, ntotal, _, _, _, _, floats = _FLAT_HEADER.unpack(head)
+            if (fourcc == b"IxF2" and d == self.manifest["dim"] and floats == ntotal * d
+                    and size == _FLAT_HEADER.size + 4 * floats):
+                return
+            what = f"its header says {fourcc!r}, d={d}, {ntotal} vectors"
+        else:
+            what = "it is shorter than a faiss header"
+        raise IndexError_(f"index file {name} is corrupt or truncated: {size} bytes, {what} "
+                          f"(the manifest says d={self.manifest['dim']}); rebuild the index")
+
+    def _load_ivf(self, meta: dict[str, Any]) -> faiss.Index:
+        if meta["ondisk"]:
+            if self.verify:
+                for name in (ivf.INDEX_FILE, ivf.DATA_FILE):
+                    self._check_file(name)
+            if not isinstance(self._fs, LocalFileSystem):
+                raise IndexError_("an index with on-disk inverted lists (--ondisk) must be on a "
+                                  "local filesystem; copy it there first")
+        try:
+            if meta["ondisk"]:
+                return ivf.read(outputs.join(self._path, ivf.INDEX_FILE), ondisk=True,
+                                nprobe=meta["nprobe"])
+            return ivf.deserialize(self._read(ivf.INDEX_FILE), nprobe=meta["nprobe"])
+        except RuntimeError as e:  # faiss raises RuntimeError on corrupt bytes
+            raise IndexError_(f"index file {ivf.INDEX_FILE} is corrupt or truncated: "
+                              f"{str(e).splitlines()[0]}; rebuild the index") from None
+
+    def iter_shards(self) -> Iterator[np.ndarray]:
+        """The flat shards' vectors (n_s, dim) float32, loaded (and checked) one at a time."""
+        if self.shards:
+            yield from self.shards
+            return
+        for name in self.shard_names:
+            xb, owner = _flat_view(self._read(name), name)
+            yield xb  # the generator holds ``owner`` while the caller uses the view
+            del xb, owner
 
     def metadata(self) -> dict[str, Any]:
         return {key: self.manifest[key] for key in ("backbone", "dim", "preprocessing")}
@@ -141,8 +584,10 @@ class LoadedIndex:
         """(scores (nq,) float64, neighbour distances (nq, k'), neighbour ids (nq, k')).
 
         Exact mode: mean Euclidean distance over the k nearest normal features,
-        merged exactly over all shards. K-means mode: distance to the nearest
-        centre, and no neighbours (k' = 0): that is what makes it O(C).
+        merged exactly over all shards (held or streamed: the same result).
+        IVF mode: the same over the IVF's approximate neighbours (>= exact).
+        K-means mode: distance to the nearest centre, and no neighbours
+        (k' = 0): that is what makes it O(C).
         """
         xq = as_float32(xq, name="features")
         if xq.shape[1] != self.manifest["dim"]:
@@ -152,10 +597,15 @@ class LoadedIndex:
             D, _ = knn(xq, self.centroids, 1)
             return D[:, 0].astype(np.float64), np.zeros((len(xq), 0)), np.zeros((len(xq), 0),
                                                                                   np.int64)
-        D, I = knn_sharded(xq, self.shards, self.k)
+        if self.ivf_index is not None:
+            D, I = ivf.search(self.ivf_index, xq, self.k, fallback=self._ivf_cpu)
+        elif self.device == "cuda":
+            D, I = gpu.knn_sharded_gpu(xq, self._gpu_shards or self.iter_shards(), self.k)
+        else:
+            D, I = knn_sharded(xq, self.iter_shards(), self.k)
         return D.mean(axis=1, dtype=np.float64), D, I
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:
-        """% (0..100) of the normal set's own leave-one-out scores strictly below each score."""
+        """% (0..100) of the normal set's own reference scores strictly below each score."""
         return 100.0 * np.searchsorted(self.train_scores, scores, side="left") / len(
             self.train_scores)

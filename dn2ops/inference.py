@@ -142,10 +142,28 @@ def feature_row(key: ImageKey, features: np.ndarray, backbone: str) -> dict[str,
             **dict(key.extras)}
 
 
-def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Exception]):
+def _exception_reason(exc: Any) -> str:
+    """``Type: message`` of an exception as Beam's exception handling hands it on.
+
+    Beam passes ``(type, repr, formatted traceback lines)`` rather than the
+    exception; the traceback's last line is the familiar ``Type: message``.
+    """
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, tuple) and len(exc) == 3 and exc[2]:
+        return "".join(exc[2]).rstrip().splitlines()[-1]
+    if isinstance(exc, tuple) and len(exc) >= 2:
+        return str(exc[1])
+    return str(exc)
+
+
+def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Any]):
+    """A batch the backbone failed on -> one error row per image of it (stage 'embed')."""
     batch, exc = failed
+    reason = (f"the backbone failed on a batch of {len(batch)} images "
+              f"(this image may be fine; rerun to retry it): {_exception_reason(exc)}")
     for key, _ in batch:
-        yield error_row(key.uri, "embed", exc)
+        yield error_row(key.uri, "embed", reason)
 
 
 class EmbedImages(beam.PTransform):

@@ -4,7 +4,8 @@ Every dn2 output directory (features, index, results) is written into a
 staging folder beside it and committed only when the run has succeeded: old
 tables of the same kind are removed, the new ones moved in, and the marker
 file (``_SUCCESS`` with the directory's kind) written last. A reader that finds
-no marker knows the directory is incomplete. A rerun replaces, never appends.
+no marker knows the directory is incomplete. A rerun replaces, never appends,
+also after a run that stopped mid-commit (``_COMMITTING`` names its kind).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 import fsspec
 
 MARKER = "_SUCCESS"
+# Written first by commit() and removed last: a directory holding it (and no
+# MARKER) was being replaced when its run stopped, so a rerun may overwrite it.
+COMMITTING = "_COMMITTING"
 
 
 class OutputError(ValueError):
@@ -31,12 +35,20 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
-def read_marker(directory: str) -> dict[str, Any] | None:
+def read_marker(directory: str, name: str = MARKER) -> dict[str, Any] | None:
     fs, path = fs_and_path(directory)
-    marker = join(path, MARKER)
+    marker = join(path, name)
     if not fs.exists(marker):
         return None
-    return json.loads(fs.cat_file(marker))
+    try:
+        value = json.loads(fs.cat_file(marker))
+    except ValueError as e:  # storage is untrusted: a damaged marker is a clear error
+        raise OutputError(f"{marker} is damaged (not JSON: {e}); rerun the step that "
+                          "wrote this directory") from None
+    if not isinstance(value, dict):
+        raise OutputError(f"{marker} is damaged (a JSON {type(value).__name__}, not an "
+                          "object); rerun the step that wrote this directory")
+    return value
 
 
 def check_writable(directory: str, kind: str) -> None:
@@ -51,6 +63,13 @@ def check_writable(directory: str, kind: str) -> None:
         raise OutputError(f"output path {directory} holds dn2 {marker.get('kind')} output, "
                           f"not {kind}; choose another --output")
     if marker is None:
+        committing = read_marker(directory, COMMITTING)
+        if committing is not None:
+            if committing.get("kind") == kind:
+                return  # a run of this kind stopped mid-commit: a rerun replaces its files
+            raise OutputError(f"output path {directory} holds an interrupted dn2 "
+                              f"{committing.get('kind')} output, not {kind}; choose another "
+                              "--output")
         others = [p for p in fs.ls(path, detail=False)
                   if not posixpath.basename(p).startswith(("_staging-", "."))]
         if others:
@@ -81,11 +100,13 @@ def commit(staging: str, directory: str, marker: dict[str, Any]) -> None:
     """Moves every file of ``staging`` into ``directory``, replacing the old outputs."""
     fs, path = fs_and_path(directory)
     _, stage_path = fs_and_path(staging)
+    # Says whose files these are should the run stop before the new MARKER lands.
+    fs.pipe_file(join(path, COMMITTING), json.dumps({"kind": marker.get("kind")}).encode())
     if fs.exists(join(path, MARKER)):
         fs.rm(join(path, MARKER))  # from here on readers see an incomplete directory
     for old in fs.ls(path, detail=False):
         name = posixpath.basename(old)
-        if name != posixpath.basename(stage_path) and not name.startswith("."):
+        if name not in (posixpath.basename(stage_path), COMMITTING) and not name.startswith("."):
             fs.rm(old, recursive=True)
     for new in fs.find(stage_path):
         rel = posixpath.relpath(new, stage_path)
@@ -94,6 +115,7 @@ def commit(staging: str, directory: str, marker: dict[str, Any]) -> None:
         fs.mv(new, target)
     fs.rm(stage_path, recursive=True)
     fs.pipe_file(join(path, MARKER), json.dumps(marker, indent=2, default=str).encode())
+    fs.rm(join(path, COMMITTING))
 
 
 def discard(staging: str) -> None:

@@ -53,16 +53,19 @@ def rank_of(score: float, sorted_scores: np.ndarray) -> int:
 
 
 class _ScoreDoFn(beam.DoFn):
-    def __init__(self, index_dir: str, partition: str, faiss_threads: int):
+    def __init__(self, index_dir: str, partition: str, faiss_threads: int,
+                 index_options: dict[str, Any] | None = None):
         self.index_dir = index_dir
         self.partition = partition
         self.faiss_threads = faiss_threads
+        self.index_options = index_options or {}  # LoadedIndex(stream_shards=, device=)
         self._shared = shared.Shared()
 
     def setup(self):
         # faiss's OpenMP pool next to torch's oversubscribes the worker's cores.
         set_faiss_threads(self.faiss_threads)
-        self.index = self._shared.acquire(lambda: _Holder(LoadedIndex(self.index_dir)))
+        self.index = self._shared.acquire(
+            lambda: _Holder(LoadedIndex(self.index_dir, **self.index_options)))
 
     def process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from score_batch(batch, self.index.value, self.partition)
@@ -83,19 +86,28 @@ class ScoreFeatures(beam.PTransform):
     """Feature rows -> ranked anomaly rows (see anomaly_schema)."""
 
     def __init__(self, index_dir: str, *, partition: str = "", batch_size: int = 256,
-                 faiss_threads: int = 1):
+                 faiss_threads: int = 1, index_options: dict[str, Any] | None = None):
         super().__init__()
         self.index_dir = index_dir
         self.partition = partition
         self.batch_size = batch_size
         self.faiss_threads = faiss_threads
+        self.index_options = index_options
 
     def expand(self, rows):
         scored = (rows
                   | "Batch" >> beam.BatchElements(min_batch_size=1,
                                                   max_batch_size=self.batch_size)
                   | "Score" >> beam.ParDo(_ScoreDoFn(self.index_dir, self.partition,
-                                                     self.faiss_threads)))
+                                                     self.faiss_threads, self.index_options)))
+        return scored | "Rank" >> RankByScore()
+
+
+class RankByScore(beam.PTransform):
+    """Rows with a ``score`` -> the same rows with ``rank`` (see rank_of), over the whole
+    PCollection: its sorted scores (n floats) are a side input."""
+
+    def expand(self, scored):
         sorted_scores = (scored
                          | "Scores" >> beam.Map(lambda r: r["score"])
                          | "All" >> beam.combiners.ToList()

@@ -12,4 +12,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     args, _ = options.parse("build-index", argv)
     return guarded(lambda: jobs.build(
         features_dir=args.features, output=args.output, k=args.k, kmeans=args.kmeans,
-        clean_fraction=args.clean_fraction, shards=args.shards), "build-index")
+        clean_fraction=args.clean_fraction, shards=args.shards, group_by=args.group_by,
+        pool=args.pool, ivf=args.ivf, pq=args.pq, nprobe=args.nprobe,
+        target_recall=args.target_recall, ondisk=args.ondisk,
+        reference_sample=args.reference_sample, device=args.device), "build-index")

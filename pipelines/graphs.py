@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 
 from dn2ops import features, sources
+from dn2ops.group_scoring import ScoreGroups, group_schema
 from dn2ops.inference import EmbedImages
 from dn2ops.progress import LogProgress
 from dn2ops.scoring import ScoreFeatures, anomaly_schema
@@ -72,9 +73,10 @@ def score(
     partition: str,
     extra_columns: Sequence[str],
     faiss_threads: int = 1,
+    index_options: dict | None = None,
 ) -> None:
     ranked = feats | "Score" >> ScoreFeatures(
-        index_dir, partition=partition, faiss_threads=faiss_threads
+        index_dir, partition=partition, faiss_threads=faiss_threads, index_options=index_options
     )
     ranked | "WriteAnomalies" >> features.WriteTable(
         staging, "anomalies", anomaly_schema(extra_columns)
@@ -95,3 +97,32 @@ def score(
 RESULT_ERROR_SCHEMA = features.ERROR_SCHEMA.append(
     features.pa.field("partition", features.pa.string())
 )
+
+
+def score_groups(
+    feats,
+    errors,
+    staging: str,
+    *,
+    group_by: str,
+    method: str,
+    pool: str | None,
+    index_dir: str | None,
+    partition: str,
+    faiss_threads: int = 1,
+) -> None:
+    """Group mode: groups-*.parquet (ranked sets) and errors-*.parquet (images, incl. the
+    members of sets too small to score, stage 'group')."""
+    ranked, group_errors = feats | "ScoreGroups" >> ScoreGroups(
+        group_by, method=method, pool=pool, index_dir=index_dir, partition=partition,
+        faiss_threads=faiss_threads,
+    )
+    ranked | "WriteGroups" >> features.WriteTable(staging, "groups", group_schema())
+    errors = (errors, group_errors) | "AllErrors" >> beam.Flatten()
+    errors = errors | "Partition" >> beam.Map(
+        lambda e: {"uri": e["uri"], "stage": e["stage"], "error": e["error"],
+                   "partition": partition}
+    )
+    errors | "WriteErrors" >> features.WriteTable(
+        staging, "errors", RESULT_ERROR_SCHEMA, num_shards=1
+    )

@@ -12,17 +12,26 @@ import datetime
 import io
 import json
 import logging
+import posixpath
+import re
 import time
 from typing import Any
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
 
 from dn2ops import features, outputs, sources
-from dn2ops.backbones import get_spec, resolve_weights
+from dn2ops.backbones import WeightsError, get_spec, load_backbone, resolve_weights
 from dn2ops.embed import resolve_device
+from dn2ops.gpu import resolve_faiss_device
+from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
 from pipelines import graphs
 
@@ -41,15 +50,105 @@ def _workers(options: PipelineOptions) -> int:
     return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
 
 
-def _preflight(backbone: str, weights: str | None, device: str) -> None:
-    """Fails before any pipeline starts: unknown backbone, missing weights, missing GPU."""
+def _preflight(backbone: str, weights: str | None, device: str,
+               options: PipelineOptions | None = None) -> None:
+    """Fails before any pipeline starts: unknown backbone, missing weights, missing GPU.
+
+    The GPU is checked here only when the pipeline runs in this process: a Dataflow job is
+    launched from a machine without one, and its workers check ``--device cuda`` themselves.
+    Weights the user names are untrusted files: they are loaded once here (with
+    ``torch.load(weights_only=True)``), so a damaged, hostile or ill-fitting file fails now
+    with a short reason, not later inside every worker.
+    """
     spec = get_spec(backbone)
     if weights != "random":
         resolve_weights(spec, weights)
-    resolve_device(device)
+    if options is None or _runs_here(options):
+        resolve_device(device)
+    if weights not in (None, "random"):
+        try:
+            load_backbone(backbone, weights)
+        except WeightsError as e:
+            raise WeightsError(_weights_reason(str(e))) from None
+
+
+def _weights_reason(message: str) -> str:
+    """torch's weights_only refusal, cut to what matters to a dn2 user."""
+    if "Weights only load failed" not in message:
+        if message.startswith("cannot read weights"):  # torch's own words are cryptic here
+            return f"{message} (the file is damaged, truncated or not written by torch.save)"
+        return message
+    head = message.split("Weights only load failed")[0]
+    found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", message)
+    detail = f" ({found.group(0)})" if found else ""
+    return (f"{head}the file holds more than tensors{detail}, and dn2 loads weights with "
+            "torch.load(weights_only=True), never running code from a file; save a plain "
+            "state dict: torch.save(model.state_dict(), path)")
+
+
+def _runs_here(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    return runner is None or str(runner).split(".")[-1] in LOCAL_RUNNERS
+
+
+# Runners that execute the pipeline in (or beside) this process, on this machine's devices.
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner",
+                 "SwitchingDirectRunner", "direct")
+
+
+def check_source(src: str, flag: str = "--input") -> None:
+    """Fails before any pipeline starts when SRC (not a glob) names nothing."""
+    if any(c in src for c in "*?["):
+        return  # a glob that matches nothing is an empty input, not a typo we can name
+    fs, path = outputs.fs_and_path(src)
+    if not fs.exists(path):
+        raise sources.SourceError(f"{flag} {src} does not exist")
+
+
+# The directories `dn2 run` writes under OUT_DIR, and the kind each must hold.
+RUN_OUTPUTS = {"normal_features": features.KIND, "index": "index", "features": features.KIND,
+               "results": "results"}
+
+
+def check_run_output(output: str) -> None:
+    """Refuses an OUT_DIR that holds anything but earlier `dn2 run` output, before any work."""
+    fs, path = outputs.fs_and_path(output)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise outputs.OutputError(f"output path {output} is a file, not a directory")
+    marker = outputs.read_marker(output)
+    if marker is not None:
+        raise outputs.OutputError(
+            f"output path {output} holds dn2 {marker.get('kind')} output, not the "
+            f"{', '.join(RUN_OUTPUTS)} directories of dn2 run; choose another --output")
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    others = [n for n in names if n not in RUN_OUTPUTS and not n.startswith(".")]
+    if others:
+        raise outputs.OutputError(
+            f"output path {output} is not empty and holds no dn2 run output (found "
+            f"{others[0]!r}...); refusing to write into it; choose another --output")
+    for name, kind in RUN_OUTPUTS.items():
+        outputs.check_writable(outputs.join(output, name), kind)
+
+
+def check_row_dims(features_dir: str, dim: int) -> None:
+    """Fails when the rows of a features directory do not have the dimension its marker says."""
+    found = features.row_dims(features_dir) - {dim}
+    if found:
+        raise features.MetadataMismatch(
+            f"feature rows in {features_dir} have dimension {sorted(found)}, but its "
+            f"{outputs.MARKER} marker says {dim}: the directory was changed "
+            "after dn2 wrote it; embed the images again")
 
 
 def _run(pipeline: beam.Pipeline) -> beam.runners.runner.PipelineResult:
+    if pipeline.options.view_as(GoogleCloudOptions).template_location:
+        # A template launch only writes the job graph; no code runs after the job, so the
+        # staged outputs could never be checked and committed (see outputs.commit).
+        raise JobError("dn2 cannot run from a Dataflow template launch (--template_location): "
+                       "it commits outputs after the job succeeds; run dn2 with "
+                       "--runner DataflowRunner instead (README: Run on Dataflow)")
     result = pipeline.run()
     result.wait_until_finish()
     return result
@@ -95,7 +194,8 @@ def embed(
 ) -> dict:
     """dn2 embed: SRC -> FEATURES_DIR. Returns the features marker."""
     started = time.perf_counter()
-    _preflight(backbone, weights, device)
+    _preflight(backbone, weights, device, options)
+    check_source(input)
     outputs.check_writable(output, features.KIND)
     extras = extra_columns(input)
     staging = outputs.new_staging(output)
@@ -158,11 +258,39 @@ def build(
     kmeans: int | None = None,
     clean_fraction: float = 0.0,
     shards: int = 1,
+    group_by: str | None = None,
+    pool: str | None = None,
+    ivf: int | None = None,
+    pq: int | None = None,
+    nprobe: int | None = None,
+    target_recall: float = 0.95,
+    ondisk: bool = False,
+    reference_sample: int | None = None,
+    device: str = "auto",
 ) -> dict:
-    """dn2 build-index: FEATURES_DIR -> INDEX_DIR. Returns the manifest."""
+    """dn2 build-index: FEATURES_DIR -> INDEX_DIR (of sets with group_by). Returns the manifest."""
+    if group_by and (ivf or reference_sample):
+        raise ValueError("--ivf and --reference-sample are not available with --group-by")
+    if not ivf and (pq or nprobe or ondisk):
+        raise ValueError("--pq, --nprobe and --ondisk need --ivf NLIST")
+    if group_by:
+        manifest = build_group_index(
+            features_dir, output, group_by=group_by, pool=pool or "mean", k=k,
+            n_centroids=kmeans, clean_fraction=clean_fraction, shards=shards,
+        )
+        LOG.info("index %s: %s normal sets (--group-by %s, --pool %s), %s too small",
+                 manifest["index_id"], manifest["group_counts"]["sets_indexed"], group_by,
+                 manifest["pool"], manifest["group_counts"]["sets_too_small"])
+        return manifest
     manifest = build_index(
-        features_dir, output, k=k, n_centroids=kmeans, clean_fraction=clean_fraction, shards=shards
+        features_dir, output, k=k, n_centroids=kmeans, clean_fraction=clean_fraction,
+        shards=shards, ivf_lists=ivf, pq_m=pq, nprobe=nprobe, target_recall=target_recall,
+        ondisk=ondisk, reference_sample=reference_sample, device=device,
     )
+    if manifest.get("ivf"):
+        LOG.info("IVF: nlist %s, nprobe %s, recall@%s %.3f (approximate scores)",
+                 manifest["ivf"]["nlist"], manifest["ivf"]["nprobe"], k,
+                 manifest["ivf"]["recall"]["recall_at_k"])
     LOG.info(
         "index %s: %s normal images kept of %s, %s shard(s)",
         manifest["index_id"],
@@ -175,7 +303,7 @@ def build(
 
 def score(
     *,
-    index: str,
+    index: str | None = None,
     output: str,
     input: str | None = None,
     features_dir: str | None = None,
@@ -190,23 +318,48 @@ def score(
     device: str = "auto",
     max_pixels: int,
     torch_threads: int | None = None,
+    group_by: str | None = None,
+    pool: str | None = None,
+    group_score: str | None = None,
+    stream_shards: bool = False,
     options: PipelineOptions,
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
-    """dn2 score: (SRC | FEATURES_DIR) x INDEX_DIR -> RESULTS_DIR. Returns summary.json."""
+    """dn2 score: (SRC | FEATURES_DIR) x INDEX_DIR -> RESULTS_DIR. Returns summary.json.
+
+    With ``group_by`` the images are scored as sets (groups-*.parquet); with
+    ``group_score="covtrace"`` no index is used.
+    """
     started = time.perf_counter()
-    loaded = LoadedIndex(index)  # verifies checksums before any heavy work
+    covtrace = bool(group_by) and group_score == "covtrace"
+    if not covtrace and not index:
+        raise ValueError("--index is required (only --group-score covtrace scores without one)")
+    # Verifies checksums (and a GPU asked for) before heavy work; the workers load their own.
+    index_options = {"stream_shards": stream_shards, "device": device}
+    if not covtrace:
+        resolve_faiss_device(device)  # a GPU asked for but missing fails here
+    loaded = None if covtrace else LoadedIndex(index, stream_shards=True, device="cpu")
+    if loaded is not None:
+        pool = check_index_mode(loaded.manifest, group_by, pool)
     if features_dir:
         fmeta = outputs.require_complete(features_dir, features.KIND)
-        features.check_compatible(loaded.metadata(), fmeta, "the features and the index")
+        if loaded is not None:
+            features.check_compatible(loaded.metadata(), fmeta, "the features and the index",
+                                      names=("index", "features"))
+        check_row_dims(features_dir, fmeta["dim"])
         extras = fmeta.get("extra_columns", [])
+        backbone = fmeta["backbone"]
     else:
-        if backbone != loaded.manifest["backbone"]:
+        if loaded is not None and backbone != loaded.manifest["backbone"]:
             features.check_compatible(
-                loaded.metadata(), get_spec(backbone).metadata(), "--backbone and the index"
+                loaded.metadata(), get_spec(backbone).metadata(), "--backbone and the index",
+                names=("index", "--backbone")
             )
-        _preflight(backbone, weights, device)
+        _preflight(backbone, weights, device, options)
+        check_source(input)
         extras = extra_columns(input)
+    if group_by:
+        check_key(group_by, extras)
     outputs.check_writable(output, "results")
     staging = outputs.new_staging(output)
     p = test_pipeline or beam.Pipeline(options=options)
@@ -226,7 +379,13 @@ def score(
                 torch_threads=torch_threads,
             ),
         )
-    graphs.score(feats, errors, staging, index_dir=index, partition=partition, extra_columns=extras)
+    if group_by:
+        graphs.score_groups(feats, errors, staging, group_by=group_by,
+                            method=group_score or "knn", pool=pool, index_dir=index,
+                            partition=partition)
+    else:
+        graphs.score(feats, errors, staging, index_dir=index, partition=partition,
+                     extra_columns=extras, index_options=index_options)
     try:
         t0 = time.perf_counter()
         result = _run(p)
@@ -239,10 +398,15 @@ def score(
             source=source or input or features_dir,
             pipeline_s=time.perf_counter() - t0,
             total_s=time.perf_counter() - started,
+            backbone=backbone,
         )
+        if group_by:
+            summary.update(_group_summary(staging, group_by, group_score or "knn", pool))
         _check_accounted(summary["count_in"], summary["scored"], summary["errored"], staging)
         fs, stage_path = outputs.fs_and_path(staging)
-        if top:
+        if top and group_by:
+            fs.pipe_file(outputs.join(stage_path, "top_groups.csv"), _top_groups_csv(staging, top))
+        elif top:
             fs.pipe_file(outputs.join(stage_path, "top_anomalies.csv"), _top_csv(staging, top))
         fs.pipe_file(
             outputs.join(stage_path, "summary.json"), json.dumps(summary, indent=2).encode()
@@ -269,13 +433,14 @@ def score(
 def _summary(
     result,
     staging: str,
-    loaded: LoadedIndex,
+    loaded: LoadedIndex | None,
     *,
-    index: str,
+    index: str | None,
     partition: str,
     source: str,
     pipeline_s: float,
     total_s: float,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
     errors = features.read_table(staging, "errors", columns=["stage"])
     by_stage: dict[str, int] = {}
@@ -287,8 +452,8 @@ def _summary(
         "errored": _rows(staging, "errors"),
         "errors_by_stage": by_stage,
         "partition": partition,
-        "backbone": loaded.manifest["backbone"],
-        "index_id": loaded.index_id,
+        "backbone": loaded.manifest["backbone"] if loaded is not None else backbone,
+        "index_id": loaded.index_id if loaded is not None else None,
         "index_dir": index,
         "input": source,
         "timings": {"pipeline_s": round(pipeline_s, 2), "total_s": round(total_s, 2)},
@@ -317,6 +482,39 @@ def _top_csv(results_dir: str, n: int) -> bytes:
     return buf.getvalue().encode()
 
 
+def _group_summary(staging: str, group_by: str, method: str, pool: str | None
+                   ) -> dict[str, Any]:
+    """Group mode: ``scored`` = images in scored sets; the sets' own counts under ``groups``.
+
+    Members of sets too small to score are image errors (stage 'group'), so
+    count_in == scored + errored still holds.
+    """
+    table = features.read_table(staging, "groups", columns=["size"])
+    sizes = table.column("size").to_pylist() if table is not None else []
+    errors = features.read_table(staging, "errors", columns=["stage", "error"])
+    small = set()
+    for stage, error in (zip(*[errors.column(c).to_pylist() for c in ("stage", "error")],
+                             strict=True) if errors is not None else []):
+        if stage == "group":
+            small.add(error)  # one message per set: it names the set
+    return {"scored": int(sum(sizes)),
+            "groups": {"group_by": group_by, "method": method, "pool": pool,
+                       "scored": len(sizes), "errored": len(small)}}
+
+
+def _top_groups_csv(results_dir: str, n: int) -> bytes:
+    table = features.read_table(results_dir, "groups",
+                                columns=["rank", "score", "group", "size", "neighbor_groups"])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank", "score", "group", "size", "neighbor_groups"])
+    rows = table.to_pylist() if table is not None else []
+    for r in sorted(rows, key=lambda r: (r["rank"], r["group"]))[:n]:
+        w.writerow([r["rank"], f"{r['score']:.6f}", r["group"], r["size"],
+                    " ".join(r["neighbor_groups"])])
+    return buf.getvalue().encode()
+
+
 def _check_error_fraction(summary: dict, limit: float | None, output: str) -> None:
     if limit is None or not summary["count_in"]:
         return
@@ -331,7 +529,7 @@ def _check_error_fraction(summary: dict, limit: float | None, output: str) -> No
 
 def run(
     *,
-    normal: str,
+    normal: str | None,
     input: str,
     output: str,
     k: int = 2,
@@ -339,6 +537,7 @@ def run(
     clean_fraction: float = 0.0,
     shards: int = 1,
     options: PipelineOptions,
+    index_kwargs: dict[str, Any] | None = None,
     **score_kwargs,
 ) -> dict:
     """dn2 run: embed normal -> build index -> embed input -> score, under OUT_DIR."""
@@ -349,19 +548,34 @@ def run(
     normal_features = outputs.join(output, "normal_features")
     index_dir = outputs.join(output, "index")
     input_features = outputs.join(output, "features")
-    embed(input=normal, output=normal_features, options=options, **embed_kw)
-    build(
-        features_dir=normal_features,
-        output=index_dir,
-        k=k,
-        kmeans=kmeans,
-        clean_fraction=clean_fraction,
-        shards=shards,
-    )
+    covtrace = bool(score_kwargs.get("group_by")) and score_kwargs.get("group_score") == "covtrace"
+    # Everything that can be checked before hours of embedding: sources, outputs, backbone.
+    _preflight(embed_kw["backbone"], embed_kw["weights"], embed_kw["device"], options)
+    if not covtrace:
+        check_source(normal, "--normal")
+    check_source(input, "--input")
+    check_run_output(output)
+    if covtrace:  # scores each set by its own spread: no normal set, no index
+        if normal:
+            LOG.warning("--normal %s is not used by --group-score covtrace", normal)
+    else:
+        embed(input=normal, output=normal_features, options=options, **embed_kw)
+        build(
+            features_dir=normal_features,
+            output=index_dir,
+            k=k,
+            kmeans=kmeans,
+            clean_fraction=clean_fraction,
+            shards=shards,
+            group_by=score_kwargs.get("group_by"),
+            pool=score_kwargs.get("pool"),
+            device=embed_kw["device"],
+            **(index_kwargs or {}),
+        )
     embed(input=input, output=input_features, options=options, **embed_kw)
     keep = {key: v for key, v in score_kwargs.items() if key not in embed_kw}
     return score(
-        index=index_dir,
+        index=None if covtrace else index_dir,
         output=outputs.join(output, "results"),
         features_dir=input_features,
         source=input,

@@ -9,6 +9,7 @@ arguments of the jobs in pipelines.jobs.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from collections.abc import Sequence
 
@@ -64,7 +65,22 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                    help="score by distance to the nearest of C K-means centres")
     g.add_argument("--clean-fraction", type=_fraction, default=0.0, metavar="F",
                    help="drop this fraction of normal images with the highest own kNN score")
-    g.add_argument("--shards", type=_positive, default=1)
+    g.add_argument("--shards", type=_positive, default=1,
+                   help="flat index shards; build and --stream-shards scoring hold one at a time")
+    g.add_argument("--ivf", type=_positive, default=None, metavar="NLIST",
+                   help="approximate IVF index with NLIST lists instead of exact flat shards")
+    g.add_argument("--pq", type=_positive, default=None, metavar="M",
+                   help="with --ivf: compress vectors with M-byte product quantization")
+    g.add_argument("--nprobe", type=_positive, default=None, metavar="P",
+                   help="with --ivf: lists searched per query (default: the smallest power of "
+                        "2 reaching --target-recall, measured at build time)")
+    g.add_argument("--target-recall", type=float, default=0.95, metavar="R",
+                   help="with --ivf and no --nprobe: recall@k to reach (default 0.95)")
+    g.add_argument("--ondisk", action="store_true",
+                   help="with --ivf: inverted lists on disk, memory-mapped (local --output)")
+    g.add_argument("--reference-sample", type=_positive, default=None, metavar="S",
+                   help="percentile reference from S sampled normal images (default: all; "
+                        "exact leave-one-out over all costs n^2)")
 
 
 def add_score_args(p: argparse.ArgumentParser) -> None:
@@ -72,10 +88,25 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top", type=_positive, default=None, metavar="N",
                    help="also write top_anomalies.csv with the N most anomalous")
     g.add_argument("--partition", default="",
-                   help="partition name; replaces {partition} in input and output paths")
+                   help="partition name; replaces {partition} in input and output paths "
+                        "(today / yesterday: that UTC date, YYYY-MM-DD)")
     g.add_argument("--max-error-fraction", type=_fraction, default=None, metavar="F",
                    help="exit non-zero when more than this fraction of inputs errored")
     g.add_argument("--report", action="store_true", help="also write report.html")
+    g.add_argument("--stream-shards", action="store_true",
+                   help="load flat index shards one at a time per batch (index > memory)")
+
+
+def add_group_args(p: argparse.ArgumentParser, *, scoring: bool) -> None:
+    g = p.add_argument_group("groups (score sets of images, see dn2ops.group_scoring)")
+    g.add_argument("--group-by", default=None, metavar="KEY",
+                   help="group images into sets by 'parent_dir' or a manifest column")
+    g.add_argument("--pool", choices=("mean", "max"), default=None,
+                   help="a set's feature: mean (default) or max of its images' features")
+    if scoring:
+        g.add_argument("--group-score", choices=("knn", "covtrace"), default=None,
+                       help="knn (default): pooled sets vs an index of normal sets; "
+                            "covtrace: trace of the set's feature covariance, no index")
 
 
 def parser(command: str) -> argparse.ArgumentParser:
@@ -87,23 +118,29 @@ def parser(command: str) -> argparse.ArgumentParser:
     elif command == "build-index":
         p.add_argument("--features", required=True, help="FEATURES_DIR of the normal set")
         p.add_argument("--output", required=True, help="INDEX_DIR")
+        p.add_argument("--device", choices=DEVICES, default="auto",
+                       help="faiss searches: auto (GPU when faiss sees one), cpu, cuda")
         add_index_args(p)
+        add_group_args(p, scoring=False)
     elif command == "score":
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--input", help="images to score: directory, glob or manifest")
         src.add_argument("--features", help="FEATURES_DIR of already embedded images")
-        p.add_argument("--index", required=True, help="INDEX_DIR")
+        p.add_argument("--index", help="INDEX_DIR (not needed with --group-score covtrace)")
         p.add_argument("--output", required=True, help="RESULTS_DIR")
         add_embed_args(p)
         add_score_args(p)
+        add_group_args(p, scoring=True)
     elif command == "run":
-        p.add_argument("--normal", required=True, help="the normal images: dir, glob or manifest")
+        p.add_argument("--normal", help="the normal images: dir, glob or manifest "
+                                        "(not needed with --group-score covtrace)")
         p.add_argument("--input", required=True, help="images to score")
         p.add_argument("--output", required=True,
                        help="OUT_DIR: gets normal_features, index, features, results")
         add_embed_args(p)
         add_index_args(p)
         add_score_args(p)
+        add_group_args(p, scoring=True)
     else:
         raise ValueError(f"unknown command {command}")
     return p
@@ -112,8 +149,10 @@ def parser(command: str) -> argparse.ArgumentParser:
 def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """(dn2 arguments, the remaining Beam arguments). Bad arguments exit with code 2."""
     p = parser(command)
-    args, beam_args = p.parse_known_args(argv)
-    partition = getattr(args, "partition", "")
+    args, beam_args = p.parse_known_args(_dashed(p, argv))
+    partition = resolve_partition(getattr(args, "partition", ""))
+    if hasattr(args, "partition"):
+        args.partition = partition
     for name in ("input", "output", "normal", "features", "index"):
         value = getattr(args, name, None)
         if value and "{partition}" in value:
@@ -123,7 +162,61 @@ def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
     unknown = [a for a in beam_args if a.startswith("--") and not _is_beam_flag(a)]
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _check_group_args(p, command, args)
     return args, beam_args
+
+
+def resolve_partition(value: str, today: datetime.date | None = None) -> str:
+    """``today`` / ``yesterday`` -> that UTC date as YYYY-MM-DD; other names unchanged.
+
+    A nightly scheduler (Cloud Scheduler's fixed body, a systemd timer) cannot compute a
+    date itself, so it passes ``--partition yesterday`` and the job resolves it at launch.
+    """
+    if value not in ("today", "yesterday"):
+        return value
+    day = today or datetime.datetime.now(datetime.timezone.utc).date()
+    return (day - datetime.timedelta(days=value == "yesterday")).isoformat()
+
+
+def _dashed(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str] | None:
+    """``--batch_size=8`` -> ``--batch-size=8`` for dn2's own flags.
+
+    Dataflow template parameters are named with underscores (deploy/metadata.json) and are
+    passed as ``--name=value``; Beam's own flags (``--temp_location``) are left as they are.
+    """
+    if argv is None:
+        return None
+    ours = {s for action in p._actions for s in action.option_strings}
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        dashed = name[:2] + name[2:].replace("_", "-")
+        if name.startswith("--") and name not in ours and dashed in ours:
+            out[i] = dashed + eq + value
+    return out
+
+
+def _check_group_args(p: argparse.ArgumentParser, command: str, args: argparse.Namespace
+                      ) -> None:
+    group_by = getattr(args, "group_by", None)
+    covtrace = getattr(args, "group_score", None) == "covtrace"
+    for flag in ("pool", "group_score"):
+        if getattr(args, flag, None) and not group_by:
+            p.error(f"--{flag.replace('_', '-')} needs --group-by KEY")
+    if covtrace and getattr(args, "pool", None):
+        p.error("--pool is not used by --group-score covtrace (it scores the members' spread)")
+    if group_by and getattr(args, "report", False):
+        p.error("--report shows single images; it is not available with --group-by")
+    if command == "score" and args.index and covtrace:
+        p.error("--index is not used by --group-score covtrace; drop it or use knn")
+    if command == "score" and not args.index and not covtrace:
+        p.error("--index is required (only --group-by KEY --group-score covtrace scores "
+                "without one)")
+    if command == "run" and not args.normal and not covtrace:
+        p.error("--normal is required (only --group-by KEY --group-score covtrace scores "
+                "without normal images)")
 
 
 def _is_beam_flag(arg: str) -> bool:
@@ -139,8 +232,8 @@ def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
     if std.runner in (None, "DirectRunner", "direct"):
         std.runner = LOCAL_RUNNER
     direct = options.view_as(DirectOptions)
+    if direct.direct_num_workers == 0:  # Beam's "as many as cores"
+        direct.direct_num_workers = os.cpu_count() or 1
     if direct.direct_num_workers > 1 and "--direct_running_mode" not in " ".join(beam_args):
         direct.direct_running_mode = "multi_threading"
-    if direct.direct_num_workers == 0:
-        direct.direct_num_workers = os.cpu_count() or 1
     return options

@@ -20,4 +20,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         top=args.top, max_error_fraction=args.max_error_fraction, report=args.report,
         backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
         device=args.device, max_pixels=args.max_pixels, torch_threads=args.torch_threads,
+        group_by=args.group_by, pool=args.pool, group_score=args.group_score,
+        stream_shards=args.stream_shards,
+        index_kwargs=dict(ivf=args.ivf, pq=args.pq, nprobe=args.nprobe,
+                          target_recall=args.target_recall, ondisk=args.ondisk,
+                          reference_sample=args.reference_sample),
         options=options.beam_options(beam_args)), "run")

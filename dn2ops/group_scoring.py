@@ -1,0 +1,297 @@
+"""Group scoring stage: feature rows -> sets of images -> ranked group rows.
+
+Images are grouped into sets by a key: ``parent_dir`` (the uri's parent
+directory) or a manifest column. A set is scored either
+
+* ``knn``: its members' features are pooled (``mean`` or ``max``) into one
+  (d,) vector, scored like an image against an index of pooled *normal* sets
+  (mean Euclidean distance to the k nearest normal sets), or
+* ``covtrace``: by the trace of its features' covariance
+  (`dn2ops.groups.covtrace_score`), which needs no normal data.
+
+Higher = more anomalous in both. Sets of fewer than `MIN_SET_SIZE` images are
+not scored: each of their images becomes an error row with stage ``group``,
+so the image accounting ``count_in == scored + errored`` still holds (scored
+= images in scored sets). Ranks: 1 + the number of strictly higher scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.utils import shared
+
+from dn2ops import features, outputs
+from dn2ops.groups import covtrace_score, pool_set
+from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
+from dn2ops.knn import set_faiss_threads
+from dn2ops.scoring import RankByScore
+
+PARENT_DIR = "parent_dir"
+POOLS = ("mean", "max")
+METHODS = ("knn", "covtrace")
+STAGE = "group"  # members of a set too small to score
+KEY_STAGE = "group_key"  # an image with no value for --group-by
+MIN_SET_SIZE = 2
+ERRORS = "group_errors"  # tag of the error output of ScoreGroups
+
+
+class GroupKeyError(ValueError):
+    """An image has no value for the grouping key."""
+
+
+def group_key(row: Mapping[str, Any], key: str) -> str:
+    """The set an image belongs to: its uri's parent directory, or a manifest column.
+
+    ``key == "parent_dir"`` always means the parent directory of ``row["uri"]``
+    (spelled like the uri, e.g. ``gs://b/lot-a``), even if a manifest has a
+    column of that name. Raises GroupKeyError if the column is absent or empty.
+    """
+    if key == PARENT_DIR:
+        return posixpath.dirname(row["uri"].rstrip("/"))
+    value = row.get(key)
+    if value is None or str(value) == "":
+        raise GroupKeyError(f"no value in manifest column {key!r} (--group-by {key})")
+    return str(value)
+
+
+def pool_groups(table_rows: Sequence[Mapping[str, Any]], X: np.ndarray, key: str,
+                pool: str = "mean"
+                ) -> tuple[list[str], list[list[str]], np.ndarray, np.ndarray]:
+    """Groups images by ``key`` and pools each set's features.
+
+    ``table_rows[i]`` (with at least ``uri`` and the key column) describes
+    ``X[i]``, X float32 (n, d). Returns (group names sorted, member uris of
+    each group sorted, pooled float32 (n_groups, d), sizes int64 (n_groups,)).
+    Raises GroupKeyError naming how many images have no key.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"--pool must be one of {POOLS}, got {pool!r}")
+    if len(table_rows) != len(X):
+        raise ValueError(f"{len(table_rows)} rows but {len(X)} feature vectors")
+    members: dict[str, list[int]] = {}
+    missing = []
+    for i, row in enumerate(table_rows):
+        try:
+            members.setdefault(group_key(row, key), []).append(i)
+        except GroupKeyError:
+            missing.append(row["uri"])
+    if missing:
+        raise GroupKeyError(f"{len(missing)} image(s) have no value in manifest column "
+                            f"{key!r}, e.g. {missing[0]}")
+    names = sorted(members)
+    uris, pooled, sizes = [], [], []
+    for name in names:
+        idx = sorted(members[name], key=lambda i: table_rows[i]["uri"])
+        uris.append([table_rows[i]["uri"] for i in idx])
+        pooled.append(pool_set(X[idx], pool))
+        sizes.append(len(idx))
+    d = X.shape[1] if X.ndim == 2 else 0
+    return (names, uris, np.stack(pooled) if pooled else np.zeros((0, d), np.float32),
+            np.asarray(sizes, np.int64))
+
+
+def _too_small(name: str, size: int) -> str:
+    return (f"group {name!r} has {size} image(s); a set needs at least {MIN_SET_SIZE} "
+            "to be scored")
+
+
+def check_key(key: str, columns: Sequence[str]) -> None:
+    """Fails before any work when --group-by names a column the input does not have."""
+    if key != PARENT_DIR and key not in columns:
+        raise ValueError(f"--group-by {key}: not a manifest column of the input "
+                         f"(columns: {list(columns) or 'none'}); use parent_dir or a column")
+
+
+# -- group index ----------------------------------------------------------------------------
+
+def build_group_index(features_dir: str, output: str, *, group_by: str, pool: str = "mean",
+                      k: int = 2, n_centroids: int | None = None, clean_fraction: float = 0.0,
+                      shards: int = 1) -> dict[str, Any]:
+    """INDEX_DIR over the pooled features of the normal sets. Returns the manifest.
+
+    Each indexed vector is one normal set (its ``uri`` in normal.parquet is the
+    group name, its ``sha256`` a digest of its members' sha256s). Sets of fewer
+    than MIN_SET_SIZE images are left out (counted in the manifest), as they
+    would be when scored. The manifest records ``group_by`` and ``pool``.
+    """
+    outputs.check_writable(output, "index")
+    table, X, fmeta = features.load_features(features_dir)
+    check_key(group_by, fmeta.get("extra_columns", []))
+    rows = table.to_pylist() if table is not None else []
+    names, uris, pooled, sizes = pool_groups(rows, X, group_by, pool)
+    keep = sizes >= MIN_SET_SIZE
+    if not keep.any():
+        raise IndexError_(f"no normal set in {features_dir} has {MIN_SET_SIZE} or more images "
+                          f"when grouped by {group_by!r} ({len(names)} set(s), "
+                          f"{len(X)} image(s))")
+    sha = {r["uri"]: r["sha256"] for r in rows}
+    digests = [hashlib.sha256("".join(sha[u] for u in members).encode()).hexdigest()
+               for members in uris]
+    kept_names = [n for n, ok in zip(names, keep, strict=True) if ok]
+    kept_digests = [s for s, ok in zip(digests, keep, strict=True) if ok]
+    return build_index_from_arrays(
+        kept_names, kept_digests, pooled[keep], fmeta, output, k=k, n_centroids=n_centroids,
+        clean_fraction=clean_fraction, shards=shards, features_dir=features_dir,
+        extra={"group_by": group_by, "pool": pool,
+               "group_counts": {"images": int(len(X)), "sets": len(names),
+                                "sets_indexed": int(keep.sum()),
+                                "sets_too_small": int((~keep).sum()),
+                                "images_in_indexed_sets": int(sizes[keep].sum())}})
+
+
+def check_index_mode(manifest: Mapping[str, Any], group_by: str | None,
+                     pool: str | None) -> str | None:
+    """Refuses an image index for set scoring and a set index for image scoring.
+
+    Returns the pool to score with: the index's (a different ``pool`` is refused,
+    since pooled sets are only comparable when pooled alike).
+    """
+    built_with = manifest.get("group_by")
+    if group_by and not built_with:
+        raise IndexError_("the index was built over single images, not sets: rebuild it with "
+                          "`dn2 build-index --group-by KEY` to score with --group-by, "
+                          "or use --group-score covtrace (no index)")
+    if built_with and not group_by:
+        raise IndexError_(f"the index was built over sets (--group-by {built_with}, --pool "
+                          f"{manifest.get('pool')}): score with --group-by, or build an "
+                          "image index without --group-by")
+    if not group_by:
+        return None
+    if pool and pool != manifest.get("pool"):
+        raise IndexError_(f"--pool {pool} but the index pooled its sets with --pool "
+                          f"{manifest.get('pool')}; use the same pooling")
+    return manifest.get("pool")
+
+
+# -- Beam ---------------------------------------------------------------------------------
+
+def group_schema() -> pa.Schema:
+    """The columns of ``groups-*.parquet``."""
+    return pa.schema([
+        ("group", pa.string()), ("score", pa.float64()), ("rank", pa.int64()),
+        ("size", pa.int64()), ("member_uris", pa.list_(pa.string())),
+        ("neighbor_groups", pa.list_(pa.string())),
+        ("neighbor_distances", pa.list_(pa.float64())), ("percentile", pa.float64()),
+        ("method", pa.string()), ("pool", pa.string()), ("group_by", pa.string()),
+        ("partition", pa.string()), ("backbone", pa.string()), ("index_id", pa.string())])
+
+
+class _KeyRows(beam.DoFn):
+    """Feature row -> (group, row); an image without a key -> an error row."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def process(self, row: dict[str, Any]) -> Iterator[Any]:
+        try:
+            yield group_key(row, self.key), row
+        except GroupKeyError as e:
+            yield beam.pvalue.TaggedOutput(ERRORS, {"uri": row["uri"], "stage": KEY_STAGE,
+                                                    "error": str(e)})
+
+
+class _PoolGroup(beam.DoFn):
+    """(group, rows) -> an unscored group row with its pooled vector (covtrace: scored)."""
+
+    def __init__(self, key: str, method: str, pool: str | None, partition: str):
+        self.key, self.method, self.pool, self.partition = key, method, pool, partition
+
+    def process(self, kv: tuple[str, Iterable[dict[str, Any]]]) -> Iterator[Any]:
+        name, rows = kv
+        rows = sorted(rows, key=lambda r: r["uri"])
+        if len(rows) < MIN_SET_SIZE:
+            for r in rows:
+                yield beam.pvalue.TaggedOutput(ERRORS, {"uri": r["uri"], "stage": STAGE,
+                                                        "error": _too_small(name, len(rows))})
+            return
+        X = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+        covtrace = self.method == "covtrace"
+        yield {"group": name, "score": covtrace_score(X) if covtrace else None, "rank": None,
+               "size": len(rows), "member_uris": [r["uri"] for r in rows],
+               "neighbor_groups": [], "neighbor_distances": [], "percentile": None,
+               "method": self.method, "pool": None if covtrace else self.pool,
+               "group_by": self.key, "partition": self.partition,
+               "backbone": rows[0]["backbone"], "index_id": None,
+               "pooled": None if covtrace else pool_set(X, self.pool)}
+
+
+class _Holder:
+    """shared.Shared needs a weak-referenceable object."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def score_group_batch(groups: Sequence[dict[str, Any]], index: LoadedIndex
+                      ) -> list[dict[str, Any]]:
+    """Pooled group rows -> kNN-scored group rows (``rank`` still None, ``pooled`` dropped)."""
+    xq = np.stack([g["pooled"] for g in groups])
+    scores, D, I = index.search(xq)
+    pct = index.percentile(scores)
+    out = []
+    for g, s, p, d, i in zip(groups, scores, pct, D, I, strict=True):
+        row = {key: v for key, v in g.items() if key != "pooled"}
+        out.append({**row, "score": float(s), "percentile": float(p),
+                    "neighbor_groups": [index.uris[j] for j in i],
+                    "neighbor_distances": [float(x) for x in d], "index_id": index.index_id})
+    return out
+
+
+class _KnnDoFn(beam.DoFn):
+    def __init__(self, index_dir: str, faiss_threads: int):
+        self.index_dir = index_dir
+        self.faiss_threads = faiss_threads
+        self._shared = shared.Shared()
+
+    def setup(self):
+        set_faiss_threads(self.faiss_threads)  # faiss's OpenMP pool beside torch's
+        self.index = self._shared.acquire(lambda: _Holder(LoadedIndex(self.index_dir)))
+
+    def process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        yield from score_group_batch(batch, self.index.value)
+
+
+class ScoreGroups(beam.PTransform):
+    """Feature rows -> (ranked group rows (group_schema), image error rows (stage 'group')).
+
+    ``method="knn"`` needs ``index_dir`` (an index built with --group-by) and
+    ``pool``; ``"covtrace"`` needs neither.
+    """
+
+    def __init__(self, key: str, *, method: str = "knn", pool: str | None = "mean",
+                 index_dir: str | None = None, partition: str = "", batch_size: int = 256,
+                 faiss_threads: int = 1):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"--group-score must be one of {METHODS}, got {method!r}")
+        if method == "knn" and (not index_dir or pool not in POOLS):
+            raise ValueError("kNN group scoring needs an index built with --group-by and a pool")
+        self.key, self.method, self.pool = key, method, pool
+        self.index_dir, self.partition = index_dir, partition
+        self.batch_size, self.faiss_threads = batch_size, faiss_threads
+
+    def expand(self, rows):
+        keyed = rows | "Key" >> beam.ParDo(_KeyRows(self.key)).with_outputs(ERRORS, main="rows")
+        pooled = (keyed.rows
+                  | "GroupByKey" >> beam.GroupByKey()
+                  | "Pool" >> beam.ParDo(_PoolGroup(self.key, self.method, self.pool,
+                                                    self.partition)
+                                         ).with_outputs(ERRORS, main="groups"))
+        groups = pooled.groups
+        if self.method == "knn":
+            groups = (groups
+                      | "Batch" >> beam.BatchElements(min_batch_size=1,
+                                                      max_batch_size=self.batch_size)
+                      | "Knn" >> beam.ParDo(_KnnDoFn(self.index_dir, self.faiss_threads)))
+        else:
+            groups = groups | "DropPooled" >> beam.Map(
+                lambda g: {k: v for k, v in g.items() if k != "pooled"})
+        errors = (keyed[ERRORS], pooled[ERRORS]) | "Errors" >> beam.Flatten()
+        return groups | "Rank" >> RankByScore(), errors

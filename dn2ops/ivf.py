@@ -1,0 +1,190 @@
+"""IVF indexes (IVF-Flat or IVF-PQ) for normal sets too large for exact search.
+
+Built from a chunk stream (see dn2ops.streams), never holding all vectors:
+
+1. train the coarse quantizer (and PQ codebooks) on a uniform sample;
+2. add the vectors chunk by chunk, with their global ids; with ``ondisk`` each
+   chunk goes into its own small index file and faiss's
+   ``contrib.ondisk.merge_ondisk`` merges the inverted lists into one
+   ``ivf.ivfdata`` file that searches memory-map (lists larger than memory);
+3. measure recall@k against exact search on a sample of the normal set
+   (leave-one-out: each query's own id is removed from both neighbour lists,
+   as for the percentile reference) at nprobe = 1, 2, 4, ... and pick the
+   smallest nprobe that reaches the target recall (or use the one given).
+
+The vectors are centred (faiss.CenteringTransform, trained on the sample)
+before the IVF: L2 distances are unchanged but the norms shrink, which keeps
+faiss's float32 ``|x|^2 + |y|^2 - 2<x, y>`` distances accurate (see
+dn2ops.knn). Scores from an IVF index are APPROXIMATE: a true neighbour in a
+list that was not probed is missed and a farther one takes its place, so IVF
+scores are >= the exact ones; the recall in the manifest says how often.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import faiss
+import numpy as np
+
+from dn2ops import streams
+from dn2ops.knn import as_float32, knn_sharded
+
+INDEX_FILE = "ivf.faiss"
+DATA_FILE = "ivf.ivfdata"
+# faiss wants >= 39 training points per list; 64 gives steadier lists, and the
+# quantizer's k-means subsamples to 256 per list anyway.
+TRAIN_PER_LIST = 64
+RECALL_QUERIES = 500
+
+
+def new_index(d: int, nlist: int, pq: int | None = None) -> faiss.Index:
+    """Untrained centring + IVF-Flat (pq None) or IVF-PQ (pq sub-quantizers of 8 bits)."""
+    if nlist < 1:
+        raise ValueError(f"--ivf NLIST must be >= 1, got {nlist}")
+    quantizer = faiss.IndexFlatL2(d)
+    if pq is None:
+        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+    else:
+        if pq < 1 or d % pq:
+            raise ValueError(f"--pq M must divide the dimension {d}, got {pq}")
+        ivf = faiss.IndexIVFPQ(quantizer, d, nlist, pq, 8)
+    ivf.cp.niter = 10  # the coarse k-means: 10 iterations (faiss's own IVF default is 10 too)
+    index = faiss.IndexPreTransform(faiss.CenteringTransform(d), ivf)
+    return index
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF:
+    return faiss.extract_index_ivf(index)
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    ivf = ivf_of(index)
+    ivf.nprobe = int(min(max(1, nprobe), ivf.nlist))
+
+
+def _copy(index: faiss.Index) -> faiss.Index:
+    # faiss cannot clone a CenteringTransform; a serialisation round trip can.
+    return faiss.deserialize_index(faiss.serialize_index(index))
+
+
+def search(index: faiss.Index, xq: np.ndarray, k: int,
+           fallback: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate k-NN: ``D`` float32 (nq, k) Euclidean (not squared), ``I`` int64 (nq, k).
+
+    Queries whose probed lists hold fewer than k vectors are searched again
+    over every list (of ``fallback``, the CPU index, when ``index`` is a GPU
+    copy), so every row has k real neighbours.
+    """
+    xq = as_float32(xq, name="xq")
+    D2, I = index.search(xq, k)
+    short = (I < 0).any(axis=1)
+    if short.any():
+        cpu = fallback if fallback is not None else index
+        ivf = ivf_of(cpu)
+        saved = ivf.nprobe
+        ivf.nprobe = ivf.nlist
+        try:
+            D2[short], I[short] = cpu.search(xq[short], k)
+        finally:
+            ivf.nprobe = saved
+    return np.sqrt(np.maximum(D2, 0)).astype(np.float32), I
+
+
+def recall_at_k(I_approx: np.ndarray, I_exact: np.ndarray) -> float:
+    """Mean fraction of each row's exact neighbour ids (nq, k) found in the approximate row."""
+    hits = [len(set(a) & set(e)) for a, e in zip(I_approx.tolist(), I_exact.tolist(),
+                                                 strict=True)]
+    return float(np.sum(hits) / I_exact.size)
+
+
+def train_size(n: int, nlist: int, pq: int | None = None) -> int:
+    """Rows to train an IVF of ``nlist`` lists on (all of them for small sets)."""
+    want = TRAIN_PER_LIST * nlist if pq is None else max(TRAIN_PER_LIST * nlist, 256 * 64)
+    return min(n, want)
+
+
+def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int, nlist: int,
+          train_x: np.ndarray, q_ids: np.ndarray, xq: np.ndarray, pq: int | None = None,
+          nprobe: int | None = None, target_recall: float = 0.95,
+          ondisk_dir: str | None = None) -> tuple[faiss.Index, dict[str, Any]]:
+    """Trains and fills an IVF index over the ``n`` vectors of the chunk stream ``chunks()``.
+
+    ``train_x``: a uniform sample to train on (train_size rows); ``q_ids`` and
+    ``xq``: the ids and rows of a uniform sample that recall is measured on
+    (gathered by the caller in a pass it makes anyway). ``ondisk_dir``: a
+    local directory; the inverted lists are merged into
+    ``ondisk_dir/ivf.ivfdata`` and the returned index refers to that file
+    (write it next to it with faiss.write_index and read it back with
+    `read`). Returns (index with nprobe set, info for the manifest).
+    """
+    if n < k + 2:
+        raise ValueError(f"an IVF index needs at least k + 2 = {k + 2} vectors, got {n}")
+    nlist = int(min(nlist, n))
+    index = new_index(d, nlist, pq)
+    index.train(train_x)
+    parts: list[str] = []
+
+    def add_and_pass() -> Iterator[np.ndarray]:
+        # One pass over the stream fills the IVF and feeds the exact search
+        # that recall is measured against.
+        start = 0
+        for chunk in chunks():
+            ids = np.arange(start, start + len(chunk), dtype=np.int64)
+            if ondisk_dir is None:
+                index.add_with_ids(chunk, ids)
+            else:
+                part = _copy(index)
+                part.add_with_ids(chunk, ids)
+                parts.append(os.path.join(ondisk_dir, f"_part-{len(parts):05d}.faiss"))
+                faiss.write_index(part, parts[-1])
+                del part
+            start += len(chunk)
+            yield chunk
+
+    De, Ie = knn_sharded(xq, add_and_pass(), k + 1)
+    _, Ie = streams.drop_self(De, Ie, q_ids)
+    if ondisk_dir is not None:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merge_ondisk(index, parts, os.path.join(ondisk_dir, DATA_FILE))
+        for p in parts:
+            os.remove(p)
+    if index.ntotal != n:
+        raise RuntimeError(f"the IVF index holds {index.ntotal} vectors, expected {n}")
+
+    curve: dict[int, float] = {}
+    probes = [nprobe] if nprobe else [2 ** i for i in range(int(np.log2(nlist)) + 1)] + [nlist]
+    for p in dict.fromkeys(min(p, nlist) for p in probes):
+        set_nprobe(index, p)
+        Da, Ia = search(index, xq, k + 1)
+        _, Ia = streams.drop_self(Da, Ia, q_ids)
+        curve[p] = recall_at_k(Ia, Ie)
+        if nprobe is None and curve[p] >= target_recall:
+            break
+    chosen = nprobe or next((p for p, r in curve.items() if r >= target_recall), nlist)
+    set_nprobe(index, chosen)
+    info = {"nlist": nlist, "pq": pq, "nprobe": int(ivf_of(index).nprobe),
+            "ondisk": ondisk_dir is not None, "train_size": int(len(train_x)),
+            "recall": {"k": k, "queries": int(len(q_ids)), "target": target_recall,
+                       "at_nprobe": {str(p): round(r, 4) for p, r in curve.items()},
+                       "recall_at_k": round(curve[int(ivf_of(index).nprobe)], 4),
+                       "how": "leave-one-out neighbours of a uniform sample of the normal "
+                              "set, IVF against exact"}}
+    return index, info
+
+
+def read(path: str, *, ondisk: bool, nprobe: int) -> faiss.Index:
+    """Reads an IVF index file; on-disk lists are memory-mapped from the file beside it."""
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0
+    index = faiss.read_index(path, flags)
+    set_nprobe(index, nprobe)
+    return index
+
+
+def deserialize(data: bytes, *, nprobe: int) -> faiss.Index:
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    set_nprobe(index, nprobe)
+    return index

@@ -1,0 +1,241 @@
+"""The last step of a dn2 job: count, check and commit a staged output directory.
+
+These functions run as the final step of the Beam pipeline itself (see
+``graphs.finalize``), once every Parquet write has finished, so a job commits its
+outputs wherever it runs: in this process, on Dataflow workers after
+``dn2 score --runner DataflowRunner``, or in a job launched from the flex template,
+where no code runs after the job. They are plain functions of their arguments and
+the staged files, so they are tested without Beam.
+
+A step Dataflow retries after its commit went through finds the staging folder gone
+and the output's ``_SUCCESS`` naming this run (``run_id``): it returns the committed
+summary instead of failing.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import logging
+import posixpath
+import time
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from dn2ops import features, outputs
+
+LOG = logging.getLogger("dn2")
+
+
+class JobError(RuntimeError):
+    """A run finished but its outcome is not acceptable (e.g. too many errors)."""
+
+
+def _utcnow() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def run_id(staging: str) -> str:
+    """The name of a run's staging folder, recorded in the marker it commits."""
+    return posixpath.basename(staging.rstrip("/"))
+
+
+def rows(directory: str, prefix: str) -> int:
+    """Rows in the ``prefix`` shards of a directory, from the Parquet footers."""
+    fs, _ = outputs.fs_and_path(directory)
+    total = 0
+    for p in features.shard_paths(directory, prefix):
+        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def check_accounted(count_in: int | None, done: int, errored: int, where: str) -> None:
+    if count_in is not None and count_in != done + errored:
+        raise JobError(
+            f"{count_in} inputs but {done} results + {errored} errors in {where}: "
+            "images were lost; this is a dn2 bug, please report it"
+        )
+
+
+def check_error_fraction(summary: dict, limit: float | None, output: str) -> None:
+    """Raises JobError when more than ``limit`` of the inputs errored."""
+    if limit is None or not summary["count_in"]:
+        return
+    fraction = summary["errored"] / summary["count_in"]
+    if fraction > limit:
+        raise JobError(
+            f"{summary['errored']} of {summary['count_in']} inputs errored "
+            f"({fraction:.1%} > --max-error-fraction {limit:.1%}); "
+            f"see {outputs.join(output, 'errors-*.parquet')}"
+        )
+
+
+def _committed(staging: str, output: str) -> dict[str, Any] | None:
+    """The marker this run already committed (a retried step), or None if it must commit."""
+    fs, stage_path = outputs.fs_and_path(staging)
+    if fs.exists(stage_path):
+        return None
+    marker = outputs.read_marker(output)
+    if marker is None or marker.get("run_id") != run_id(staging):
+        raise JobError(f"staging folder {staging} is gone and {output} was not committed "
+                       "by this run; run it again")
+    LOG.info("%s was already committed by this run (a retried step)", output)
+    return {k: v for k, v in marker.items() if k not in ("kind", "run_id")}
+
+
+def finalize_features(count_in: int, *, staging: str, output: str, metadata: dict[str, Any],
+                      input: str, extra_columns: list[str], started: float) -> dict[str, Any]:
+    """dn2 embed's last step: the features marker, checked and committed. Returns the marker.
+
+    ``count_in``: images listed; ``metadata``: the backbone's (name, dim, preprocessing);
+    ``started``: epoch seconds when the job began. Raises JobError, and discards the
+    staging folder, when listed != embedded + errored.
+    """
+    done = _committed(staging, output)
+    if done is not None:
+        return {"kind": features.KIND, **done}
+    try:
+        marker = {
+            "kind": features.KIND,
+            **metadata,
+            "input": input,
+            "count_in": count_in,
+            "embedded": rows(staging, "features"),
+            "errored": rows(staging, "errors"),
+            "extra_columns": list(extra_columns),
+            "created_at": _utcnow(),
+            "seconds": round(time.time() - started, 2),
+        }
+        check_accounted(marker["count_in"], marker["embedded"], marker["errored"], staging)
+    except JobError:
+        outputs.discard(staging)  # deterministic: a retry would find the same
+        raise
+    outputs.commit(staging, output, {**marker, "run_id": run_id(staging)})
+    return marker
+
+
+def finalize_results(count_in: int, *, staging: str, output: str, partition: str,
+                     source: str | None, index_dir: str | None, index_id: str | None,
+                     backbone: str | None, started: float, pipeline_started: float,
+                     top: int | None = None, group: dict[str, Any] | None = None,
+                     max_error_fraction: float | None = None) -> dict[str, Any]:
+    """dn2 score's last step: summary.json, the accounting check, the top CSV, the commit.
+
+    ``count_in``: inputs listed (images, or feature rows + error rows of a features
+    directory); ``group``: ``{"group_by", "method", "pool"}`` in group mode, else None;
+    ``started`` / ``pipeline_started``: epoch seconds when the job / its pipeline began
+    (summary ``timings``). Raises JobError, and discards the staging folder, when
+    count_in != scored + errored: nothing is committed. With ``max_error_fraction``
+    the error fraction is checked after the commit (the results are there to read)
+    and a JobError fails the step; ``jobs.score`` passes it only to jobs nobody waits
+    for (template launches), and checks it itself otherwise.
+    Returns the summary (the contents of summary.json).
+    """
+    summary = _committed(staging, output)
+    if summary is None:
+        try:
+            summary = results_summary(
+                staging, count_in=count_in, partition=partition, source=source,
+                index_dir=index_dir, index_id=index_id, backbone=backbone,
+                timings={"pipeline_s": round(time.time() - pipeline_started, 2),
+                         "total_s": round(time.time() - started, 2)})
+            if group:
+                summary.update(group_summary(staging, group["group_by"], group["method"],
+                                             group.get("pool")))
+            check_accounted(summary["count_in"], summary["scored"], summary["errored"],
+                            staging)
+        except JobError:
+            outputs.discard(staging)  # deterministic: a retry would find the same
+            raise
+        fs, stage_path = outputs.fs_and_path(staging)
+        if top and group:
+            fs.pipe_file(outputs.join(stage_path, "top_groups.csv"), top_groups_csv(staging, top))
+        elif top:
+            fs.pipe_file(outputs.join(stage_path, "top_anomalies.csv"), top_csv(staging, top))
+        fs.pipe_file(outputs.join(stage_path, "summary.json"),
+                     json.dumps(summary, indent=2).encode())
+        outputs.commit(staging, output, {"kind": "results", **summary,
+                                         "run_id": run_id(staging)})
+    check_error_fraction(summary, max_error_fraction, output)
+    return summary
+
+
+def results_summary(staging: str, *, count_in: int | None, partition: str, source: str | None,
+                    index_dir: str | None, index_id: str | None, backbone: str | None,
+                    timings: dict[str, float]) -> dict[str, Any]:
+    """summary.json of a results directory (image mode; group mode adds group_summary)."""
+    errors = features.read_table(staging, "errors", columns=["stage"])
+    by_stage: dict[str, int] = {}
+    for stage in errors.column("stage").to_pylist() if errors is not None else []:
+        by_stage[stage] = by_stage.get(stage, 0) + 1
+    return {
+        "count_in": count_in,
+        "scored": rows(staging, "anomalies"),
+        "errored": rows(staging, "errors"),
+        "errors_by_stage": by_stage,
+        "partition": partition,
+        "backbone": backbone,
+        "index_id": index_id,
+        "index_dir": index_dir,
+        "input": source,
+        "timings": timings,
+        "created_at": _utcnow(),
+    }
+
+
+def top_csv(results_dir: str, n: int) -> bytes:
+    table = features.read_table(
+        results_dir, "anomalies", columns=["rank", "score", "percentile", "uri", "neighbor_uris"]
+    )
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank", "score", "percentile", "uri", "neighbor_uris"])
+    if table is not None:
+        for r in sorted(table.to_pylist(), key=lambda r: (r["rank"], r["uri"]))[:n]:
+            w.writerow(
+                [
+                    r["rank"],
+                    f"{r['score']:.6f}",
+                    f"{r['percentile']:.2f}",
+                    r["uri"],
+                    " ".join(r["neighbor_uris"]),
+                ]
+            )
+    return buf.getvalue().encode()
+
+
+def group_summary(staging: str, group_by: str, method: str, pool: str | None
+                  ) -> dict[str, Any]:
+    """Group mode: ``scored`` = images in scored sets; the sets' own counts under ``groups``.
+
+    Members of sets too small to score are image errors (stage 'group'), so
+    count_in == scored + errored still holds.
+    """
+    table = features.read_table(staging, "groups", columns=["size"])
+    sizes = table.column("size").to_pylist() if table is not None else []
+    errors = features.read_table(staging, "errors", columns=["stage", "error"])
+    small = set()
+    for stage, error in (zip(*[errors.column(c).to_pylist() for c in ("stage", "error")],
+                             strict=True) if errors is not None else []):
+        if stage == "group":
+            small.add(error)  # one message per set: it names the set
+    return {"scored": int(sum(sizes)),
+            "groups": {"group_by": group_by, "method": method, "pool": pool,
+                       "scored": len(sizes), "errored": len(small)}}
+
+
+def top_groups_csv(results_dir: str, n: int) -> bytes:
+    table = features.read_table(results_dir, "groups",
+                                columns=["rank", "score", "group", "size", "neighbor_groups"])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank", "score", "group", "size", "neighbor_groups"])
+    rows_ = table.to_pylist() if table is not None else []
+    for r in sorted(rows_, key=lambda r: (r["rank"], r["group"]))[:n]:
+        w.writerow([r["rank"], f"{r['score']:.6f}", r["group"], r["size"],
+                    " ".join(r["neighbor_groups"])])
+    return buf.getvalue().encode()

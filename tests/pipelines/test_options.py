@@ -1,0 +1,90 @@
+"""pipelines.options: {partition} templating, nightly partition names, underscore flags."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from pipelines import options
+
+
+def _score(*extra: str) -> list[str]:
+    return ["--input", "gs://b/images/dt={partition}/", "--index", "gs://b/dn2/index",
+            "--output", "gs://b/dn2/results/dt={partition}/", *extra]
+
+
+def test_partition_replaces_the_placeholder_in_every_path():
+    args, beam_args = options.parse("score", _score("--partition", "2026-11-28"))
+    assert args.input == "gs://b/images/dt=2026-11-28/"
+    assert args.output == "gs://b/dn2/results/dt=2026-11-28/"
+    assert args.index == "gs://b/dn2/index"
+    assert args.partition == "2026-11-28"
+    assert beam_args == []
+    args, _ = options.parse("score", ["--features", "/f/dt={partition}", "--index",
+                                      "/i/{partition}", "--output", "/o/{partition}",
+                                      "--partition", "p1"])
+    assert (args.features, args.index, args.output) == ("/f/dt=p1", "/i/p1", "/o/p1")
+    args, _ = options.parse("run", ["--normal", "/n/{partition}", "--input", "/in/{partition}",
+                                    "--output", "/out/{partition}", "--partition", "x"])
+    assert (args.normal, args.input, args.output) == ("/n/x", "/in/x", "/out/x")
+
+
+def test_nightly_runs_write_next_to_each_other():
+    outs = [options.parse("score", _score("--partition", day))[0].output
+            for day in ("2026-11-27", "2026-11-28")]
+    assert outs[0] != outs[1]
+    parents = {o.rstrip("/").rsplit("/", 1)[0] for o in outs}
+    assert parents == {"gs://b/dn2/results"}
+
+
+def test_placeholder_without_partition_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        options.parse("score", _score())
+    assert e.value.code == 2
+    assert "--input contains {partition} but no --partition" in capsys.readouterr().err
+
+
+def test_paths_without_placeholder_are_left_alone():
+    args, _ = options.parse("score", ["--input", "/a", "--index", "/i", "--output", "/o",
+                                      "--partition", "2026-01-01"])
+    assert (args.input, args.output) == ("/a", "/o")
+
+
+def test_resolve_partition_today_and_yesterday():
+    day = datetime.date(2026, 3, 1)
+    assert options.resolve_partition("today", day) == "2026-03-01"
+    assert options.resolve_partition("yesterday", day) == "2026-02-28"
+    assert options.resolve_partition("yesterday", datetime.date(2026, 1, 1)) == "2025-12-31"
+    for name in ("", "2026-11-28", "Yesterday", "batch-7"):
+        assert options.resolve_partition(name, day) == name
+
+
+def test_yesterday_is_resolved_to_the_utc_date_before_templating():
+    before = datetime.datetime.now(datetime.timezone.utc).date()
+    args, _ = options.parse("score", _score("--partition", "yesterday"))
+    after = datetime.datetime.now(datetime.timezone.utc).date()
+    expected = {(d - datetime.timedelta(days=1)).isoformat() for d in (before, after)}
+    assert args.partition in expected
+    assert args.input == f"gs://b/images/dt={args.partition}/"
+
+
+def test_underscore_spellings_of_dn2_flags_are_accepted():
+    """Dataflow template parameters arrive as --name_with_underscores=value."""
+    args, beam_args = options.parse("score", _score(
+        "--partition=2026-11-28", "--batch_size=8", "--max_pixels=1000", "--torch_threads=2",
+        "--max_error_fraction=0.25", "--temp_location=gs://b/tmp", "--top=5"))
+    assert (args.batch_size, args.max_pixels, args.torch_threads) == (8, 1000, 2)
+    assert args.max_error_fraction == 0.25 and args.top == 5
+    assert beam_args == ["--temp_location=gs://b/tmp"]  # Beam's own flag is left as it is
+    args, _ = options.parse("score", _score("--partition", "p", "--batch_size", "16"))
+    assert args.batch_size == 16
+
+
+def test_underscore_flags_are_still_validated(capsys):
+    with pytest.raises(SystemExit):
+        options.parse("score", _score("--partition=p", "--batch_size=0"))
+    assert "must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        options.parse("score", _score("--partition=p", "--no_such_flag=1"))
+    assert "unrecognized arguments: --no_such_flag=1" in capsys.readouterr().err
