@@ -71,6 +71,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
+from benchmarks.baselines import render_markdown, run_baselines  # noqa: E402
 from dn2ops import features as features_mod  # noqa: E402
 from dn2ops import outputs  # noqa: E402
 from dn2ops.datasets import (  # noqa: E402
@@ -678,6 +679,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default=os.path.join("bench-out", "fmnist"))
     p.add_argument("--out", default=None, help="report folder (default CACHE/report-nN-tM)")
     p.add_argument("--embed-only", action="store_true", help="write the store and embed, stop")
+    p.add_argument("--baselines", action="store_true",
+                   help="also compare kNN with one-class baselines and draw a t-SNE view "
+                        "(benchmarks/baselines.py; about 10 min at --quick sizes here)")
     p.add_argument("--embed-args", default="",
                    help="extra dn2 embed arguments, e.g. '--batch-size 32'")
     args = p.parse_args(argv)
@@ -747,6 +751,14 @@ def run_tables(args: argparse.Namespace, ds: Dataset, prot: Protocol,
         res[name] = step()
         timings[name] = time.perf_counter() - t0
         LOG.info("%s done in %.1f s", name, timings[name])
+    if args.baselines:
+        t0 = time.perf_counter()
+        res["baselines"] = run_baselines(
+            base.train, base.test, base.test_labels,
+            {c: ds.train_images[prot.train_idx[c]] for c in base.train},
+            ds.test_images[prot.test_idx], os.path.join(args.out, "baselines"), k=args.k,
+            class_names=ds.classes, features_name=f"dn2 pipeline features ({head})")
+        timings["baselines"] = time.perf_counter() - t0
     res["table_seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return res
 
@@ -842,6 +854,8 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], classes: Sequenc
               + ", ".join(f"{r['method']} {_f(r['mean'])}" for r in res["table2_kmeans"]) + ".",
               "", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in res["plots"]]
+    if "baselines" in res:  # its pictures live in the baselines/ subfolder
+        lines += ["", render_markdown(res["baselines"], "baselines/")]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(text)

@@ -7,8 +7,9 @@
     float32, a seeded Gaussian mixture with a low-dimensional spread per
     cluster, written as real feature shards of 100k rows so every build
     streams from disk): dn2 exact (flat shards held in memory, and streamed
-    shard by shard), bare faiss IndexFlatL2, dn2 K-means C=10, dn2 IVF-Flat
-    (nprobe tuned at build time to recall@2 >= 0.95), and scikit-learn's
+    shard by shard), bare faiss IndexFlatL2, dn2 K-means C=10, dn2 IVF-Flat in
+    memory and with --ondisk inverted lists (nprobe tuned at build time to
+    recall@2 >= 0.95), and scikit-learn's
     ``NearestNeighbors(algorithm='brute')`` (what PyOD's KNN detector fits), and
     PyOD's KNN scoring path itself (``decision_function`` queries a sklearn
     BallTree one sample at a time) at N <= 100k;
@@ -177,8 +178,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
                               "recall_queries": RECALL_QUERIES, "device": "cpu"}
         if cfg["method"] == "kmeans":
             kw["n_centroids"] = KMEANS_C
-        elif cfg["method"] == "ivf":
+        elif cfg["method"] in ("ivf", "ivf-ondisk"):
             kw["ivf_lists"] = ivf_lists(cfg["n"])
+            kw["ondisk"] = cfg["method"] == "ivf-ondisk"
         manifest = build_index(cfg["features"], cfg["index"], **kw)
         out["seconds"] = time.perf_counter() - t0
         out["index_bytes"] = dir_bytes(cfg["index"])
@@ -341,7 +343,7 @@ def main(argv=None) -> dict:
         write_features(feats, n, seed=SEED + n)
         print(f"N={n}: features ready ({time.perf_counter() - t:.0f}s)", flush=True)
         exact_nq = args.queries if n < 1_000_000 else min(args.queries, args.exact_queries_1m)
-        for method in ("flat", "kmeans", "ivf"):
+        for method in ("flat", "kmeans", "ivf", "ivf-ondisk"):
             index = os.path.join(out_dir, f"index-{method}-{n}")
             b = run_worker({"task": "build", "method": method, "n": n, "features": feats,
                             "index": index})
@@ -439,7 +441,8 @@ def markdown(rows, sizes, results) -> str:
     lines += ["", "Growth with N (log-log slope: 1 = linear):", "",
               "| method | search s/query | score peak RSS | build s | build peak RSS |",
               "|---|---|---|---|---|"]
-    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "sklearn", "pyod-balltree"):
+    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "ivf-ondisk", "sklearn",
+              "pyod-balltree"):
         rs = [r for r in rows if r["method"] == m]
         if len(rs) < 2:
             continue
@@ -495,7 +498,8 @@ def plot(rows, sizes, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "sklearn", "pyod-balltree"):
+    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "ivf-ondisk", "sklearn",
+              "pyod-balltree"):
         rs = [r for r in rows if r["method"] == m]
         if not rs:
             continue

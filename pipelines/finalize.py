@@ -164,6 +164,13 @@ def finalize_results(count_in: int, *, staging: str, output: str, partition: str
     return summary
 
 
+def committed_summary(output: str) -> dict[str, Any]:
+    """summary.json of a committed results directory (what its pipeline's last step wrote)."""
+    outputs.require_complete(output, "results")
+    fs, path = outputs.fs_and_path(output)
+    return json.loads(fs.cat_file(outputs.join(path, "summary.json")))
+
+
 def results_summary(staging: str, *, count_in: int | None, partition: str, source: str | None,
                     index_dir: str | None, index_id: str | None, backbone: str | None,
                     timings: dict[str, float]) -> dict[str, Any]:

@@ -26,27 +26,31 @@ def _count(name: str):
 
 
 def embed(p: beam.Pipeline, src: str, *, embed_kwargs: dict, workers: int = 1):
-    """Lists SRC and embeds it. Returns (feature rows, error rows, extra manifest columns)."""
+    """Lists SRC and embeds it. Returns (feature rows, error rows, count of listed images).
+
+    The count (a singleton PCollection) is what finalize checks the outputs against.
+    """
     rows = p | "List" >> sources.ListImages(src) | "CountIn" >> beam.Map(_count("listed"))
     total = rows | "Total" >> beam.combiners.Count.Globally()
     rows = rows | "Progress" >> beam.ParDo(
         LogProgress("embedding", workers=workers), total=beam.pvalue.AsSingleton(total)
     )
     feats, errors = rows | "Embed" >> EmbedImages(**embed_kwargs)
-    return feats, errors
+    return feats, errors, total
 
 
-def write_features(feats, errors, staging: str, extra_columns: Sequence[str]) -> None:
-    feats | "WriteFeatures" >> features.WriteTable(
-        staging, "features", features.feature_schema(extra_columns)
-    )
-    errors | "WriteErrors" >> features.WriteTable(
-        staging, "errors", features.ERROR_SCHEMA, num_shards=1
-    )
+def write_features(feats, errors, staging: str, extra_columns: Sequence[str]) -> list:
+    """Writes the shards; returns the PCollections of the file names written (for finalize)."""
+    return [
+        feats | "WriteFeatures" >> features.WriteTable(
+            staging, "features", features.feature_schema(extra_columns)),
+        errors | "WriteErrors" >> features.WriteTable(
+            staging, "errors", features.ERROR_SCHEMA, num_shards=1),
+    ]
 
 
 def read_features(p: beam.Pipeline, features_dir: str):
-    """Feature rows and error rows of a committed features directory."""
+    """(feature rows, error rows, their count) of a committed features directory."""
     pattern = features.shard_paths(features_dir, "features")
     errs = features.shard_paths(features_dir, "errors")
     feats = (
@@ -61,7 +65,9 @@ def read_features(p: beam.Pipeline, features_dir: str):
         | "ReadErrors" >> beam.io.ReadAllFromParquet()
         | "CountErrors" >> beam.Map(_count("listed"))
     )
-    return feats, errors
+    total = ((feats, errors) | "AllRows" >> beam.Flatten()
+             | "Total" >> beam.combiners.Count.Globally())
+    return feats, errors, total
 
 
 def score(
@@ -74,11 +80,13 @@ def score(
     extra_columns: Sequence[str],
     faiss_threads: int = 1,
     index_options: dict | None = None,
-) -> None:
+) -> list:
+    """Writes anomalies-*.parquet and errors-*.parquet; returns the PCollections of the file
+    names written (for finalize)."""
     ranked = feats | "Score" >> ScoreFeatures(
         index_dir, partition=partition, faiss_threads=faiss_threads, index_options=index_options
     )
-    ranked | "WriteAnomalies" >> features.WriteTable(
+    written = ranked | "WriteAnomalies" >> features.WriteTable(
         staging, "anomalies", anomaly_schema(extra_columns)
     )
     errors = errors | "Partition" >> beam.Map(
@@ -89,9 +97,9 @@ def score(
             "partition": partition,
         }
     )
-    errors | "WriteErrors" >> features.WriteTable(
+    return [written, errors | "WriteErrors" >> features.WriteTable(
         staging, "errors", RESULT_ERROR_SCHEMA, num_shards=1
-    )
+    )]
 
 
 RESULT_ERROR_SCHEMA = features.ERROR_SCHEMA.append(
@@ -110,19 +118,42 @@ def score_groups(
     index_dir: str | None,
     partition: str,
     faiss_threads: int = 1,
-) -> None:
+) -> list:
     """Group mode: groups-*.parquet (ranked sets) and errors-*.parquet (images, incl. the
-    members of sets too small to score, stage 'group')."""
+    members of sets too small to score, stage 'group'). Returns the PCollections of the file
+    names written (for finalize)."""
     ranked, group_errors = feats | "ScoreGroups" >> ScoreGroups(
         group_by, method=method, pool=pool, index_dir=index_dir, partition=partition,
         faiss_threads=faiss_threads,
     )
-    ranked | "WriteGroups" >> features.WriteTable(staging, "groups", group_schema())
+    written = ranked | "WriteGroups" >> features.WriteTable(staging, "groups", group_schema())
     errors = (errors, group_errors) | "AllErrors" >> beam.Flatten()
     errors = errors | "Partition" >> beam.Map(
         lambda e: {"uri": e["uri"], "stage": e["stage"], "error": e["error"],
                    "partition": partition}
     )
-    errors | "WriteErrors" >> features.WriteTable(
+    return [written, errors | "WriteErrors" >> features.WriteTable(
         staging, "errors", RESULT_ERROR_SCHEMA, num_shards=1
-    )
+    )]
+
+
+def finalize(p: beam.Pipeline, step, *, count_in, written: Sequence) -> beam.PCollection:
+    """The pipeline's last step: ``step(count_in)`` once, after every write has finished.
+
+    ``step`` is a picklable callable (a functools.partial of a pipelines.finalize
+    function) that counts, checks and commits the staged files; ``count_in`` a singleton
+    PCollection of the inputs listed; ``written`` the PCollections of file names the
+    WriteTable steps return. Those names are side inputs, so the step runs only once every
+    write's FinalizeWrite has renamed its files into place, wherever the pipeline runs
+    (this process, Dataflow workers, a template launch). The step reads the staged files
+    itself: a FinalizeWrite that Dataflow retries yields only the files it renamed.
+    """
+    side = {f"written_{i}": beam.pvalue.AsList(w) for i, w in enumerate(written)}
+    return (p
+            | "FinalizeOnce" >> beam.Create([None])
+            | "Finalize" >> beam.Map(_finalize_after, step,
+                                     count_in=beam.pvalue.AsSingleton(count_in), **side))
+
+
+def _finalize_after(_, step, count_in: int, **written_files):
+    return step(count_in)

@@ -2,15 +2,13 @@
 
 Each job takes typed keyword arguments (parsed once in pipelines.options).
 Checks that can fail run before any heavy work; outputs are committed only
-after the pipeline succeeded (see dn2ops.outputs).
+after every write succeeded, by the pipeline's own last step (pipelines.finalize),
+so a job launched from a Dataflow template commits too (see dn2ops.outputs).
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
-import io
-import json
+import functools
 import logging
 import posixpath
 import re
@@ -18,8 +16,6 @@ import time
 from typing import Any
 
 import apache_beam as beam
-import pyarrow.parquet as pq
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (
     DirectOptions,
     GoogleCloudOptions,
@@ -33,17 +29,10 @@ from dn2ops.embed import resolve_device
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
-from pipelines import graphs
+from pipelines import finalize, graphs
+from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
 LOG = logging.getLogger("dn2")
-
-
-class JobError(RuntimeError):
-    """A run finished but its outcome is not acceptable (e.g. too many errors)."""
-
-
-def _utcnow() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
 def _workers(options: PipelineOptions) -> int:
@@ -142,33 +131,22 @@ def check_row_dims(features_dir: str, dim: int) -> None:
             "after dn2 wrote it; embed the images again")
 
 
-def _run(pipeline: beam.Pipeline) -> beam.runners.runner.PipelineResult:
-    if pipeline.options.view_as(GoogleCloudOptions).template_location:
-        # A template launch only writes the job graph; no code runs after the job, so the
-        # staged outputs could never be checked and committed (see outputs.commit).
-        raise JobError("dn2 cannot run from a Dataflow template launch (--template_location): "
-                       "it commits outputs after the job succeeds; run dn2 with "
-                       "--runner DataflowRunner instead (README: Run on Dataflow)")
+def _is_template(options: PipelineOptions) -> bool:
+    """A template launch (--template_location, as the flex template launcher passes): the
+    job runs later and nobody waits for it; its last step commits (pipelines.finalize)."""
+    return bool(options.view_as(GoogleCloudOptions).template_location)
+
+
+def _run(pipeline: beam.Pipeline) -> bool:
+    """Runs the pipeline; True when it ran to the end here (its outputs are committed),
+    False for a template launch, which only writes the job graph."""
     result = pipeline.run()
+    if _is_template(pipeline.options):
+        LOG.info("template written to %s; the job commits its outputs as its last step",
+                 pipeline.options.view_as(GoogleCloudOptions).template_location)
+        return False
     result.wait_until_finish()
-    return result
-
-
-def _counter(result, name: str) -> int | None:
-    try:
-        counters = result.metrics().query(MetricsFilter().with_name(name))["counters"]
-    except Exception:  # some runners do not report metrics
-        return None
-    return int(sum(c.committed or c.attempted or 0 for c in counters)) if counters else 0
-
-
-def _rows(directory: str, prefix: str) -> int:
-    fs, _ = outputs.fs_and_path(directory)
-    total = 0
-    for p in features.shard_paths(directory, prefix):
-        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+    return True
 
 
 def extra_columns(src: str) -> list[str]:
@@ -193,14 +171,14 @@ def embed(
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
     """dn2 embed: SRC -> FEATURES_DIR. Returns the features marker."""
-    started = time.perf_counter()
+    started = time.time()
     _preflight(backbone, weights, device, options)
     check_source(input)
     outputs.check_writable(output, features.KIND)
     extras = extra_columns(input)
     staging = outputs.new_staging(output)
     p = test_pipeline or beam.Pipeline(options=options)
-    feats, errors = graphs.embed(
+    feats, errors, count_in = graphs.embed(
         p,
         input,
         workers=_workers(options),
@@ -213,25 +191,20 @@ def embed(
             torch_threads=torch_threads,
         ),
     )
-    graphs.write_features(feats, errors, staging, extras)
+    written = graphs.write_features(feats, errors, staging, extras)
+    # The last step of the pipeline counts, checks and commits (also in a template job).
+    graphs.finalize(p, functools.partial(
+        finalize.finalize_features, staging=staging, output=output,
+        metadata=get_spec(backbone).metadata(), input=input, extra_columns=extras,
+        started=started), count_in=count_in, written=written)
     try:
-        result = _run(p)
-        marker = {
-            "kind": features.KIND,
-            **get_spec(backbone).metadata(),
-            "input": input,
-            "count_in": _counter(result, "listed"),
-            "embedded": _rows(staging, "features"),
-            "errored": _rows(staging, "errors"),
-            "extra_columns": extras,
-            "created_at": _utcnow(),
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        _check_accounted(marker["count_in"], marker["embedded"], marker["errored"], staging)
+        if not _run(p):
+            return {}
     except BaseException:
         outputs.discard(staging)
         raise
-    outputs.commit(staging, output, marker)
+    marker = outputs.require_complete(output, features.KIND)
+    marker.pop("run_id", None)
     LOG.info(
         "embedded %s of %s images into %s (%s errors)",
         marker["embedded"],
@@ -240,14 +213,6 @@ def embed(
         marker["errored"],
     )
     return marker
-
-
-def _check_accounted(count_in: int | None, done: int, errored: int, where: str) -> None:
-    if count_in is not None and count_in != done + errored:
-        raise JobError(
-            f"{count_in} inputs but {done} results + {errored} errors in {where}: "
-            "images were lost; this is a dn2 bug, please report it"
-        )
 
 
 def build(
@@ -328,9 +293,16 @@ def score(
     """dn2 score: (SRC | FEATURES_DIR) x INDEX_DIR -> RESULTS_DIR. Returns summary.json.
 
     With ``group_by`` the images are scored as sets (groups-*.parquet); with
-    ``group_score="covtrace"`` no index is used.
+    ``group_score="covtrace"`` no index is used. The pipeline's last step writes
+    summary.json and the top CSV and commits (pipelines.finalize). A template launch
+    (``--template_location``) returns {} once the job graph is written; its job then
+    fails when more than ``max_error_fraction`` of the inputs errored (after committing).
     """
-    started = time.perf_counter()
+    started = time.time()
+    template = _is_template(options)
+    if template and report:
+        raise ValueError("--report needs the results, which a template launch does not wait "
+                         "for; run dn2 report RESULTS_DIR after the job")
     covtrace = bool(group_by) and group_score == "covtrace"
     if not covtrace and not index:
         raise ValueError("--index is required (only --group-score covtrace scores without one)")
@@ -362,11 +334,12 @@ def score(
         check_key(group_by, extras)
     outputs.check_writable(output, "results")
     staging = outputs.new_staging(output)
+    pipeline_started = time.time()
     p = test_pipeline or beam.Pipeline(options=options)
     if features_dir:
-        feats, errors = graphs.read_features(p, features_dir)
+        feats, errors, count_in = graphs.read_features(p, features_dir)
     else:
-        feats, errors = graphs.embed(
+        feats, errors, count_in = graphs.embed(
             p,
             input,
             workers=_workers(options),
@@ -380,41 +353,31 @@ def score(
             ),
         )
     if group_by:
-        graphs.score_groups(feats, errors, staging, group_by=group_by,
-                            method=group_score or "knn", pool=pool, index_dir=index,
-                            partition=partition)
+        written = graphs.score_groups(feats, errors, staging, group_by=group_by,
+                                      method=group_score or "knn", pool=pool, index_dir=index,
+                                      partition=partition)
     else:
-        graphs.score(feats, errors, staging, index_dir=index, partition=partition,
-                     extra_columns=extras, index_options=index_options)
+        written = graphs.score(feats, errors, staging, index_dir=index, partition=partition,
+                               extra_columns=extras, index_options=index_options)
+    # The last step of the pipeline: summary.json, accounting check, top CSV, commit.
+    graphs.finalize(p, functools.partial(
+        finalize.finalize_results, staging=staging, output=output, partition=partition,
+        source=source or input or features_dir, index_dir=index,
+        index_id=loaded.index_id if loaded is not None else None,
+        backbone=loaded.manifest["backbone"] if loaded is not None else backbone,
+        started=started, pipeline_started=pipeline_started, top=top,
+        group={"group_by": group_by, "method": group_score or "knn", "pool": pool}
+        if group_by else None,
+        # nobody waits for a template job: it fails itself when too many inputs errored
+        max_error_fraction=max_error_fraction if template else None,
+    ), count_in=count_in, written=written)
     try:
-        t0 = time.perf_counter()
-        result = _run(p)
-        summary = _summary(
-            result,
-            staging,
-            loaded,
-            index=index,
-            partition=partition,
-            source=source or input or features_dir,
-            pipeline_s=time.perf_counter() - t0,
-            total_s=time.perf_counter() - started,
-            backbone=backbone,
-        )
-        if group_by:
-            summary.update(_group_summary(staging, group_by, group_score or "knn", pool))
-        _check_accounted(summary["count_in"], summary["scored"], summary["errored"], staging)
-        fs, stage_path = outputs.fs_and_path(staging)
-        if top and group_by:
-            fs.pipe_file(outputs.join(stage_path, "top_groups.csv"), _top_groups_csv(staging, top))
-        elif top:
-            fs.pipe_file(outputs.join(stage_path, "top_anomalies.csv"), _top_csv(staging, top))
-        fs.pipe_file(
-            outputs.join(stage_path, "summary.json"), json.dumps(summary, indent=2).encode()
-        )
+        if not _run(p):
+            return {}
     except BaseException:
         outputs.discard(staging)
         raise
-    outputs.commit(staging, output, {"kind": "results", **summary})
+    summary = finalize.committed_summary(output)
     LOG.info(
         "scored %s of %s images into %s (%s errors)",
         summary["scored"],
@@ -426,105 +389,8 @@ def score(
         from dn2ops.report import write_report
 
         write_report(output, index_dir=index)
-    _check_error_fraction(summary, max_error_fraction, output)
+    finalize.check_error_fraction(summary, max_error_fraction, output)
     return summary
-
-
-def _summary(
-    result,
-    staging: str,
-    loaded: LoadedIndex | None,
-    *,
-    index: str | None,
-    partition: str,
-    source: str,
-    pipeline_s: float,
-    total_s: float,
-    backbone: str | None = None,
-) -> dict[str, Any]:
-    errors = features.read_table(staging, "errors", columns=["stage"])
-    by_stage: dict[str, int] = {}
-    for stage in errors.column("stage").to_pylist() if errors is not None else []:
-        by_stage[stage] = by_stage.get(stage, 0) + 1
-    return {
-        "count_in": _counter(result, "listed"),
-        "scored": _rows(staging, "anomalies"),
-        "errored": _rows(staging, "errors"),
-        "errors_by_stage": by_stage,
-        "partition": partition,
-        "backbone": loaded.manifest["backbone"] if loaded is not None else backbone,
-        "index_id": loaded.index_id if loaded is not None else None,
-        "index_dir": index,
-        "input": source,
-        "timings": {"pipeline_s": round(pipeline_s, 2), "total_s": round(total_s, 2)},
-        "created_at": _utcnow(),
-    }
-
-
-def _top_csv(results_dir: str, n: int) -> bytes:
-    table = features.read_table(
-        results_dir, "anomalies", columns=["rank", "score", "percentile", "uri", "neighbor_uris"]
-    )
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "score", "percentile", "uri", "neighbor_uris"])
-    if table is not None:
-        for r in sorted(table.to_pylist(), key=lambda r: (r["rank"], r["uri"]))[:n]:
-            w.writerow(
-                [
-                    r["rank"],
-                    f"{r['score']:.6f}",
-                    f"{r['percentile']:.2f}",
-                    r["uri"],
-                    " ".join(r["neighbor_uris"]),
-                ]
-            )
-    return buf.getvalue().encode()
-
-
-def _group_summary(staging: str, group_by: str, method: str, pool: str | None
-                   ) -> dict[str, Any]:
-    """Group mode: ``scored`` = images in scored sets; the sets' own counts under ``groups``.
-
-    Members of sets too small to score are image errors (stage 'group'), so
-    count_in == scored + errored still holds.
-    """
-    table = features.read_table(staging, "groups", columns=["size"])
-    sizes = table.column("size").to_pylist() if table is not None else []
-    errors = features.read_table(staging, "errors", columns=["stage", "error"])
-    small = set()
-    for stage, error in (zip(*[errors.column(c).to_pylist() for c in ("stage", "error")],
-                             strict=True) if errors is not None else []):
-        if stage == "group":
-            small.add(error)  # one message per set: it names the set
-    return {"scored": int(sum(sizes)),
-            "groups": {"group_by": group_by, "method": method, "pool": pool,
-                       "scored": len(sizes), "errored": len(small)}}
-
-
-def _top_groups_csv(results_dir: str, n: int) -> bytes:
-    table = features.read_table(results_dir, "groups",
-                                columns=["rank", "score", "group", "size", "neighbor_groups"])
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "score", "group", "size", "neighbor_groups"])
-    rows = table.to_pylist() if table is not None else []
-    for r in sorted(rows, key=lambda r: (r["rank"], r["group"]))[:n]:
-        w.writerow([r["rank"], f"{r['score']:.6f}", r["group"], r["size"],
-                    " ".join(r["neighbor_groups"])])
-    return buf.getvalue().encode()
-
-
-def _check_error_fraction(summary: dict, limit: float | None, output: str) -> None:
-    if limit is None or not summary["count_in"]:
-        return
-    fraction = summary["errored"] / summary["count_in"]
-    if fraction > limit:
-        raise JobError(
-            f"{summary['errored']} of {summary['count_in']} inputs errored "
-            f"({fraction:.1%} > --max-error-fraction {limit:.1%}); "
-            f"see {outputs.join(output, 'errors-*.parquet')}"
-        )
 
 
 def run(
@@ -541,6 +407,9 @@ def run(
     **score_kwargs,
 ) -> dict:
     """dn2 run: embed normal -> build index -> embed input -> score, under OUT_DIR."""
+    if _is_template(options):  # each step needs the one before it committed
+        raise ValueError("dn2 run waits between its steps and cannot be launched as a "
+                         "template; template-launch dn2 score (README: Run on Dataflow)")
     embed_kw = {
         key: score_kwargs[key]
         for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "torch_threads")

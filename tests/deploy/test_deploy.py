@@ -7,6 +7,7 @@ Dataflow graph is constructed (not submitted) with the network switched off.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -211,15 +212,16 @@ def no_network(monkeypatch):
 
 
 def test_score_graph_for_dataflow_constructs_offline(no_network):
-    """The DataflowRunner translates the whole dn2 score graph; Beam's --dry_run stops it
-    before staging or submitting (and skips the bucket checks that need the network)."""
+    """The DataflowRunner translates the whole dn2 score graph, its committing last step
+    included; Beam's --dry_run stops it before staging or submitting (and skips the bucket
+    checks that need the network)."""
     pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient",
                         reason="needs apache-beam[gcp] (pip install -e '.[dev]')")
     import apache_beam as beam
     from apache_beam.options.pipeline_options import GoogleCloudOptions
     from apache_beam.portability.api import beam_runner_api_pb2
 
-    from pipelines import graphs
+    from pipelines import finalize, graphs
 
     image = "us-central1-docker.pkg.dev/dn2-test-project/dn2/dn2:latest"
     gpu = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
@@ -232,16 +234,22 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     assert opts.view_as(GoogleCloudOptions).dataflow_service_options == [gpu]
     p = beam.Pipeline(options=opts)
     assert type(p.runner).__name__ == "DataflowRunner"
-    feats, errors = graphs.embed(p, args.input, embed_kwargs=dict(
+    feats, errors, count_in = graphs.embed(p, args.input, embed_kwargs=dict(
         backbone=args.backbone, weights=args.weights, device=args.device,
         batch_size=args.batch_size, max_pixels=args.max_pixels,
         torch_threads=args.torch_threads))
-    graphs.score(feats, errors, args.output + "_staging-test", index_dir=args.index,
-                 partition=args.partition, extra_columns=[])
+    staging = args.output + "_staging-test"
+    written = graphs.score(feats, errors, staging, index_dir=args.index,
+                           partition=args.partition, extra_columns=[])
+    graphs.finalize(p, functools.partial(
+        finalize.finalize_results, staging=staging, output=args.output,
+        partition=args.partition, source=args.input, index_dir=args.index, index_id="x",
+        backbone=args.backbone, started=0.0, pipeline_started=0.0, top=args.top),
+        count_in=count_in, written=written)
     p.run().wait_until_finish()  # dry run: translated, pickled, not submitted
     proto = p.runner.proto_pipeline
     names = {t.unique_name for t in proto.components.transforms.values()}
-    for step in ("List", "Embed", "Score", "WriteAnomalies", "WriteErrors"):
+    for step in ("List", "Embed", "Score", "WriteAnomalies", "WriteErrors", "Finalize"):
         assert step in names, step
     images = {beam_runner_api_pb2.DockerPayload.FromString(e.payload).container_image
               for e in proto.components.environments.values()
@@ -249,7 +257,7 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     assert images == {image}  # the workers run dn2's image
 
 
-def test_device_preflight_is_local_only_and_template_launches_are_refused(monkeypatch):
+def test_device_preflight_is_local_only_and_template_launches_do_not_wait(monkeypatch):
     import apache_beam as beam
     import torch
 
@@ -262,11 +270,17 @@ def test_device_preflight_is_local_only_and_template_launches_are_refused(monkey
     # a Dataflow job is launched from a machine without a GPU; its workers check
     jobs._preflight("efficientnet_lite0", None, "cuda",
                     options.beam_options(["--runner", "DataflowRunner"]))
+    # a template launch writes the job graph and returns: the job commits as its last step
     p = beam.Pipeline(options=options.beam_options(["--template_location", "/tmp/t.json"]))
     p | beam.Create([1])
-    monkeypatch.setattr(beam.Pipeline, "run", lambda self: pytest.fail("ran the pipeline"))
-    with pytest.raises(jobs.JobError, match="template launch"):
-        jobs._run(p)
+
+    class Written:
+        def wait_until_finish(self):
+            pytest.fail("waited for a template job")
+
+    runs = []
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self: runs.append(self) or Written())
+    assert jobs._run(p) is False and runs == [p]
 
 
 def test_score_with_cuda_and_no_gpu_fails_before_any_work(digit_store, tmp_path, monkeypatch,
@@ -310,9 +324,9 @@ def stub_gcloud(tmp_path):
            "PROJECT": "dn2-test-project", "REGION": "us-central1", "BUCKET": "dn2-test-bucket",
            "SERVICE_ACCOUNT": "dn2-runner@dn2-test-project.iam.gserviceaccount.com"}
 
-    def run(script: str) -> list[list[str]]:
-        subprocess.run(["bash", str(DEPLOY / script)], env=env, check=True, cwd=ROOT,
-                       capture_output=True)
+    def run(script: str, **settings: str) -> list[list[str]]:
+        subprocess.run(["bash", str(DEPLOY / script)], env={**env, **settings}, check=True,
+                       cwd=ROOT, capture_output=True)
         return [json.loads(line) for line in log.read_text().splitlines()]
 
     return run
@@ -329,38 +343,78 @@ def test_build_script_submits_the_cloud_build(stub_gcloud):
     assert any(c[:3] == ["artifacts", "repositories", "create"] for c in calls)
 
 
-def test_dataflow_nightly_job_is_a_valid_dn2_score_with_gpus(stub_gcloud):
+# FlexTemplateRuntimeEnvironment's fields (Dataflow REST API v1b3), and the Beam option
+# each sets on the job the launcher submits.
+FLEX_ENVIRONMENT = {"serviceAccountEmail": "service_account_email",
+                    "tempLocation": "temp_location", "stagingLocation": "staging_location",
+                    "sdkContainerImage": "sdk_container_image", "machineType": "machine_type",
+                    "maxWorkers": "max_num_workers", "additionalExperiments": "experiments"}
+
+
+def _launch_argv(body: dict, project: str, region: str) -> list[str]:
+    """What the flex template launcher runs deploy/launcher.py with for a launch request:
+    each parameter as --name=value, then the environment as Beam flags."""
+    launch = body["launchParameter"]
+    argv = [f"--{k}={v}" for k, v in launch["parameters"].items()]
+    argv += ["--runner=DataflowRunner", f"--project={project}", f"--region={region}",
+             "--template_location=gs://launcher/job.json"]
+    for key, value in launch["environment"].items():
+        for v in value if isinstance(value, list) else [value]:
+            argv.append(f"--{FLEX_ENVIRONMENT[key]}={v}")
+    return argv
+
+
+@pytest.mark.parametrize("limit", ["", "0.05"], ids=["no-limit", "max-error-fraction"])
+def test_dataflow_nightly_schedule_launches_the_flex_template_for_yesterday(stub_gcloud, limit):
     from apache_beam.options.pipeline_options import (
+        DebugOptions,
         GoogleCloudOptions,
         StandardOptions,
         WorkerOptions,
     )
 
-    calls = stub_gcloud("dataflow-nightly.sh")
-    deploy = next(c for c in calls if c[:3] == ["run", "jobs", "deploy"])
-    assert deploy[deploy.index("--command") + 1] == "dn2"
-    packed = deploy[deploy.index("--args") + 1]
-    assert packed.startswith("^@^")
-    command, *argv = packed[3:].split("@")
-    assert command == "score"
-    args, beam_args = options.parse("score", argv)
-    assert re.fullmatch(r"gs://dn2-test-bucket/images/dt=\d{4}-\d\d-\d\d/", args.input)
-    assert args.output == f"gs://dn2-test-bucket/dn2/results/dt={args.partition}/"
+    calls = stub_gcloud("dataflow-nightly.sh", MAX_ERROR_FRACTION=limit)
+    assert not any(c[:2] == ["run", "jobs"] for c in calls)  # no driver: the job commits
+    sched = next(c for c in calls if c[:4] == ["scheduler", "jobs", "create", "http"])
+    flag = dict(zip(sched[5::2], sched[6::2], strict=True))
+    assert flag["--uri"] == ("https://dataflow.googleapis.com/v1b3/projects/dn2-test-project/"
+                             "locations/us-central1/flexTemplates:launch")
+    assert flag["--http-method"] == "POST" and flag["--schedule"] == "0 3 * * *"
+    assert flag["--time-zone"] == "Etc/UTC" and flag["--headers"] == (
+        "Content-Type=application/json")
+    assert flag["--oauth-service-account-email"] == (
+        "dn2-runner@dn2-test-project.iam.gserviceaccount.com")
+    body = json.loads(flag["--message-body"])
+    launch = body["launchParameter"]
+    assert set(launch) == {"jobName", "containerSpecGcsPath", "parameters", "environment"}
+    assert launch["containerSpecGcsPath"] == (  # what build.sh / cloudbuild.yaml write
+        "gs://dn2-test-bucket/dn2/templates/dn2-score.json")
+    params = launch["parameters"]
+    assert set(params) <= {p["name"] for p in _metadata()["parameters"]}
+    assert all(isinstance(v, str) for v in params.values())  # the API takes strings
+    assert params["partition"] == "yesterday"  # a fixed body: dn2 resolves it at launch
+    assert params.get("max_error_fraction", "") == limit
+    assert set(launch["environment"]) <= set(FLEX_ENVIRONMENT)
+
+    args, beam_args = options.parse("score", _launch_argv(body, "dn2-test-project",
+                                                          "us-central1"))
+    yesterday = options.resolve_partition("yesterday")
+    assert args.partition == yesterday
+    assert args.input == f"gs://dn2-test-bucket/images/dt={yesterday}/"
+    assert args.output == f"gs://dn2-test-bucket/dn2/results/dt={yesterday}/"
     assert args.index == "gs://dn2-test-bucket/dn2/index" and args.device == "auto"
+    assert args.max_error_fraction == (float(limit) if limit else None)
     opts = options.beam_options(beam_args)
     assert opts.view_as(StandardOptions).runner == "DataflowRunner"
-    gcp = opts.view_as(GoogleCloudOptions)
-    assert gcp.dataflow_service_options == [
+    assert opts.view_as(GoogleCloudOptions).template_location
+    assert opts.view_as(GoogleCloudOptions).service_account_email == (
+        "dn2-runner@dn2-test-project.iam.gserviceaccount.com")
+    assert opts.view_as(DebugOptions).experiments == [
         "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"]
     worker = opts.view_as(WorkerOptions)
-    assert worker.machine_type == "g2-standard-8"
+    assert worker.machine_type == "g2-standard-8" and worker.max_num_workers == 4
     assert worker.sdk_container_image == (
         "us-central1-docker.pkg.dev/dn2-test-project/dn2/dn2:latest")
-    sched = next(c for c in calls if c[:4] == ["scheduler", "jobs", "create", "http"])
-    assert sched[sched.index("--uri") + 1] == (
-        "https://run.googleapis.com/v2/projects/dn2-test-project/locations/us-central1/"
-        "jobs/dn2-nightly:run")
-    assert sched[sched.index("--schedule") + 1] == "0 3 * * *"
 
 
 def _cron_command() -> list[str]:
