@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from dn2ops import features, gpu, ivf, outputs, streams
-from dn2ops.knn import as_float32, kmeans_centroids, knn, knn_sharded
+from dn2ops import features, gpu, ivf, outputs, streams, transforms
+from dn2ops.knn import FlatShard, as_float32, kmeans_centroids, knn, knn_sharded
 from dn2ops.scorer import DN2Scorer
 
 KIND = "index"
@@ -110,9 +110,9 @@ def _feature_rows(features_dir: str) -> list[int]:
     return rows
 
 
-def _chunks(features_dir: str, dim: int, kept: np.ndarray | None = None
-            ) -> Iterator[np.ndarray]:
-    """The (kept) normal vectors, one feature shard at a time: float32 (n_i, dim)."""
+def _chunks(features_dir: str, dim: int, kept: np.ndarray | None = None,
+            transform: str = "none") -> Iterator[np.ndarray]:
+    """The (kept) normal vectors, transformed, one feature shard at a time: (n_i, dim)."""
     start = 0
     for _, X in features.iter_feature_shards(features_dir, columns=("embedding",)):
         n = len(X)
@@ -123,7 +123,7 @@ def _chunks(features_dir: str, dim: int, kept: np.ndarray | None = None
             X = X[kept[start:start + n]]
         start += n
         if len(X):
-            yield X
+            yield transforms.apply(X, transform)
 
 
 def _index_blob(xb: np.ndarray) -> np.ndarray:
@@ -217,7 +217,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
                 ivf_lists: int | None = None, pq_m: int | None = None,
                 nprobe: int | None = None, target_recall: float = 0.95, ondisk: bool = False,
                 reference_sample: int | None = None, recall_queries: int = ivf.RECALL_QUERIES,
-                device: str = "cpu", seed: int = 1234) -> dict[str, Any]:
+                feature_transform: str = "none", device: str = "cpu", seed: int = 1234
+                ) -> dict[str, Any]:
     """Builds INDEX_DIR ``output`` from a committed features directory, streaming its shards.
 
     Equals DN2Scorer(k, n_centroids, clean_fraction).fit on all the features
@@ -240,6 +241,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
         scores) on a uniform sample of this many kept rows instead of all
         (exact leave-one-out over n rows costs n^2 d); other rows get NaN.
       recall_queries: sampled rows the IVF recall is measured on.
+      feature_transform: dn2ops.transforms name, applied to the normal features here
+        and to every scored feature by LoadedIndex.search (recorded in the manifest).
       device: 'cpu' | 'cuda' | 'auto' for the exact searches (dn2ops.gpu).
     Returns the manifest.
     """
@@ -247,6 +250,7 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
         raise ValueError(f"--shards must be >= 1, got {shards}")
     if ivf_lists is not None and n_centroids is not None:
         raise ValueError("--ivf and --kmeans are different index modes; choose one")
+    transforms.check(feature_transform)
     if reference_sample is not None and reference_sample < 1:
         raise ValueError(f"--reference-sample must be >= 1, got {reference_sample}")
     device = gpu.resolve_faiss_device(device)
@@ -277,7 +281,7 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
             n_centroids=n_centroids, clean_fraction=clean_fraction, shards=shards,
             ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe, target_recall=target_recall,
             ondisk=ondisk, reference_sample=reference_sample, recall_queries=recall_queries,
-            device=device, seed=seed)
+            feature_transform=feature_transform, device=device, seed=seed)
     except BaseException:
         outputs.discard(staging)
         raise
@@ -289,8 +293,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
                   per_shard: list[int], *, k: int, n_centroids: int | None,
                   clean_fraction: float, shards: int | None, ivf_lists: int | None,
                   pq_m: int | None, nprobe: int | None, target_recall: float, ondisk: bool,
-                  reference_sample: int | None, recall_queries: int, device: str,
-                  seed: int) -> dict[str, Any]:
+                  reference_sample: int | None, recall_queries: int, feature_transform: str,
+                  device: str, seed: int) -> dict[str, Any]:
     dim = int(fmeta["dim"])
     n = int(sum(per_shard))
     kept = np.ones(n, bool)
@@ -300,7 +304,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
         if n_drop > 0:
             tmp = outputs.join(stage, "_clean")
             sizes = _shard_sizes(n, shards, per_shard)
-            tmp_names = list(_write_flat_shards(fs, tmp, _chunks(features_dir, dim), sizes))
+            tmp_names = list(_write_flat_shards(
+                fs, tmp, _chunks(features_dir, dim, transform=feature_transform), sizes))
             load = _shard_loader(fs, tmp, tmp_names)
             loo = _reference_scores(_flat_loo(load, k, device), load, n, None)
             fs.rm(tmp, recursive=True)
@@ -312,7 +317,7 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
                       zip(np.cumsum([0] + per_shard[:-1]), np.cumsum(per_shard), strict=True)]
 
     def chunks() -> Iterator[np.ndarray]:
-        return _chunks(features_dir, dim, kept_arg)
+        return _chunks(features_dir, dim, kept_arg, feature_transform)
 
     ref_ids = (None if reference_sample is None or reference_sample >= n_kept
                else streams.sample_ids(n_kept, reference_sample, seed + 2))
@@ -384,7 +389,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
     return {
         "kind": KIND, "backbone": fmeta["backbone"], "dim": fmeta["dim"],
         "preprocessing": fmeta["preprocessing"], "k": k, "n_centroids": n_centroids,
-        "clean_fraction": clean_fraction, "shards": n_flat,
+        "clean_fraction": clean_fraction, "feature_transform": feature_transform,
+        "shards": n_flat,
         "counts": {"normal_in": n, "kept": n_kept, "dropped": n - n_kept},
         "ivf": ivf_info, "kmeans": kmeans_info,
         "reference": {"scores": int(np.isfinite(ref).sum()),
@@ -483,6 +489,7 @@ class LoadedIndex:
         self.centroids = (_vectors(self._read("kmeans.faiss"), "kmeans.faiss")
                           if "kmeans.faiss" in files else None)
         self.shards: list[np.ndarray] = []
+        self._flat: list[FlatShard] = []
         self.ivf_index = self._ivf_cpu = None
         self._gpu_shards: list[gpu.GpuFlat] | None = None
         if ivf_meta:
@@ -501,6 +508,8 @@ class LoadedIndex:
                 views = [_flat_view(self._read(n), n) for n in self.shard_names]
                 self.shards = [xb for xb, _ in views]
                 self._owners = [owner for _, owner in views]
+                # Built once, searched for every query batch (see knn.FlatShard).
+                self._flat = [FlatShard(x) for x in self.shards] if self.device != "cuda" else []
                 if self.device == "cuda":
                     self._gpu_shards = [gpu.GpuFlat(x) for x in self.shards]
         try:
@@ -593,6 +602,7 @@ class LoadedIndex:
         if xq.shape[1] != self.manifest["dim"]:
             raise features.MetadataMismatch(
                 f"features have dimension {xq.shape[1]}, the index {self.manifest['dim']}")
+        xq = transforms.apply(xq, self.manifest.get("feature_transform", "none"))
         if self.centroids is not None:
             D, _ = knn(xq, self.centroids, 1)
             return D[:, 0].astype(np.float64), np.zeros((len(xq), 0)), np.zeros((len(xq), 0),
@@ -602,7 +612,7 @@ class LoadedIndex:
         elif self.device == "cuda":
             D, I = gpu.knn_sharded_gpu(xq, self._gpu_shards or self.iter_shards(), self.k)
         else:
-            D, I = knn_sharded(xq, self.iter_shards(), self.k)
+            D, I = knn_sharded(xq, self._flat or self.iter_shards(), self.k)
         return D.mean(axis=1, dtype=np.float64), D, I
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:

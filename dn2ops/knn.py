@@ -105,6 +105,19 @@ def _flat_index(xb: np.ndarray) -> tuple[faiss.IndexFlatL2, np.ndarray]:
     return index, shift
 
 
+class FlatShard:
+    """A database block with its mean-shifted flat index built once, for repeated searches.
+
+    ``knn_sharded`` otherwise builds the shifted index of an array shard on every call;
+    an index held in memory for many query batches builds it once (at the cost of a
+    second, shifted copy of the vectors).
+    """
+
+    def __init__(self, xb: np.ndarray):
+        self.xb = as_float32(xb, name="xb")
+        self.index, self.shift = _flat_index(self.xb)
+
+
 def _exact_distances(xq: np.ndarray, xb: np.ndarray, I: np.ndarray) -> np.ndarray:
     """Euclidean distances (nq, k) float32 between xq[i] and xb[I[i, j]]."""
     nq, k = I.shape
@@ -152,8 +165,8 @@ def knn_sharded(
     """Exact k-NN of ``xq`` (nq, d) over a database split into shards.
 
     ``shards`` may be a generator, so a database larger than memory can be
-    streamed block by block.  Each shard is either a float32 array (nb_s, d),
-    searched exactly with re-ranking as in `knn`, or a faiss index with
+    streamed block by block.  Each shard is either a float32 array (nb_s, d)
+    or a `FlatShard`, searched exactly with re-ranking as in `knn`, or a faiss index with
     METRIC_L2 (its squared distances are square-rooted; no re-ranking since
     the vectors are not at hand).  Global ids are ``offsets[s] + local id``;
     by default the offsets are the running total of shard sizes, so the
@@ -184,7 +197,13 @@ def knn_sharded(
                 ) from None
         else:
             offset = running
-        if isinstance(shard, faiss.Index):
+        if isinstance(shard, FlatShard):
+            _check_dims(xq, shard.xb.shape[1], what=f"shard {s}")
+            nb = shard.xb.shape[0]
+            if nb == 0:
+                continue
+            D, I = _search_refined(shard.index, shard.shift, shard.xb, xq, min(k, nb))
+        elif isinstance(shard, faiss.Index):
             if shard.metric_type != faiss.METRIC_L2:
                 raise ValueError(
                     f"shard {s}: only METRIC_L2 faiss indexes are supported"

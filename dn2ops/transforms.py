@@ -14,10 +14,15 @@ import numpy as np
 TRANSFORMS = ("none", "l2", "sqrt-l2")
 
 
-def apply(x: np.ndarray, name: str) -> np.ndarray:
-    """Features (n, d) -> transformed float32 features (n, d); zero rows stay zero."""
+def check(name: str) -> str:
     if name not in TRANSFORMS:
         raise ValueError(f"feature transform must be one of {TRANSFORMS}, got {name!r}")
+    return name
+
+
+def apply(x: np.ndarray, name: str) -> np.ndarray:
+    """Features (n, d) -> transformed float32 features (n, d); zero rows stay zero."""
+    check(name)
     x = np.asarray(x, dtype=np.float32)
     if name == "none":
         return x

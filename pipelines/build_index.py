@@ -15,4 +15,5 @@ def run(argv: Sequence[str] | None = None) -> int:
         clean_fraction=args.clean_fraction, shards=args.shards, group_by=args.group_by,
         pool=args.pool, ivf=args.ivf, pq=args.pq, nprobe=args.nprobe,
         target_recall=args.target_recall, ondisk=args.ondisk,
-        reference_sample=args.reference_sample, device=args.device), "build-index")
+        reference_sample=args.reference_sample, feature_transform=args.feature_transform,
+        device=args.device), "build-index")

@@ -231,11 +231,13 @@ def build(
     target_recall: float = 0.95,
     ondisk: bool = False,
     reference_sample: int | None = None,
+    feature_transform: str = "none",
     device: str = "auto",
 ) -> dict:
     """dn2 build-index: FEATURES_DIR -> INDEX_DIR (of sets with group_by). Returns the manifest."""
-    if group_by and (ivf or reference_sample):
-        raise ValueError("--ivf and --reference-sample are not available with --group-by")
+    if group_by and (ivf or reference_sample or feature_transform != "none"):
+        raise ValueError("--ivf, --reference-sample and --feature-transform are not available "
+                         "with --group-by")
     if not ivf and (pq or nprobe or ondisk):
         raise ValueError("--pq, --nprobe and --ondisk need --ivf NLIST")
     if group_by:
@@ -250,7 +252,8 @@ def build(
     manifest = build_index(
         features_dir, output, k=k, n_centroids=kmeans, clean_fraction=clean_fraction,
         shards=shards, ivf_lists=ivf, pq_m=pq, nprobe=nprobe, target_recall=target_recall,
-        ondisk=ondisk, reference_sample=reference_sample, device=device,
+        ondisk=ondisk, reference_sample=reference_sample, feature_transform=feature_transform,
+        device=device,
     )
     if manifest.get("ivf"):
         LOG.info("IVF: nlist %s, nprobe %s, recall@%s %.3f (approximate scores)",

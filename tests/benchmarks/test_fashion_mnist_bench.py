@@ -83,7 +83,7 @@ def test_pipeline_aucs_match_brute_force_on_written_tables(run):
     t1 = res["table1_pipeline"]
     assert len(t1["per_class"]) == 3
     for c in range(3):
-        table = read_table(str(base / "out" / "pipeline" / "efficientnet_lite0" /
+        table = read_table(str(base / "out" / "pipeline" / "efficientnet_lite0" / "none" /
                                f"results-c{c}"), "anomalies")
         assert table.num_rows == N_TEST
         ids = [u.rsplit("/", 1)[-1].removesuffix(".png") for u in table.column("uri").to_pylist()]
@@ -95,6 +95,14 @@ def test_pipeline_aucs_match_brute_force_on_written_tables(run):
         assert t1["per_class"][c] == pytest.approx(direct, abs=1e-9)
         assert t1["per_class"][c] == pytest.approx(brute, abs=1e-9)
         assert res["table1_scorer_check"]["per_class"][c] == pytest.approx(brute, abs=1e-9)
+        # The same through the pipeline with --feature-transform sqrt-l2, by hand.
+        brute = roc_auc_score(labels != c, _brute_scores(_sqrt_l2(xq), _sqrt_l2(xb), 2))
+        assert res["table1_pipeline_sqrt_l2"]["per_class"][c] == pytest.approx(brute, abs=1e-6)
+
+
+def _sqrt_l2(x):
+    x = np.sqrt(x.astype(np.float64))  # the pooled features are non-negative
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def test_sweeps_agree_with_references(run):

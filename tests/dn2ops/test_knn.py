@@ -275,3 +275,16 @@ def test_kmeans_deterministic_and_errors():
     )
     with pytest.raises(ValueError, match="larger than the number of points"):
         kmeans_centroids(xb[:3], 4)
+
+
+def test_prebuilt_flat_shards_search_like_array_shards():
+    from dn2ops.knn import FlatShard
+    rng = np.random.default_rng(7)
+    parts = [rng.normal(size=(n, 16)).astype(np.float32) + 5 for n in (40, 25, 33)]
+    xq = rng.normal(size=(12, 16)).astype(np.float32) + 5
+    D0, I0 = knn_sharded(xq, parts, 3)
+    D1, I1 = knn_sharded(xq, [FlatShard(p) for p in parts], 3)
+    np.testing.assert_array_equal(I0, I1)
+    np.testing.assert_array_equal(D0, D1)
+    d = np.linalg.norm(xq[:, None] - np.concatenate(parts)[None], axis=2)
+    np.testing.assert_allclose(D1, np.sort(d, axis=1)[:, :3], rtol=1e-5)

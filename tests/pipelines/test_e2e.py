@@ -153,3 +153,23 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
     code = main(["embed", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
     assert code == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_feature_transform_applies_to_normal_and_scored_features(run_out, tmp_path):
+    assert main(["build-index", "--features", str(run_out / "normal_features"),
+                 "--output", str(tmp_path / "index"), "--feature-transform", "sqrt-l2"]) == 0
+    assert main(["score", "--features", str(run_out / "features"), "--index",
+                 str(tmp_path / "index"), "--output", str(tmp_path / "res")]) == 0
+
+    def sqrt_l2(x):  # by hand: signed square root, then unit length
+        x = np.sign(x) * np.sqrt(np.abs(x))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    normal = read_table(str(run_out / "normal_features"), "features")
+    incoming = read_table(str(run_out / "features"), "features")
+    expected = dict(zip(incoming.column("uri").to_pylist(), _brute_force_scores(
+        sqrt_l2(embeddings(incoming)), sqrt_l2(embeddings(normal)), k=2), strict=True))
+    rows = _results(tmp_path / "res")
+    np.testing.assert_allclose([r["score"] for r in rows], [expected[r["uri"]] for r in rows],
+                               rtol=1e-4)
+    assert json.loads((tmp_path / "index" / "_SUCCESS").read_text())["feature_transform"] \
+        == "sqrt-l2"
