@@ -39,6 +39,11 @@ def _workers(options: PipelineOptions) -> int:
     return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
 
 
+def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, **embed_kwargs):
+    """Lists and embeds SRC on ``p``: (feature rows, error rows, count of listed images)."""
+    return graphs.embed(p, src, workers=_workers(options), embed_kwargs=embed_kwargs)
+
+
 def _preflight(backbone: str, weights: str | None, device: str,
                options: PipelineOptions | None = None) -> None:
     """Fails before any pipeline starts: unknown backbone, missing weights, missing GPU.
@@ -178,19 +183,9 @@ def embed(
     extras = extra_columns(input)
     staging = outputs.new_staging(output)
     p = test_pipeline or beam.Pipeline(options=options)
-    feats, errors, count_in = graphs.embed(
-        p,
-        input,
-        workers=_workers(options),
-        embed_kwargs=dict(
-            backbone=backbone,
-            weights=weights,
-            device=device,
-            batch_size=batch_size,
-            max_pixels=max_pixels,
-            torch_threads=torch_threads,
-        ),
-    )
+    feats, errors, count_in = _embed_graph(
+        p, input, options, backbone=backbone, weights=weights, device=device,
+        batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads)
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
@@ -342,19 +337,9 @@ def score(
     if features_dir:
         feats, errors, count_in = graphs.read_features(p, features_dir)
     else:
-        feats, errors, count_in = graphs.embed(
-            p,
-            input,
-            workers=_workers(options),
-            embed_kwargs=dict(
-                backbone=backbone,
-                weights=weights,
-                device=device,
-                batch_size=batch_size,
-                max_pixels=max_pixels,
-                torch_threads=torch_threads,
-            ),
-        )
+        feats, errors, count_in = _embed_graph(
+            p, input, options, backbone=backbone, weights=weights, device=device,
+            batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads)
     if group_by:
         written = graphs.score_groups(feats, errors, staging, group_by=group_by,
                                       method=group_score or "knn", pool=pool, index_dir=index,
