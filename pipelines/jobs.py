@@ -306,7 +306,7 @@ def score(
         raise ValueError("--index is required (only --group-score covtrace scores without one)")
     # Verifies checksums (and a GPU asked for) before heavy work; the workers load their own.
     index_options = {"stream_shards": stream_shards, "device": device}
-    if not covtrace:
+    if not covtrace and _runs_here(options):  # Dataflow workers check their own GPUs
         resolve_faiss_device(device)  # a GPU asked for but missing fails here
     loaded = None if covtrace else LoadedIndex(index, stream_shards=True, device="cpu")
     if loaded is not None:
