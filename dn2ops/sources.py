@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
 from collections.abc import Iterator
 from typing import Any
@@ -44,7 +45,9 @@ def read_manifest(src: str) -> Iterator[dict[str, Any]]:
         rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
     if rows and "uri" not in rows[0]:
         raise SourceError(f"manifest {src} has no 'uri' column (columns: {list(rows[0])})")
-    base = posixpath.dirname(src)
+    # Relative uris are relative to the manifest; local ones become absolute so that the
+    # outputs name the same file whatever directory dn2 was started from.
+    base = posixpath.dirname(src) if "://" in src else os.path.dirname(os.path.abspath(src))
     for row in rows:
         uri = str(row["uri"])
         if "://" not in uri and not uri.startswith("/"):

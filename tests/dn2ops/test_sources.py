@@ -1,0 +1,49 @@
+"""Listing SRC: directories, globs and manifests on local and memory:// filesystems."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from dn2ops.sources import SourceError, list_source
+
+
+@pytest.fixture
+def store(tmp_path):
+    for name in ("a.png", "b.JPG", "sub/c.webp", ".hidden.png", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    return tmp_path
+
+
+def test_directory_lists_image_files_only_and_skips_hidden(store):
+    uris = [r["uri"] for r in list_source(str(store))]
+    assert uris == [str(store / "a.png"), str(store / "b.JPG"), str(store / "sub/c.webp")]
+
+
+def test_glob_lists_every_match_so_bad_matches_are_reported(store):
+    assert [r["uri"] for r in list_source(str(store / "*.txt"))] == [str(store / "notes.txt")]
+
+
+def test_relative_manifest_uris_resolve_against_the_manifest_as_absolute_paths(
+        store, monkeypatch):
+    (store / "m.csv").write_text("uri,label\na.png,0\nsub/c.webp,1\n")
+    monkeypatch.chdir(store.parent)
+    rows = list(list_source(f"{store.name}/m.csv"))
+    assert rows == [{"uri": str(store / "a.png"), "label": "0"},
+                    {"uri": str(store / "sub/c.webp"), "label": "1"}]
+
+
+def test_memory_filesystem_and_missing_source():
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/src-test/x.png", b"1")
+    assert [r["uri"] for r in list_source("memory://src-test")] == ["memory:///src-test/x.png"]
+    fs.rm("/src-test", recursive=True)
+    with pytest.raises(SourceError, match="does not exist"):
+        list(list_source("memory://src-test-missing"))
+
+
+def test_manifest_without_uri_column(tmp_path):
+    (tmp_path / "m.csv").write_text("path\nx.png\n")
+    with pytest.raises(SourceError, match="no 'uri' column"):
+        list(list_source(str(tmp_path / "m.csv")))
