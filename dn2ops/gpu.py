@@ -23,7 +23,7 @@ import numpy as np
 
 from dn2ops.knn import _exact_distances, as_float32
 
-# As dn2ops.embed.DEVICES; not imported from there so that indexes load without torch.
+# The same choices as dn2ops.embed.DEVICES (the embedding side of --device).
 DEVICES = ("auto", "cpu", "cuda")
 
 LOG = logging.getLogger("dn2")
