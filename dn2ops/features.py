@@ -65,20 +65,52 @@ def read_table(directory: str, prefix: str, columns: Sequence[str] | None = None
     return pa.concat_tables(tables) if tables else None
 
 
+# Rows decoded at once when a shard's embeddings are read into one array.
+_READ_BATCH = 256
+
+
 def iter_feature_shards(directory: str,
                         columns: Sequence[str] | None = ("uri", "sha256", "embedding")
                         ) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """Yields (table without embedding, embeddings (n, dim) float32), one shard at a time."""
+    """Yields (table without embedding, embeddings (n, dim) float32), one shard at a time.
+
+    The embeddings are decoded a batch of rows at a time into one preallocated
+    array, so reading a shard costs about one copy of its vectors (not the Arrow
+    column plus a combined copy plus the array).
+    """
     fs, _ = outputs.fs_and_path(directory)
     for p in shard_paths(directory, "features"):
         with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
-            table = pq.read_table(f, columns=None if columns is None else list(columns))
-        yield table.drop_columns(["embedding"]), embeddings(table)
+            # Column chunks read in 4 MiB blocks, not whole (a shard may be one row group).
+            pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
+            names = pf.schema_arrow.names if columns is None else list(columns)
+            rest = [c for c in names if c != "embedding"]
+            table = pf.read(columns=rest)
+            X = (_read_embeddings(pf) if "embedding" in names
+                 else np.zeros((pf.metadata.num_rows, 0), np.float32))
+        yield table, X
 
 
-def embeddings(table: pa.Table) -> np.ndarray:
+def _read_embeddings(pf: pq.ParquetFile) -> np.ndarray:
+    n = pf.metadata.num_rows
+    X = None
+    at = 0
+    for batch in pf.iter_batches(batch_size=_READ_BATCH, columns=["embedding"]):
+        x = embeddings(batch)
+        if X is None:
+            X = np.empty((n, x.shape[1]), np.float32)
+        elif len(x) and x.shape[1] != X.shape[1]:
+            raise MetadataMismatch("feature rows have embeddings of different lengths")
+        X[at:at + len(x)] = x
+        at += len(x)
+    return X if X is not None else np.zeros((0, 0), np.float32)
+
+
+def embeddings(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     """The ``embedding`` column as a float32 array (n, dim)."""
-    col = table.column("embedding").combine_chunks()
+    col = table.column("embedding")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     n = len(col)
     if n == 0:
         return np.zeros((0, 0), np.float32)

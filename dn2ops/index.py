@@ -42,7 +42,14 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from dn2ops import features, gpu, ivf, outputs, streams, transforms
-from dn2ops.knn import FlatShard, as_float32, kmeans_centroids, knn, knn_sharded
+from dn2ops.knn import (
+    FlatShard,
+    as_float32,
+    flat_vectors,
+    kmeans_centroids,
+    knn,
+    knn_sharded,
+)
 from dn2ops.scorer import DN2Scorer
 
 KIND = "index"
@@ -67,28 +74,72 @@ def _index_bytes(xb: np.ndarray) -> bytes:
 _FLAT_HEADER = struct.Struct("<4siqqq?iQ")
 
 
-def _vectors(data: bytes, name: str) -> np.ndarray:
-    """The vectors of a serialized IndexFlatL2, (n, d) float32."""
-    try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as e:  # faiss raises RuntimeError on corrupt bytes
-        raise IndexError_(f"index file {name} is corrupt or truncated: "
-                          f"{str(e).splitlines()[0]}") from None
-    return faiss.rev_swig_ptr(faiss.downcast_index(index).get_xb(),
-                              index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
+def _mismatch(name: str, got: str, expected: str) -> IndexError_:
+    return IndexError_(f"index file {name} has sha256 {got[:12]}..., the manifest says "
+                       f"{expected[:12]}...: the file was changed or damaged; rebuild the index")
 
 
-def _flat_view(data: bytes, name: str) -> tuple[np.ndarray, faiss.Index]:
-    """(vectors (n, d) float32, their index): the vectors are a view into the index's
-    memory (no copy), valid only while the caller keeps the index."""
-    try:
-        # This proxy owns the C++ index; a downcast proxy would not keep it alive.
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as e:  # faiss raises RuntimeError on corrupt bytes
-        raise IndexError_(f"index file {name} is corrupt or truncated: "
-                          f"{str(e).splitlines()[0]}") from None
-    xb = faiss.rev_swig_ptr(faiss.downcast_index(index).get_xb(), index.ntotal * index.d)
-    return xb.reshape(index.ntotal, index.d), index
+def _corrupt(name: str, e: Exception) -> IndexError_:
+    return IndexError_(f"index file {name} is corrupt or truncated: "
+                       f"{str(e).splitlines()[0]}; rebuild the index")
+
+
+def _write_index(fs, path: str, index: faiss.Index) -> str:
+    """Writes ``index`` to ``path`` through faiss's callback writer, block by block (no
+    serialized copy in memory, any fsspec filesystem); returns the file's sha256."""
+    h = hashlib.sha256()
+    with fs.open(path, "wb") as f:
+        def write(block: bytes) -> int:
+            h.update(block)
+            f.write(block)
+            return len(block)
+
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+    return h.hexdigest()
+
+
+def _read_index(fs, path: str, name: str, expected_sha256: str | None = None) -> faiss.Index:
+    """Reads a faiss index file block by block (no bytes copy in memory), hashing what it
+    reads; raises IndexError_ if it is corrupt or its sha256 is not ``expected_sha256``.
+
+    The hash is checked after faiss has parsed the file, so callers bound what a damaged
+    file can make faiss allocate first (`_check_flat_header`) or check the hash before
+    (`_file_sha256`).
+    """
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        def read(size: int) -> bytes:
+            block = f.read(size)
+            h.update(block)
+            return block
+
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(read))
+        except RuntimeError as e:  # faiss raises RuntimeError on corrupt bytes
+            raise _corrupt(name, e) from None
+        while block := f.read(_HASH_BLOCK):  # trailing bytes count too
+            h.update(block)
+    if expected_sha256 is not None and h.hexdigest() != expected_sha256:
+        raise _mismatch(name, h.hexdigest(), expected_sha256)
+    return index
+
+
+def _check_flat_header(fs, path: str, name: str, dim: int) -> None:
+    """A flat shard file's header agrees with its size and ``dim`` (so truncation shows
+    without loading it, and reading it allocates no more than the file holds)."""
+    with fs.open(path, "rb") as f:
+        head = f.read(_FLAT_HEADER.size)
+    size = fs.size(path)
+    if len(head) == _FLAT_HEADER.size:
+        fourcc, d, ntotal, _, _, _, _, floats = _FLAT_HEADER.unpack(head)
+        if (fourcc == b"IxF2" and d == dim and floats == ntotal * d
+                and size == _FLAT_HEADER.size + 4 * floats):
+            return
+        what = f"its header says {fourcc!r}, d={d}, {ntotal} vectors"
+    else:
+        what = "it is shorter than a faiss header"
+    raise IndexError_(f"index file {name} is corrupt or truncated: {size} bytes, {what} "
+                      f"(the manifest says d={dim}); rebuild the index")
 
 
 # Rows per centroid that K-means trains on when the normal set is streamed
@@ -126,17 +177,15 @@ def _chunks(features_dir: str, dim: int, kept: np.ndarray | None = None,
             yield transforms.apply(X, transform)
 
 
-def _index_blob(xb: np.ndarray) -> np.ndarray:
-    """A serialized IndexFlatL2 over xb (n, d), as a uint8 array (no extra bytes copy)."""
+def _flat_of(xb: np.ndarray) -> faiss.IndexFlatL2:
     index = faiss.IndexFlatL2(xb.shape[1])
     index.add(xb)
-    return faiss.serialize_index(index)
+    return index
 
 
-def _put(fs, path: str, blob: np.ndarray | bytes) -> str:
+def _put(fs, path: str, blob: bytes) -> str:
     """Writes ``blob`` to ``path``; returns its sha256."""
-    data = blob if isinstance(fs, LocalFileSystem) or isinstance(blob, bytes) else blob.tobytes()
-    fs.pipe_file(path, data)
+    fs.pipe_file(path, blob)
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -156,18 +205,24 @@ def _write_flat_shards(fs, directory: str, chunks: Iterable[np.ndarray],
     fs.makedirs(directory, exist_ok=True)
     for i, xb in enumerate(streams.rechunk(chunks, sizes)):
         name = _shard_name(i, len(sizes))
-        checksums[name] = _put(fs, outputs.join(directory, name), _index_blob(xb))
+        # The chunk and its index: the build's peak (the file is written in blocks).
+        checksums[name] = _write_index(fs, outputs.join(directory, name), _flat_of(xb))
         del xb
     return checksums
 
 
-def _shard_loader(fs, directory: str, names: list[str]) -> Callable[[], Iterator[np.ndarray]]:
-    def load() -> Iterator[np.ndarray]:
+def _shard_loader(fs, directory: str, names: list[str], device: str
+                  ) -> Callable[[], Iterator[FlatShard | np.ndarray]]:
+    """Loads the flat shards one at a time: a FlatShard on the CPU (the read index, shifted
+    in place: one copy in memory), the vectors for dn2ops.gpu."""
+    def load() -> Iterator[FlatShard | np.ndarray]:
         for name in names:
-            # The generator holds the index while the consumer uses the view.
-            xb, owner = _flat_view(fs.cat_file(outputs.join(directory, name)), name)
-            yield xb
-            del xb, owner
+            index = _read_index(fs, outputs.join(directory, name), name)
+            if device == "cuda":
+                yield flat_vectors(index)  # the generator holds the index meanwhile
+            else:
+                yield FlatShard.adopt(index)
+            del index
     return load
 
 
@@ -306,8 +361,9 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
             sizes = _shard_sizes(n, shards, per_shard)
             tmp_names = list(_write_flat_shards(
                 fs, tmp, _chunks(features_dir, dim, transform=feature_transform), sizes))
-            load = _shard_loader(fs, tmp, tmp_names)
-            loo = _reference_scores(_flat_loo(load, k, device), load, n, None)
+            load = _shard_loader(fs, tmp, tmp_names, device)
+            loo = _reference_scores(_flat_loo(load, k, device), lambda: _chunks(
+                features_dir, dim, transform=feature_transform), n, None)
             fs.rm(tmp, recursive=True)
             # As DN2Scorer: the n_drop highest scores go, ties -> lower row first.
             kept[np.argsort(-loo, kind="stable")[:n_drop]] = False
@@ -346,8 +402,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
             for name in (ivf.INDEX_FILE, ivf.DATA_FILE):
                 checksums[name] = _file_sha256(fs, outputs.join(stage, name))
         else:
-            checksums[ivf.INDEX_FILE] = _put(fs, outputs.join(stage, ivf.INDEX_FILE),
-                                             faiss.serialize_index(index))
+            checksums[ivf.INDEX_FILE] = _write_index(fs, outputs.join(stage, ivf.INDEX_FILE),
+                                                     index)
 
         def ivf_loo(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
             D, I = ivf.search(index, xq, k + 1)
@@ -363,17 +419,17 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
         ref_x, km_x = tap.rows(0), tap.rows(1)
         del tap
         n_flat = len(sizes)
-        load = _shard_loader(fs, stage, sorted(checksums))
+        load = _shard_loader(fs, stage, sorted(checksums), device)
         if n_centroids is None:
-            ref = _reference_scores(_flat_loo(load, k, device), load, n_kept, ref_ids, ref_x)
+            ref = _reference_scores(_flat_loo(load, k, device), chunks, n_kept, ref_ids, ref_x)
     kmeans_info = None
     if n_centroids is not None:
         centroids = kmeans_centroids(km_x, int(n_centroids), seed=seed)
-        checksums["kmeans.faiss"] = _put(fs, outputs.join(stage, "kmeans.faiss"),
-                                         _index_blob(centroids))
+        checksums["kmeans.faiss"] = _write_index(fs, outputs.join(stage, "kmeans.faiss"),
+                                                 _flat_of(centroids))
         # In-sample distance to the nearest centre, as DN2Scorer (biased low).
         ref = _reference_scores(lambda xq, ids: knn(xq, centroids, 1)[0][:, 0].astype(
-            np.float64), load, n_kept, ref_ids, ref_x)
+            np.float64), chunks, n_kept, ref_ids, ref_x)
         kmeans_info = {"trained_on": int(len(km_x))}
     ids = np.full(n, -1, np.int64)
     ids[kept] = np.arange(n_kept)
@@ -464,10 +520,12 @@ class LoadedIndex:
 
     Flat shards are held in memory, or with ``stream_shards=True`` loaded one
     at a time for each query batch (for indexes larger than memory; every
-    load re-checks the shard's sha256), merged exactly either way. IVF
-    indexes are read whole, or memory-mapped when their lists are on disk.
-    ``device``: 'auto' puts the search on the GPU when faiss sees one (see
-    dn2ops.gpu), 'cpu' forces the CPU, 'cuda' without a GPU raises DeviceError.
+    load re-checks the shard's sha256), merged exactly either way. Each flat
+    shard is read straight into its faiss index and held as that one copy
+    (knn.FlatShard). IVF indexes are read whole, or memory-mapped when their
+    lists are on disk. ``device``: 'auto' puts the search on the GPU when
+    faiss sees one (see dn2ops.gpu), 'cpu' forces the CPU, 'cuda' without a
+    GPU raises DeviceError.
     """
 
     def __init__(self, directory: str, *, verify: bool = True, stream_shards: bool = False,
@@ -486,9 +544,11 @@ class LoadedIndex:
         self.index_id = self.manifest["index_id"]
         self.shard_names = sorted(n for n in files if n.startswith("shard-"))
         ivf_meta = self.manifest.get("ivf")
-        self.centroids = (_vectors(self._read("kmeans.faiss"), "kmeans.faiss")
-                          if "kmeans.faiss" in files else None)
-        self.shards: list[np.ndarray] = []
+        self.centroids = None
+        if "kmeans.faiss" in files:
+            centres = self._read_flat("kmeans.faiss")  # held while its vectors are copied
+            self.centroids = flat_vectors(centres).copy()
+            del centres
         self._flat: list[FlatShard] = []
         self.ivf_index = self._ivf_cpu = None
         self._gpu_shards: list[gpu.GpuFlat] | None = None
@@ -500,18 +560,14 @@ class LoadedIndex:
         elif self.centroids is None:  # K-means mode needs only the centres
             if stream_shards:
                 for name in self.shard_names:  # fail before any heavy work; loads check again
+                    self._check_flat(name)
                     if verify:
                         self._check_file(name)
-                    self._check_flat_shard(name)
+            elif self.device == "cuda":
+                self._gpu_shards = [gpu.GpuFlat(x) for x in self.iter_shards()]
             else:
-                # Views into the deserialized indexes (kept in _owners): no second copy.
-                views = [_flat_view(self._read(n), n) for n in self.shard_names]
-                self.shards = [xb for xb, _ in views]
-                self._owners = [owner for _, owner in views]
-                # Built once, searched for every query batch (see knn.FlatShard).
-                self._flat = [FlatShard(x) for x in self.shards] if self.device != "cuda" else []
-                if self.device == "cuda":
-                    self._gpu_shards = [gpu.GpuFlat(x) for x in self.shards]
+                # Built once, searched for every query batch.
+                self._flat = [FlatShard.adopt(self._read_flat(n)) for n in self.shard_names]
         try:
             normal = pq.read_table(io.BytesIO(self._read("normal.parquet")))
         except pa.ArrowException as e:  # checksum recomputed over a damaged file
@@ -522,69 +578,69 @@ class LoadedIndex:
         ref = kept.column("loo_score").to_numpy()
         self.train_scores = np.sort(ref[np.isfinite(ref)])
 
-    def _mismatch(self, name: str, got: str) -> IndexError_:
-        return IndexError_(f"index file {name} has sha256 {got[:12]}..., the manifest says "
-                           f"{self.manifest['files'][name][:12]}...: the file was changed or "
-                           "damaged; rebuild the index")
+    @property
+    def shards_held(self) -> int:
+        """Flat shards held in memory (0 when streamed, IVF or K-means)."""
+        return len(self._flat) + len(self._gpu_shards or [])
 
     def _read(self, name: str) -> bytes:
-        """The bytes of one index file, checked against the manifest's sha256."""
+        """The bytes of a small index file, checked against the manifest's sha256."""
         data = self._fs.cat_file(outputs.join(self._path, name))
         if self.verify:
             got = hashlib.sha256(data).hexdigest()
             if got != self.manifest["files"][name]:
-                raise self._mismatch(name, got)
+                raise _mismatch(name, got, self.manifest["files"][name])
         return data
 
     def _check_file(self, name: str) -> None:
         """Checks one file's sha256 reading it in blocks (for files larger than memory)."""
         got = _file_sha256(self._fs, outputs.join(self._path, name))
         if got != self.manifest["files"][name]:
-            raise self._mismatch(name, got)
+            raise _mismatch(name, got, self.manifest["files"][name])
 
-    def _check_flat_shard(self, name: str) -> None:
-        """A streamed shard's header and size agree (truncation shows without loading it)."""
-        path = outputs.join(self._path, name)
-        with self._fs.open(path, "rb") as f:
-            head = f.read(_FLAT_HEADER.size)
-        size = self._fs.size(path)
-        if len(head) == _FLAT_HEADER.size:
-            fourcc, d, ntotal, _, _, _, _, floats = _FLAT_HEADER.unpack(head)
-            if (fourcc == b"IxF2" and d == self.manifest["dim"] and floats == ntotal * d
-                    and size == _FLAT_HEADER.size + 4 * floats):
-                return
-            what = f"its header says {fourcc!r}, d={d}, {ntotal} vectors"
-        else:
-            what = "it is shorter than a faiss header"
-        raise IndexError_(f"index file {name} is corrupt or truncated: {size} bytes, {what} "
-                          f"(the manifest says d={self.manifest['dim']}); rebuild the index")
+    def _check_flat(self, name: str) -> None:
+        _check_flat_header(self._fs, outputs.join(self._path, name), name, self.manifest["dim"])
+
+    def _read_flat(self, name: str) -> faiss.Index:
+        """One flat index file read into its faiss index (header checked first, sha256
+        checked while reading)."""
+        self._check_flat(name)
+        return _read_index(self._fs, outputs.join(self._path, name), name,
+                           self.manifest["files"][name] if self.verify else None)
 
     def _load_ivf(self, meta: dict[str, Any]) -> faiss.Index:
+        if meta["ondisk"] and not isinstance(self._fs, LocalFileSystem):
+            raise IndexError_("an index with on-disk inverted lists (--ondisk) must be on a "
+                              "local filesystem; copy it there first")
+        if self.verify:  # before faiss parses anything
+            for name in (ivf.INDEX_FILE, ivf.DATA_FILE) if meta["ondisk"] else (ivf.INDEX_FILE,):
+                self._check_file(name)
+        path = outputs.join(self._path, ivf.INDEX_FILE)
         if meta["ondisk"]:
-            if self.verify:
-                for name in (ivf.INDEX_FILE, ivf.DATA_FILE):
-                    self._check_file(name)
-            if not isinstance(self._fs, LocalFileSystem):
-                raise IndexError_("an index with on-disk inverted lists (--ondisk) must be on a "
-                                  "local filesystem; copy it there first")
-        try:
-            if meta["ondisk"]:
-                return ivf.read(outputs.join(self._path, ivf.INDEX_FILE), ondisk=True,
-                                nprobe=meta["nprobe"])
-            return ivf.deserialize(self._read(ivf.INDEX_FILE), nprobe=meta["nprobe"])
-        except RuntimeError as e:  # faiss raises RuntimeError on corrupt bytes
-            raise IndexError_(f"index file {ivf.INDEX_FILE} is corrupt or truncated: "
-                              f"{str(e).splitlines()[0]}; rebuild the index") from None
+            try:
+                return ivf.read(path, ondisk=True, nprobe=meta["nprobe"])
+            except RuntimeError as e:  # faiss raises RuntimeError on corrupt bytes
+                raise _corrupt(ivf.INDEX_FILE, e) from None
+        index = _read_index(self._fs, path, ivf.INDEX_FILE)
+        ivf.set_nprobe(index, meta["nprobe"])
+        return index
 
     def iter_shards(self) -> Iterator[np.ndarray]:
-        """The flat shards' vectors (n_s, dim) float32, loaded (and checked) one at a time."""
-        if self.shards:
-            yield from self.shards
+        """The flat shards' vectors (n_s, dim) float32 as stored, read (and checked) one
+        at a time."""
+        for name in self.shard_names:
+            index = self._read_flat(name)
+            xb = flat_vectors(index).copy()
+            del index
+            yield xb
+
+    def _search_shards(self) -> Iterator[FlatShard | np.ndarray]:
+        """Streamed: each flat shard loaded for this search (vectors for dn2ops.gpu)."""
+        if self.device == "cuda":
+            yield from self.iter_shards()
             return
         for name in self.shard_names:
-            xb, owner = _flat_view(self._read(name), name)
-            yield xb  # the generator holds ``owner`` while the caller uses the view
-            del xb, owner
+            yield FlatShard.adopt(self._read_flat(name))
 
     def metadata(self) -> dict[str, Any]:
         return {key: self.manifest[key] for key in ("backbone", "dim", "preprocessing")}
@@ -610,9 +666,9 @@ class LoadedIndex:
         if self.ivf_index is not None:
             D, I = ivf.search(self.ivf_index, xq, self.k, fallback=self._ivf_cpu)
         elif self.device == "cuda":
-            D, I = gpu.knn_sharded_gpu(xq, self._gpu_shards or self.iter_shards(), self.k)
+            D, I = gpu.knn_sharded_gpu(xq, self._gpu_shards or self._search_shards(), self.k)
         else:
-            D, I = knn_sharded(xq, self._flat or self.iter_shards(), self.k)
+            D, I = knn_sharded(xq, self._flat or self._search_shards(), self.k)
         return D.mean(axis=1, dtype=np.float64), D, I
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:

@@ -182,9 +182,3 @@ def read(path: str, *, ondisk: bool, nprobe: int) -> faiss.Index:
     index = faiss.read_index(path, flags)
     set_nprobe(index, nprobe)
     return index
-
-
-def deserialize(data: bytes, *, nprobe: int) -> faiss.Index:
-    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    set_nprobe(index, nprobe)
-    return index

@@ -27,7 +27,9 @@ import faiss
 import numpy as np
 
 __all__ = [
+    "FlatShard",
     "as_float32",
+    "flat_vectors",
     "kmeans_centroids",
     "knn",
     "knn_leave_one_out",
@@ -38,6 +40,8 @@ __all__ = [
 # Elements of the (rows, k, d) difference tensor materialised at once when
 # re-ranking; bounds the temporary memory to ~64 MiB of float32.
 _RERANK_BLOCK_ELEMS = 1 << 24
+# Query rows shifted and searched at once by FlatShard.search.
+_QUERY_BLOCK = 16384
 
 
 def as_float32(x: np.ndarray, *, name: str = "x") -> np.ndarray:
@@ -105,17 +109,57 @@ def _flat_index(xb: np.ndarray) -> tuple[faiss.IndexFlatL2, np.ndarray]:
     return index, shift
 
 
-class FlatShard:
-    """A database block with its mean-shifted flat index built once, for repeated searches.
+def flat_vectors(index: faiss.Index) -> np.ndarray:
+    """The vectors (ntotal, d) float32 of a flat index: a view into its memory, valid while
+    the caller holds ``index`` (the proxy that owns the C++ object)."""
+    flat = faiss.downcast_index(index)
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
-    ``knn_sharded`` otherwise builds the shifted index of an array shard on every call;
-    an index held in memory for many query batches builds it once (at the cost of a
-    second, shifted copy of the vectors).
+
+class FlatShard:
+    """A database block held as one mean-shifted IndexFlatL2, for repeated exact searches.
+
+    The index's own vectors, shifted by their mean, are the only copy kept:
+    candidates come from faiss and are re-ranked with distances computed from
+    coordinate differences in the same shifted frame (a shift leaves
+    differences unchanged; an exact duplicate of a vector is still at 0).
+    ``FlatShard(xb)`` copies ``xb``; ``FlatShard.adopt(index)`` shifts the
+    vectors of a freshly read IndexFlatL2 in place (no copy at all).
     """
 
     def __init__(self, xb: np.ndarray):
-        self.xb = as_float32(xb, name="xb")
-        self.index, self.shift = _flat_index(self.xb)
+        xb = as_float32(xb, name="xb")
+        self.index, self.shift = _flat_index(xb)
+
+    @classmethod
+    def adopt(cls, index: faiss.Index) -> FlatShard:
+        """Takes over ``index`` (an IndexFlatL2 nobody else uses): its vectors are shifted."""
+        shard = cls.__new__(cls)
+        xs = flat_vectors(index)
+        shard.shift = xs.mean(axis=0, dtype=np.float64).astype(np.float32)
+        xs -= shard.shift
+        shard.index = index
+        return shard
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN (k <= len(self)), re-ranked: ``D`` float32 (nq, k) ascending, ``I``
+        int64 (nq, k). Queries go in blocks, so a shard's worth of them costs no copy."""
+        D = np.empty((len(xq), k), np.float32)
+        I = np.empty((len(xq), k), np.int64)
+        xb = flat_vectors(self.index)
+        for a in range(0, len(xq), _QUERY_BLOCK):
+            xs_q = xq[a:a + _QUERY_BLOCK] - self.shift
+            _, I[a:a + len(xs_q)] = self.index.search(xs_q, k)
+            D[a:a + len(xs_q)] = _exact_distances(xs_q, xb, I[a:a + len(xs_q)])
+        order = np.argsort(D, axis=1, kind="stable")
+        return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
 def _exact_distances(xq: np.ndarray, xb: np.ndarray, I: np.ndarray) -> np.ndarray:
@@ -131,16 +175,6 @@ def _exact_distances(xq: np.ndarray, xb: np.ndarray, I: np.ndarray) -> np.ndarra
     return D
 
 
-def _search_refined(
-    index: faiss.Index, shift: np.ndarray, xb: np.ndarray, xq: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Search a `_flat_index` (k <= ntotal), then re-rank with exact distances."""
-    _, I = index.search(xq - shift, k)
-    D = _exact_distances(xq, xb, I)
-    order = np.argsort(D, axis=1, kind="stable")
-    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
-
-
 def knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-nearest-neighbour search of ``xq`` (nq, d) in ``xb`` (nb, d).
 
@@ -152,8 +186,7 @@ def knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     xb = as_float32(xb, name="xb")
     _check_dims(xq, xb.shape[1])
     k = _check_k(k, xb.shape[0])
-    index, shift = _flat_index(xb)
-    return _search_refined(index, shift, xb, xq, k)
+    return FlatShard(xb).search(xq, k)
 
 
 def knn_sharded(
@@ -198,11 +231,11 @@ def knn_sharded(
         else:
             offset = running
         if isinstance(shard, FlatShard):
-            _check_dims(xq, shard.xb.shape[1], what=f"shard {s}")
-            nb = shard.xb.shape[0]
+            _check_dims(xq, shard.d, what=f"shard {s}")
+            nb = len(shard)
             if nb == 0:
                 continue
-            D, I = _search_refined(shard.index, shard.shift, shard.xb, xq, min(k, nb))
+            D, I = shard.search(xq, min(k, nb))
         elif isinstance(shard, faiss.Index):
             if shard.metric_type != faiss.METRIC_L2:
                 raise ValueError(
@@ -220,8 +253,7 @@ def knn_sharded(
             nb = xb.shape[0]
             if nb == 0:
                 continue
-            index, shift = _flat_index(xb)
-            D, I = _search_refined(index, shift, xb, xq, min(k, nb))
+            D, I = FlatShard(xb).search(xq, min(k, nb))
         running += nb
         # -1 marks "no result" in faiss; keep it rather than offsetting it.
         I = np.where(I >= 0, I + offset, -1)
@@ -251,8 +283,7 @@ def knn_leave_one_out(xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     xb = as_float32(xb, name="xb")
     nb = xb.shape[0]
     k = _check_k(k, nb - 1, what="other points (n - 1)")
-    index, shift = _flat_index(xb)
-    D, I = _search_refined(index, shift, xb, xb, k + 1)
+    D, I = FlatShard(xb).search(xb, k + 1)
     is_self = I == np.arange(nb, dtype=np.int64)[:, None]
     # Rows without their own id lose their last (farthest) column instead.
     drop = is_self.copy()

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from dn2ops.knn import (
-    _flat_index,
-    _search_refined,
+    FlatShard,
     as_float32,
     kmeans_centroids,
     knn,
@@ -198,7 +197,8 @@ class DN2Scorer:
 
     def _build_index(self) -> None:
         base = self._fit_X if self.centroids_ is None else self.centroids_
-        self.index_, self._shift = _flat_index(base)
+        self._shard = FlatShard(base)
+        self.index_ = self._shard.index
 
     # -- pickling: faiss indexes pickle by serialising, which would store the
     # data twice; drop the index and rebuild it from the arrays instead. -----
@@ -206,7 +206,7 @@ class DN2Scorer:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("index_", None)
-        state.pop("_shift", None)
+        state.pop("_shard", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -225,11 +225,9 @@ class DN2Scorer:
         """
         X = self._check_X(X)
         if self.centroids_ is None:
-            D, _ = _search_refined(
-                self.index_, self._shift, self._fit_X, X, int(self.k)
-            )
+            D, _ = self._shard.search(X, int(self.k))
             return D.mean(axis=1, dtype=np.float64)
-        D, _ = _search_refined(self.index_, self._shift, self.centroids_, X, 1)
+        D, _ = self._shard.search(X, 1)
         return D[:, 0].astype(np.float64)
 
     def kneighbors(
@@ -253,9 +251,7 @@ class DN2Scorer:
             )
         if self.centroids_ is not None:
             return knn(X, self._fit_X, int(n_neighbors))
-        return _search_refined(
-            self.index_, self._shift, self._fit_X, X, int(n_neighbors)
-        )
+        return self._shard.search(X, int(n_neighbors))
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:
         """Express anomaly scores (nq,) as percentiles of the normal training scores.

@@ -176,7 +176,7 @@ def test_build_group_index_pools_sets_and_drops_small_ones(tmp_path):
     loaded = LoadedIndex(str(tmp_path / "idx"))
     assert loaded.uris == ["lot0", "lot1", "lot2", "lot3"]
     expected = np.stack([groups[n].astype(np.float32).max(axis=0) for n in loaded.uris])
-    np.testing.assert_allclose(np.concatenate(loaded.shards), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate(list(loaded.iter_shards())), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="not a manifest column"):
         build_group_index(fdir, str(tmp_path / "idx2"), group_by="camera")
 

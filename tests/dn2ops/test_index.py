@@ -79,7 +79,7 @@ def test_streaming_build_equals_in_memory_scorer(data, tmp_path, shards):
     assert m["shards"] == {1: 1, 3: 3, None: 3}[shards]  # None: one per non-empty feature shard
     # The shards hold the vectors, in order.
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
-    np.testing.assert_array_equal(np.concatenate(loaded.shards), X)
+    np.testing.assert_array_equal(np.concatenate(list(loaded.iter_shards())), X)
     xq = clustered(40, seed=5)
     s, D, I = loaded.search(xq)
     np.testing.assert_allclose(s, ref.score_samples(xq), rtol=1e-5)
@@ -107,7 +107,7 @@ def test_cleaning_in_two_passes_equals_in_memory_cleaning(data, tmp_path):
     ids = t.column("id").to_numpy()
     np.testing.assert_array_equal(ids[ref.kept_mask_], np.arange(270))
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
-    np.testing.assert_array_equal(np.concatenate(loaded.shards), X[ref.kept_mask_])
+    np.testing.assert_array_equal(np.concatenate(list(loaded.iter_shards())), X[ref.kept_mask_])
     assert not any(tmp_path.joinpath("i").glob("_clean*"))
 
 
@@ -117,7 +117,7 @@ def test_shard_at_a_time_scoring_equals_in_memory(data, tmp_path):
     xq = clustered(50, seed=9)
     held = LoadedIndex(str(tmp_path / "i"), device="cpu")
     streamed = LoadedIndex(str(tmp_path / "i"), device="cpu", stream_shards=True)
-    assert streamed.shards == [] and len(held.shards) == 5
+    assert streamed.shards_held == 0 and held.shards_held == 5
     for a, b in zip(held.search(xq), streamed.search(xq), strict=True):
         np.testing.assert_array_equal(a, b)
     assert held.uris == streamed.uris
@@ -162,7 +162,7 @@ def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
     ref = DN2Scorer(k=2, n_centroids=4).fit(X)
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     np.testing.assert_allclose(loaded.centroids, ref.centroids_, rtol=1e-5, atol=1e-4)
-    assert loaded.shards == []  # K-means scoring never needs the shards in memory
+    assert loaded.shards_held == 0  # K-means scoring never needs the shards in memory
     xq = clustered(30, seed=3)
     s, D, I = loaded.search(xq)
     np.testing.assert_allclose(s, ref.score_samples(xq), rtol=1e-5)
@@ -252,3 +252,49 @@ def test_rechunk_and_gather_rows():
                                   X[[0, 7, 8, 19]])
     with pytest.raises(ValueError, match="fewer rows"):
         list(streams.rechunk(iter(chunks), [5, 20]))
+
+
+# -- index files are streamed to and from storage in blocks ------------------------------
+
+
+@pytest.mark.parametrize("root", ["local", "memory://dn2-index-io"])
+def test_index_files_stream_through_faiss_callbacks(tmp_path, root):
+    import hashlib
+
+    from dn2ops.index import _read_index, _write_index
+
+    directory = str(tmp_path) if root == "local" else root
+    fs, path = outputs.fs_and_path(directory)
+    fs.makedirs(path, exist_ok=True)
+    X = clustered(3000, d=64, seed=4)  # > 1 MiB: several callback blocks
+    index = faiss.IndexFlatL2(64)
+    index.add(X)
+    name = outputs.join(path, "shard.faiss")
+    sha = _write_index(fs, name, index)
+    expected = faiss.serialize_index(index).tobytes()  # faiss's own in-memory serialisation
+    assert fs.cat_file(name) == expected
+    assert sha == hashlib.sha256(expected).hexdigest()
+    back = _read_index(fs, name, "shard.faiss", sha)
+    np.testing.assert_array_equal(faiss.rev_swig_ptr(back.get_xb(), back.ntotal * 64), X.ravel())
+    # A byte appended or cut off is caught: by the hash, or by faiss itself.
+    fs.pipe_file(name, expected + b"\0")
+    with pytest.raises(IndexError_, match="shard.faiss has sha256 .* changed or damaged"):
+        _read_index(fs, name, "shard.faiss", sha)
+    fs.pipe_file(name, expected[:-5])
+    with pytest.raises(IndexError_, match="shard.faiss is corrupt or truncated"):
+        _read_index(fs, name, "shard.faiss", sha)
+
+
+def test_flat_shards_are_held_once_in_their_own_index(data, tmp_path):
+    """A held flat shard is the faiss index read from its file, shifted in place: its
+    vectors are the stored ones minus their mean, and nothing else holds a copy."""
+    root, X, _ = data
+    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2)
+    loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
+    from dn2ops.knn import flat_vectors
+
+    stored = list(loaded.iter_shards())
+    for shard, xb in zip(loaded._flat, stored, strict=True):
+        np.testing.assert_allclose(shard.shift, xb.mean(axis=0), rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(flat_vectors(shard.index), xb - shard.shift, atol=1e-5)
+    assert sum(s.index.ntotal for s in loaded._flat) == len(X)

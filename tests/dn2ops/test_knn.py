@@ -232,12 +232,12 @@ def test_leave_one_out_with_duplicates_never_returns_self(k):
 def test_leave_one_out_drops_last_column_when_self_missing(monkeypatch):
     # Force the rare case where the own id is pushed out of the k+1 results
     # by more than k exact duplicates.
-    def fake_search(index, shift, xb, xq, k):
+    def fake_search(self, xq, k):
         I = np.array([[1, 2, 3], [1, 0, 2], [0, 1, 3], [3, 2, 1]], dtype=np.int64)
         D = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 2]], dtype=np.float32)
         return D, I
 
-    monkeypatch.setattr(knn_mod, "_search_refined", fake_search)
+    monkeypatch.setattr(knn_mod.FlatShard, "search", fake_search)
     D, I = knn_leave_one_out(np.zeros((4, 2)), 2)
     np.testing.assert_array_equal(I, [[1, 2], [0, 2], [0, 1], [2, 1]])
     np.testing.assert_array_equal(D, [[0, 0], [0, 0], [0, 0], [1, 2]])

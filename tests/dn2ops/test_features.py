@@ -1,0 +1,52 @@
+"""dn2ops.features: reading feature shards, against pyarrow's own whole-table read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dn2ops import features
+
+
+def _write(path, X, row_group_size, extra=None):
+    n, d = X.shape
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), d).cast(pa.list_(pa.float32()))
+    cols = {"uri": [f"u{i}" for i in range(n)], "sha256": [f"h{i}" for i in range(n)],
+            "backbone": ["toy"] * n, "dim": pa.array([d] * n, pa.int32()), "embedding": emb}
+    if extra:
+        cols["lot"] = extra
+    pq.write_table(pa.table(cols), path, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize("batch", [7, 256])
+def test_shards_read_in_batches_equal_a_whole_table_read(tmp_path, monkeypatch, batch):
+    monkeypatch.setattr(features, "_READ_BATCH", batch)
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(n, 5)).astype(np.float32) for n in (50, 0, 33)]
+    for s, X in enumerate(parts):
+        _write(tmp_path / f"features-{s:05d}-of-00003.parquet", X, row_group_size=20,
+               extra=[f"lot{i % 3}" for i in range(len(X))])
+    got = list(features.iter_feature_shards(str(tmp_path), columns=None))
+    assert len(got) == 3
+    for (table, X), s in zip(got, range(3), strict=True):
+        ref = pq.read_table(tmp_path / f"features-{s:05d}-of-00003.parquet")
+        assert table.column_names == [c for c in ref.column_names if c != "embedding"]
+        assert table.to_pydict() == ref.drop_columns(["embedding"]).to_pydict()
+        if len(ref):
+            want = np.array(ref.column("embedding").to_pylist(), np.float32)
+            np.testing.assert_array_equal(X, want)
+        else:
+            assert X.size == 0
+    only = [X for _, X in features.iter_feature_shards(str(tmp_path), columns=("embedding",))]
+    np.testing.assert_array_equal(np.concatenate([only[0], only[2]]),
+                                  np.concatenate([parts[0], parts[2]]))
+
+
+def test_embeddings_of_different_lengths_are_refused(tmp_path):
+    t = pa.table({"uri": ["a", "b"], "embedding": pa.array([[1.0, 2.0], [3.0]],
+                                                          pa.list_(pa.float32()))})
+    pq.write_table(t, tmp_path / "features-00000-of-00001.parquet")
+    with pytest.raises(features.MetadataMismatch, match="different lengths"):
+        list(features.iter_feature_shards(str(tmp_path), columns=("uri", "embedding")))
