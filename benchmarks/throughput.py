@@ -8,8 +8,9 @@
     cluster, written as real feature shards of 100k rows so every build
     streams from disk): dn2 exact (flat shards held in memory, and streamed
     shard by shard), bare faiss IndexFlatL2, dn2 K-means C=10, dn2 IVF-Flat in
-    memory and with --ondisk inverted lists (nprobe tuned at build time to
-    recall@2 >= 0.95), and scikit-learn's
+    memory and with --ondisk inverted lists (nlist ~ 4 sqrt(N), nprobe tuned at
+    build time to recall@2 >= 0.95), dn2 HNSW (M 32, efSearch tuned likewise),
+    and scikit-learn's
     ``NearestNeighbors(algorithm='brute')`` (what PyOD's KNN detector fits), and
     PyOD's KNN scoring path itself (``decision_function`` queries a sklearn
     BallTree one sample at a time) at N <= 100k;
@@ -44,6 +45,7 @@ DIM = 1280
 ROWS_PER_SHARD = 100_000
 K = 2
 KMEANS_C = 10
+HNSW_M = 32
 REFERENCE_SAMPLE = 200  # percentile reference: exact leave-one-out of this many rows
 RECALL_QUERIES = 200  # IVF recall@2 is measured on this many sampled normal rows
 PYOD_QUERIES = 50  # PyOD's KNN scores one sample at a time: slow, so fewer queries
@@ -181,11 +183,14 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         elif cfg["method"] in ("ivf", "ivf-ondisk"):
             kw["ivf_lists"] = ivf_lists(cfg["n"])
             kw["ondisk"] = cfg["method"] == "ivf-ondisk"
+        elif cfg["method"] == "hnsw":
+            kw["hnsw_m"] = HNSW_M
         manifest = build_index(cfg["features"], cfg["index"], **kw)
         out["seconds"] = time.perf_counter() - t0
         out["index_bytes"] = dir_bytes(cfg["index"])
         out["largest_feature_shard_bytes"] = min(cfg["n"], ROWS_PER_SHARD) * DIM * 4
         out["ivf"] = manifest.get("ivf")
+        out["hnsw"] = manifest.get("hnsw")
     elif task == "score":
         xq = np.load(cfg["queries"])[: cfg["nq"]]
         if cfg["method"] == "sklearn":
@@ -343,7 +348,7 @@ def main(argv=None) -> dict:
         write_features(feats, n, seed=SEED + n)
         print(f"N={n}: features ready ({time.perf_counter() - t:.0f}s)", flush=True)
         exact_nq = args.queries if n < 1_000_000 else min(args.queries, args.exact_queries_1m)
-        for method in ("flat", "kmeans", "ivf", "ivf-ondisk"):
+        for method in ("flat", "kmeans", "ivf", "ivf-ondisk", "hnsw"):
             index = os.path.join(out_dir, f"index-{method}-{n}")
             b = run_worker({"task": "build", "method": method, "n": n, "features": feats,
                             "index": index})
@@ -392,7 +397,7 @@ def checks(rows, sizes) -> dict[str, Any]:
     if n100:
         sk, fl, bare, po = (_get(rows, n100, m)
                             for m in ("sklearn", "flat", "faiss-bare", "pyod-balltree"))
-        iv = _get(rows, n100, "ivf")
+        iv, hn = _get(rows, n100, "ivf"), _get(rows, n100, "hnsw")
         if sk:
             c["faiss_over_sklearn_100k"] = {
                 "dn2_exact": fl["score"]["qps"] / sk["score"]["qps"],
@@ -400,7 +405,10 @@ def checks(rows, sizes) -> dict[str, Any]:
                 "dn2_ivf": iv["score"]["qps"] / sk["score"]["qps"],
                 "ivf_recall_at_2": iv["build"]["ivf"]["recall"]["recall_at_k"],
                 "ivf_nlist": iv["build"]["ivf"]["nlist"],
-                "ivf_nprobe": iv["build"]["ivf"]["nprobe"], "target": 20}
+                "ivf_nprobe": iv["build"]["ivf"]["nprobe"],
+                "dn2_hnsw": hn["score"]["qps"] / sk["score"]["qps"],
+                "hnsw_recall_at_2": hn["build"]["hnsw"]["recall"]["recall_at_k"],
+                "hnsw_ef_search": hn["build"]["hnsw"]["ef_search"], "target": 20}
         if po:
             c["faiss_over_pyod_balltree_100k"] = {
                 "dn2_exact": fl["score"]["qps"] / po["score"]["qps"],
@@ -414,6 +422,10 @@ def checks(rows, sizes) -> dict[str, Any]:
                         "nprobe": iv["build"]["ivf"]["nprobe"],
                         "speedup_over_exact": iv["score"]["qps"] / fl["score"]["qps"],
                         "target_recall": 0.95}
+    hn = _get(rows, nmax, "hnsw")
+    c[f"hnsw_{nmax}"] = {"recall_at_2": hn["build"]["hnsw"]["recall"]["recall_at_k"],
+                         "m": HNSW_M, "ef_search": hn["build"]["hnsw"]["ef_search"],
+                         "speedup_over_exact": hn["score"]["qps"] / fl["score"]["qps"]}
     mem = {}
     for n in sizes:
         b = _get(rows, n, "flat")["build"]
@@ -446,8 +458,8 @@ def markdown(rows, sizes, results) -> str:
     lines += ["", "Growth with N (log-log slope: 1 = linear):", "",
               "| method | search s/query | score peak RSS | build s | build peak RSS |",
               "|---|---|---|---|---|"]
-    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "ivf-ondisk", "sklearn",
-              "pyod-balltree"):
+    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "ivf-ondisk", "hnsw",
+              "sklearn", "pyod-balltree"):
         rs = [r for r in rows if r["method"] == m]
         if len(rs) < 2:
             continue
@@ -468,7 +480,9 @@ def markdown(rows, sizes, results) -> str:
         lines.append(f"- faiss / sklearn NearestNeighbors(brute) q/s at 100k: dn2 exact "
                      f"{v['dn2_exact']:.2f}x, bare faiss {v['bare_faiss']:.2f}x, dn2 IVF-Flat "
                      f"(nlist {v['ivf_nlist']}, nprobe {v['ivf_nprobe']}, recall@2 "
-                     f"{v['ivf_recall_at_2']:.3f}) {v['dn2_ivf']:.1f}x (target 20x)")
+                     f"{v['ivf_recall_at_2']:.3f}) {v['dn2_ivf']:.1f}x, dn2 HNSW (M {HNSW_M}, "
+                     f"efSearch {v['hnsw_ef_search']}, recall@2 {v['hnsw_recall_at_2']:.3f}) "
+                     f"{v['dn2_hnsw']:.1f}x (target 20x)")
     if "faiss_over_pyod_balltree_100k" in c:
         v = c["faiss_over_pyod_balltree_100k"]
         lines.append(f"- faiss / PyOD KNN's scoring path (BallTree, one query at a time) q/s "
@@ -478,6 +492,9 @@ def markdown(rows, sizes, results) -> str:
         if key.startswith("kmeans_over_exact"):
             lines.append(f"- K-means C={KMEANS_C} / exact q/s at N={key.rsplit('_', 1)[1]}: "
                          f"{v['ratio']:.0f}x (target 100x)")
+        if key.startswith("hnsw_"):
+            lines.append(f"- HNSW M {v['m']} efSearch {v['ef_search']} at N={key[5:]}: recall@2 "
+                         f"{v['recall_at_2']:.3f}, {v['speedup_over_exact']:.1f}x the exact q/s")
         if key.startswith("ivf_"):
             lines.append(f"- IVF-Flat nlist {v['nlist']} nprobe {v['nprobe']} at "
                          f"N={key[4:]}: recall@2 {v['recall_at_2']:.3f} (target 0.95), "
@@ -506,8 +523,8 @@ def plot(rows, sizes, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "ivf-ondisk", "sklearn",
-              "pyod-balltree"):
+    for m in ("flat", "flat-stream", "faiss-bare", "kmeans", "ivf", "ivf-ondisk", "hnsw",
+              "sklearn", "pyod-balltree"):
         rs = [r for r in rows if r["method"] == m]
         if not rs:
             continue

@@ -14,9 +14,11 @@ Layout of INDEX_DIR:
                                centred IVF-Flat / IVF-PQ index (dn2ops.ivf);
                                ivf.ivfdata holds its inverted lists on disk
                                (--ondisk, memory-mapped when scoring)
+  hnsw.faiss                   with --hnsw M instead: an HNSW graph index
+                               (dn2ops.hnsw), held in memory when scoring
 
 Scores are plain Euclidean (not squared) distances, averaged over k, as in
-dn2ops.scorer; higher = more anomalous. Flat shards give exact scores; IVF
+dn2ops.scorer; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
 scores are approximate (>= exact; the manifest records recall@k).
 
 `build_index` streams: it reads the feature shards one at a time (several
@@ -41,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from dn2ops import features, gpu, ivf, outputs, streams, transforms
+from dn2ops import features, gpu, hnsw, ivf, outputs, streams, transforms
 from dn2ops.knn import (
     FlatShard,
     as_float32,
@@ -267,10 +269,21 @@ def _flat_loo(load: Callable[[], Iterator[np.ndarray]], k: int, device: str
     return score
 
 
+def _approx_loo(search: Callable[..., tuple[np.ndarray, np.ndarray]], index: faiss.Index,
+                k: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Leave-one-out score of query rows with an approximate index's ``search``."""
+    def score(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        D, I = search(index, xq, k + 1)
+        D, _ = streams.drop_self(D, I, ids)
+        return D.mean(axis=1, dtype=np.float64)
+    return score
+
+
 def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int | None = None,
                 clean_fraction: float = 0.0, shards: int | None = 1,
                 ivf_lists: int | None = None, pq_m: int | None = None,
                 nprobe: int | None = None, target_recall: float = 0.95, ondisk: bool = False,
+                hnsw_m: int | None = None, ef_search: int | None = None,
                 reference_sample: int | None = None, recall_queries: int = ivf.RECALL_QUERIES,
                 feature_transform: str = "none", device: str = "cpu", seed: int = 1234
                 ) -> dict[str, Any]:
@@ -292,6 +305,9 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
         flat shards (see dn2ops.ivf); nprobe None picks the smallest power of
         two whose measured recall@k reaches target_recall. ondisk needs a
         local output directory.
+      hnsw_m, ef_search: an HNSW graph index (dn2ops.hnsw) with M neighbours
+        per node instead; ef_search None picks the smallest of 16, 32, ...
+        reaching target_recall.
       reference_sample: compute the percentile reference (leave-one-out
         scores) on a uniform sample of this many kept rows instead of all
         (exact leave-one-out over n rows costs n^2 d); other rows get NaN.
@@ -303,8 +319,12 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
     """
     if shards is not None and shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
-    if ivf_lists is not None and n_centroids is not None:
-        raise ValueError("--ivf and --kmeans are different index modes; choose one")
+    modes = [f for f, v in (("--ivf", ivf_lists), ("--kmeans", n_centroids), ("--hnsw", hnsw_m))
+             if v is not None]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are different index modes; choose one")
+    if ef_search is not None and hnsw_m is None:
+        raise ValueError("--ef-search needs --hnsw M")
     transforms.check(feature_transform)
     if reference_sample is not None and reference_sample < 1:
         raise ValueError(f"--reference-sample must be >= 1, got {reference_sample}")
@@ -335,7 +355,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
             fs, stage_path, features_dir, fmeta, names, per_shard, k=k,
             n_centroids=n_centroids, clean_fraction=clean_fraction, shards=shards,
             ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe, target_recall=target_recall,
-            ondisk=ondisk, reference_sample=reference_sample, recall_queries=recall_queries,
+            ondisk=ondisk, hnsw_m=hnsw_m, ef_search=ef_search,
+            reference_sample=reference_sample, recall_queries=recall_queries,
             feature_transform=feature_transform, device=device, seed=seed)
     except BaseException:
         outputs.discard(staging)
@@ -348,6 +369,7 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
                   per_shard: list[int], *, k: int, n_centroids: int | None,
                   clean_fraction: float, shards: int | None, ivf_lists: int | None,
                   pq_m: int | None, nprobe: int | None, target_recall: float, ondisk: bool,
+                  hnsw_m: int | None, ef_search: int | None,
                   reference_sample: int | None, recall_queries: int, feature_transform: str,
                   device: str, seed: int) -> dict[str, Any]:
     dim = int(fmeta["dim"])
@@ -382,7 +404,7 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
     km_ids = (None if n_centroids is None else
               streams.sample_ids(n_kept, KMEANS_SAMPLE_PER_CENTROID * n_centroids, seed))
     checksums: dict[str, str] = {}
-    ivf_info = None
+    ivf_info = hnsw_info = None
     n_flat = 0
     if ivf_lists is not None:
         nlist = int(min(ivf_lists, n_kept))
@@ -405,12 +427,23 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
             checksums[ivf.INDEX_FILE] = _write_index(fs, outputs.join(stage, ivf.INDEX_FILE),
                                                      index)
 
-        def ivf_loo(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
-            D, I = ivf.search(index, xq, k + 1)
-            D, _ = streams.drop_self(D, I, ids)
-            return D.mean(axis=1, dtype=np.float64)
-
-        ref = _reference_scores(ivf_loo, chunks, n_kept, ref_ids, ref_x)
+        ref = _reference_scores(_approx_loo(ivf.search, index, k), chunks, n_kept, ref_ids,
+                                ref_x)
+        del index
+    elif hnsw_m is not None:
+        q_ids = streams.sample_ids(n_kept, recall_queries, seed + 1)
+        tap = streams.Tap(chunks(), q_ids, ref_ids)
+        for _ in tap:
+            pass
+        index, hnsw_info = hnsw.build(chunks, n_kept, dim, k=k, m=hnsw_m, q_ids=q_ids,
+                                      xq=tap.rows(0), ef_search=ef_search,
+                                      target_recall=target_recall)
+        ref_x = tap.rows(1)
+        del tap
+        checksums[hnsw.INDEX_FILE] = _write_index(fs, outputs.join(stage, hnsw.INDEX_FILE),
+                                                  index)
+        ref = _reference_scores(_approx_loo(hnsw.search, index, k), chunks, n_kept, ref_ids,
+                                ref_x)
         del index
     else:
         sizes = _shard_sizes(n_kept, shards, kept_per_shard)
@@ -448,11 +481,12 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
         "clean_fraction": clean_fraction, "feature_transform": feature_transform,
         "shards": n_flat,
         "counts": {"normal_in": n, "kept": n_kept, "dropped": n - n_kept},
-        "ivf": ivf_info, "kmeans": kmeans_info,
+        "ivf": ivf_info, "hnsw": hnsw_info, "kmeans": kmeans_info,
         "reference": {"scores": int(np.isfinite(ref).sum()),
                       "sample": None if ref_ids is None else int(len(ref_ids)),
                       "how": ("distance to the nearest centre" if n_centroids is not None else
                               "leave-one-out, IVF (approximate)" if ivf_lists is not None else
+                              "leave-one-out, HNSW (approximate)" if hnsw_m is not None else
                               "leave-one-out, exact")},
         "files": checksums, "features_dir": features_dir,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -550,9 +584,15 @@ class LoadedIndex:
             self.centroids = flat_vectors(centres).copy()
             del centres
         self._flat: list[FlatShard] = []
-        self.ivf_index = self._ivf_cpu = None
+        self.ivf_index = self._ivf_cpu = self.hnsw_index = None
         self._gpu_shards: list[gpu.GpuFlat] | None = None
-        if ivf_meta:
+        if self.manifest.get("hnsw"):  # searched on the CPU (faiss has no GPU HNSW)
+            if verify:  # before faiss parses anything
+                self._check_file(hnsw.INDEX_FILE)
+            self.hnsw_index = _read_index(self._fs, outputs.join(self._path, hnsw.INDEX_FILE),
+                                          hnsw.INDEX_FILE)
+            hnsw.set_ef(self.hnsw_index, self.manifest["hnsw"]["ef_search"])
+        elif ivf_meta:
             self._ivf_cpu = self._load_ivf(ivf_meta)
             self.ivf_index = self._ivf_cpu
             if self.device == "cuda" and not ivf_meta["ondisk"]:
@@ -650,7 +690,7 @@ class LoadedIndex:
 
         Exact mode: mean Euclidean distance over the k nearest normal features,
         merged exactly over all shards (held or streamed: the same result).
-        IVF mode: the same over the IVF's approximate neighbours (>= exact).
+        IVF and HNSW modes: the same over approximate neighbours (>= exact).
         K-means mode: distance to the nearest centre, and no neighbours
         (k' = 0): that is what makes it O(C).
         """
@@ -663,7 +703,9 @@ class LoadedIndex:
             D, _ = knn(xq, self.centroids, 1)
             return D[:, 0].astype(np.float64), np.zeros((len(xq), 0)), np.zeros((len(xq), 0),
                                                                                   np.int64)
-        if self.ivf_index is not None:
+        if self.hnsw_index is not None:
+            D, I = hnsw.search(self.hnsw_index, xq, self.k)
+        elif self.ivf_index is not None:
             D, I = ivf.search(self.ivf_index, xq, self.k, fallback=self._ivf_cpu)
         elif self.device == "cuda":
             D, I = gpu.knn_sharded_gpu(xq, self._gpu_shards or self._search_shards(), self.k)

@@ -31,6 +31,9 @@ import numpy as np
 
 from dn2ops import streams
 from dn2ops.knn import as_float32, knn_sharded
+from dn2ops.recall import recall_at_k, tune
+
+__all__ = ["build", "new_index", "read", "recall_at_k", "search", "set_nprobe"]
 
 INDEX_FILE = "ivf.faiss"
 DATA_FILE = "ivf.ivfdata"
@@ -93,13 +96,6 @@ def search(index: faiss.Index, xq: np.ndarray, k: int,
     return np.sqrt(np.maximum(D2, 0)).astype(np.float32), I
 
 
-def recall_at_k(I_approx: np.ndarray, I_exact: np.ndarray) -> float:
-    """Mean fraction of each row's exact neighbour ids (nq, k) found in the approximate row."""
-    hits = [len(set(a) & set(e)) for a, e in zip(I_approx.tolist(), I_exact.tolist(),
-                                                 strict=True)]
-    return float(np.sum(hits) / I_exact.size)
-
-
 def train_size(n: int, nlist: int, pq: int | None = None) -> int:
     """Rows to train an IVF of ``nlist`` lists on (all of them for small sets)."""
     want = TRAIN_PER_LIST * nlist if pq is None else max(TRAIN_PER_LIST * nlist, 256 * 64)
@@ -155,16 +151,13 @@ def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int,
     if index.ntotal != n:
         raise RuntimeError(f"the IVF index holds {index.ntotal} vectors, expected {n}")
 
-    curve: dict[int, float] = {}
-    probes = [nprobe] if nprobe else [2 ** i for i in range(int(np.log2(nlist)) + 1)] + [nlist]
-    for p in dict.fromkeys(min(p, nlist) for p in probes):
+    def ids_at(p: int) -> np.ndarray:
         set_nprobe(index, p)
         Da, Ia = search(index, xq, k + 1)
-        _, Ia = streams.drop_self(Da, Ia, q_ids)
-        curve[p] = recall_at_k(Ia, Ie)
-        if nprobe is None and curve[p] >= target_recall:
-            break
-    chosen = nprobe or next((p for p, r in curve.items() if r >= target_recall), nlist)
+        return streams.drop_self(Da, Ia, q_ids)[1]
+
+    probes = list(dict.fromkeys(min(2 ** i, nlist) for i in range(int(np.log2(nlist)) + 2)))
+    chosen, curve = tune(ids_at, Ie, probes, target_recall, nprobe)
     set_nprobe(index, chosen)
     info = {"nlist": nlist, "pq": pq, "nprobe": int(ivf_of(index).nprobe),
             "ondisk": ondisk_dir is not None, "train_size": int(len(train_x)),

@@ -14,6 +14,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         features_dir=args.features, output=args.output, k=args.k, kmeans=args.kmeans,
         clean_fraction=args.clean_fraction, shards=args.shards, group_by=args.group_by,
         pool=args.pool, ivf=args.ivf, pq=args.pq, nprobe=args.nprobe,
-        target_recall=args.target_recall, ondisk=args.ondisk,
+        target_recall=args.target_recall, ondisk=args.ondisk, hnsw=args.hnsw,
+        ef_search=args.ef_search,
         reference_sample=args.reference_sample, feature_transform=args.feature_transform,
         device=args.device), "build-index")

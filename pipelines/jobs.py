@@ -225,16 +225,20 @@ def build(
     nprobe: int | None = None,
     target_recall: float = 0.95,
     ondisk: bool = False,
+    hnsw: int | None = None,
+    ef_search: int | None = None,
     reference_sample: int | None = None,
     feature_transform: str = "none",
     device: str = "auto",
 ) -> dict:
     """dn2 build-index: FEATURES_DIR -> INDEX_DIR (of sets with group_by). Returns the manifest."""
-    if group_by and (ivf or reference_sample or feature_transform != "none"):
-        raise ValueError("--ivf, --reference-sample and --feature-transform are not available "
-                         "with --group-by")
+    if group_by and (ivf or hnsw or reference_sample or feature_transform != "none"):
+        raise ValueError("--ivf, --hnsw, --reference-sample and --feature-transform are not "
+                         "available with --group-by")
     if not ivf and (pq or nprobe or ondisk):
         raise ValueError("--pq, --nprobe and --ondisk need --ivf NLIST")
+    if not hnsw and ef_search:
+        raise ValueError("--ef-search needs --hnsw M")
     if group_by:
         manifest = build_group_index(
             features_dir, output, group_by=group_by, pool=pool or "mean", k=k,
@@ -247,13 +251,17 @@ def build(
     manifest = build_index(
         features_dir, output, k=k, n_centroids=kmeans, clean_fraction=clean_fraction,
         shards=shards, ivf_lists=ivf, pq_m=pq, nprobe=nprobe, target_recall=target_recall,
-        ondisk=ondisk, reference_sample=reference_sample, feature_transform=feature_transform,
-        device=device,
+        ondisk=ondisk, hnsw_m=hnsw, ef_search=ef_search, reference_sample=reference_sample,
+        feature_transform=feature_transform, device=device,
     )
     if manifest.get("ivf"):
         LOG.info("IVF: nlist %s, nprobe %s, recall@%s %.3f (approximate scores)",
                  manifest["ivf"]["nlist"], manifest["ivf"]["nprobe"], k,
                  manifest["ivf"]["recall"]["recall_at_k"])
+    if manifest.get("hnsw"):
+        LOG.info("HNSW: M %s, efSearch %s, recall@%s %.3f (approximate scores)",
+                 manifest["hnsw"]["m"], manifest["hnsw"]["ef_search"], k,
+                 manifest["hnsw"]["recall"]["recall_at_k"])
     LOG.info(
         "index %s: %s normal images kept of %s, %s shard(s)",
         manifest["index_id"],

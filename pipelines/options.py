@@ -78,8 +78,15 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nprobe", type=_positive, default=None, metavar="P",
                    help="with --ivf: lists searched per query (default: the smallest power of "
                         "2 reaching --target-recall, measured at build time)")
+    g.add_argument("--hnsw", type=_positive, default=None, metavar="M",
+                   help="approximate HNSW graph index with M neighbours per node (e.g. 32) "
+                        "instead of exact flat shards: fastest scoring, held in memory")
+    g.add_argument("--ef-search", type=_positive, default=None, metavar="EF",
+                   help="with --hnsw: search effort (default: the smallest of 16, 32, 64, ... "
+                        "reaching --target-recall, measured at build time)")
     g.add_argument("--target-recall", type=float, default=0.95, metavar="R",
-                   help="with --ivf and no --nprobe: recall@k to reach (default 0.95)")
+                   help="with --ivf and no --nprobe, or --hnsw and no --ef-search: recall@k "
+                        "to reach (default 0.95)")
     g.add_argument("--ondisk", action="store_true",
                    help="with --ivf: inverted lists on disk, memory-mapped (local --output)")
     g.add_argument("--reference-sample", type=_positive, default=None, metavar="S",

@@ -24,6 +24,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         stream_shards=args.stream_shards,
         index_kwargs=dict(ivf=args.ivf, pq=args.pq, nprobe=args.nprobe,
                           target_recall=args.target_recall, ondisk=args.ondisk,
+                          hnsw=args.hnsw, ef_search=args.ef_search,
                           reference_sample=args.reference_sample,
                           feature_transform=args.feature_transform),
         options=options.beam_options(beam_args)), "run")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops import features, ivf, outputs, streams
+from dn2ops import features, hnsw, ivf, outputs, streams
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
 from dn2ops.scorer import DN2Scorer
@@ -225,12 +225,53 @@ def test_ivf_pq_builds_and_searches(big, tmp_path):
     assert 0 < m["ivf"]["recall"]["recall_at_k"] <= 1
 
 
+def test_hnsw_records_recall_and_scores_are_upper_bounds(big, tmp_path):
+    root, X, held_out = big
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, hnsw_m=8,
+                    target_recall=0.95)
+    info = m["hnsw"]
+    assert info["m"] == 8 and m["shards"] == 0 and m["ivf"] is None
+    assert set(m["files"]) == {"hnsw.faiss", "normal.parquet"}
+    curve = info["recall"]["at_ef_search"]
+    assert info["recall"]["target"] == 0.95 <= info["recall"]["recall_at_k"]
+    assert curve[str(info["ef_search"])] == info["recall"]["recall_at_k"]
+    # efSearch is the first of 16, 32, ... that reaches the target: the ones before miss it.
+    assert list(curve) == [str(e) for e in hnsw.EF_SEARCH[:len(curve)]]
+    assert all(r < 0.95 for r in list(curve.values())[:-1])
+    loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
+    assert faiss.downcast_index(loaded.hnsw_index).hnsw.efSearch == info["ef_search"]
+    assert loaded.shards_held == 0
+    s, D, I = loaded.search(held_out)
+    R = np.linalg.norm(held_out[:, None, :].astype(np.float64) - X[None], axis=2)
+    assert (s >= brute_scores(held_out, X, 2) - 1e-4).all()
+    np.testing.assert_allclose(D, np.take_along_axis(R, I, axis=1), rtol=1e-4)
+    assert ivf.recall_at_k(I, np.argsort(R, axis=1)[:, :2]) >= info["recall"]["recall_at_k"] - 0.05
+    loo = normal_table(tmp_path / "i").column("loo_score").to_numpy()
+    D_ex, _ = knn_leave_one_out(X, 2)
+    assert (loo >= D_ex.mean(axis=1) - 1e-4).all()
+    assert np.mean(np.isclose(loo, D_ex.mean(axis=1), rtol=1e-4)) >= 0.9
+    assert m["reference"]["how"] == "leave-one-out, HNSW (approximate)"
+
+
+def test_hnsw_with_a_given_ef_search_measures_only_that(big, tmp_path):
+    root, X, _ = big
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, hnsw_m=4, ef_search=2)
+    assert m["hnsw"]["ef_search"] == 2 and list(m["hnsw"]["recall"]["at_ef_search"]) == ["2"]
+    r2 = m["hnsw"]["recall"]["recall_at_k"]
+    m = build_index(str(root / "feats"), str(tmp_path / "j"), k=2, hnsw_m=4, ef_search=256)
+    assert 0 < r2 < m["hnsw"]["recall"]["recall_at_k"]
+
+
 def test_ondisk_needs_ivf_and_modes_exclude_each_other(data, tmp_path):
     root, _, _ = data
     with pytest.raises(ValueError, match="--ondisk needs --ivf"):
         build_index(str(root / "feats"), str(tmp_path / "i"), ondisk=True)
     with pytest.raises(ValueError, match="different index modes"):
         build_index(str(root / "feats"), str(tmp_path / "i"), ivf_lists=4, n_centroids=2)
+    with pytest.raises(ValueError, match="--ivf and --hnsw are different index modes"):
+        build_index(str(root / "feats"), str(tmp_path / "i"), ivf_lists=4, hnsw_m=8)
+    with pytest.raises(ValueError, match="--ef-search needs --hnsw"):
+        build_index(str(root / "feats"), str(tmp_path / "i"), ef_search=16)
 
 
 def test_manifest_is_json_with_checksums_of_every_file(data, tmp_path):

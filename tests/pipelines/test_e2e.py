@@ -173,3 +173,29 @@ def test_feature_transform_applies_to_normal_and_scored_features(run_out, tmp_pa
                                rtol=1e-4)
     assert json.loads((tmp_path / "index" / "_SUCCESS").read_text())["feature_transform"] \
         == "sqrt-l2"
+
+
+def test_hnsw_index_through_the_command_line(run_out, tmp_path):
+    """dn2 build-index --hnsw: the scores are the mean distance to real normal images, never
+    below the exact (brute-force) scores, and equal to them where the neighbours are the
+    true ones (efSearch 1024 over this small normal set: all of them here)."""
+    assert main(["build-index", "--features", str(run_out / "normal_features"), "--output",
+                 str(tmp_path / "index"), "--hnsw", "8", "--ef-search", "1024"]) == 0
+    manifest = json.loads((tmp_path / "index" / "_SUCCESS").read_text())
+    assert manifest["hnsw"]["m"] == 8 and manifest["hnsw"]["ef_search"] == 1024
+    assert main(["score", "--features", str(run_out / "features"), "--index",
+                 str(tmp_path / "index"), "--output", str(tmp_path / "res")]) == 0
+    normal = read_table(str(run_out / "normal_features"), "features")
+    incoming = read_table(str(run_out / "features"), "features")
+    exact = dict(zip(incoming.column("uri").to_pylist(), _brute_force_scores(
+        embeddings(incoming), embeddings(normal), k=2), strict=True))
+    rows = _results(tmp_path / "res")
+    got = np.array([r["score"] for r in rows])
+    want = np.array([exact[r["uri"]] for r in rows])
+    assert (got >= want * (1 - 1e-5)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(SystemExit) as e:
+        main(["build-index", "--features", "f", "--output", "o", "--hnsw", "0"])
+    assert e.value.code == 2
+    assert main(["build-index", "--features", str(run_out / "normal_features"), "--output",
+                 str(tmp_path / "bad"), "--ef-search", "32"]) != 0
