@@ -258,7 +258,7 @@ def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
     return out
 
 
-def _flat_loo(load: Callable[[], Iterator[np.ndarray]], k: int, device: str
+def _flat_loo(load: Callable[[], Iterator[FlatShard | np.ndarray]], k: int, device: str
               ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Leave-one-out kNN score of query rows against the shards ``load()`` yields: exact."""
     def score(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -159,11 +159,13 @@ def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int,
     probes = list(dict.fromkeys(min(2 ** i, nlist) for i in range(int(np.log2(nlist)) + 2)))
     chosen, curve = tune(ids_at, Ie, probes, target_recall, nprobe)
     set_nprobe(index, chosen)
+    got = curve[int(ivf_of(index).nprobe)]
     info = {"nlist": nlist, "pq": pq, "nprobe": int(ivf_of(index).nprobe),
             "ondisk": ondisk_dir is not None, "train_size": int(len(train_x)),
             "recall": {"k": k, "queries": int(len(q_ids)), "target": target_recall,
                        "at_nprobe": {str(p): round(r, 4) for p, r in curve.items()},
-                       "recall_at_k": round(curve[int(ivf_of(index).nprobe)], 4),
+                       "recall_at_k": round(got, 4),
+                       "target_reached": bool(got >= target_recall),
                        "how": "leave-one-out neighbours of a uniform sample of the normal "
                               "set, IVF against exact"}}
     return index, info

@@ -254,14 +254,17 @@ def build(
         ondisk=ondisk, hnsw_m=hnsw, ef_search=ef_search, reference_sample=reference_sample,
         feature_transform=feature_transform, device=device,
     )
-    if manifest.get("ivf"):
-        LOG.info("IVF: nlist %s, nprobe %s, recall@%s %.3f (approximate scores)",
-                 manifest["ivf"]["nlist"], manifest["ivf"]["nprobe"], k,
-                 manifest["ivf"]["recall"]["recall_at_k"])
-    if manifest.get("hnsw"):
-        LOG.info("HNSW: M %s, efSearch %s, recall@%s %.3f (approximate scores)",
-                 manifest["hnsw"]["m"], manifest["hnsw"]["ef_search"], k,
-                 manifest["hnsw"]["recall"]["recall_at_k"])
+    for mode, effort in (("ivf", "nprobe"), ("hnsw", "ef_search")):
+        if manifest.get(mode):
+            info = manifest[mode]
+            recall = info["recall"]
+            LOG.info("%s: %s %s, recall@%s %.3f (approximate scores)", mode.upper(), effort,
+                     info[effort], k, recall["recall_at_k"])
+            if not recall["target_reached"]:
+                LOG.warning("%s recall@%s %.3f is below the target %.3f even at %s %s: scores "
+                            "are often above the exact ones; use exact shards or another "
+                            "index", mode.upper(), k, recall["recall_at_k"], recall["target"],
+                            effort, info[effort])
     LOG.info(
         "index %s: %s normal images kept of %s, %s shard(s)",
         manifest["index_id"],

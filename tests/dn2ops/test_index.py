@@ -212,6 +212,7 @@ def test_ivf_with_small_nprobe_is_recorded_and_lower(big, tmp_path):
     m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, ivf_lists=64, nprobe=1)
     assert m["ivf"]["nprobe"] == 1 and list(m["ivf"]["recall"]["at_nprobe"]) == ["1"]
     assert 0 < m["ivf"]["recall"]["recall_at_k"] < 0.95
+    assert m["ivf"]["recall"]["target_reached"] is False
 
 
 def test_ivf_pq_builds_and_searches(big, tmp_path):
@@ -235,6 +236,7 @@ def test_hnsw_records_recall_and_scores_are_upper_bounds(big, tmp_path):
     curve = info["recall"]["at_ef_search"]
     assert info["recall"]["target"] == 0.95 <= info["recall"]["recall_at_k"]
     assert curve[str(info["ef_search"])] == info["recall"]["recall_at_k"]
+    assert info["recall"]["target_reached"] is True
     # efSearch is the first of 16, 32, ... that reaches the target: the ones before miss it.
     assert list(curve) == [str(e) for e in hnsw.EF_SEARCH[:len(curve)]]
     assert all(r < 0.95 for r in list(curve.values())[:-1])

@@ -199,3 +199,16 @@ def test_hnsw_index_through_the_command_line(run_out, tmp_path):
     assert e.value.code == 2
     assert main(["build-index", "--features", str(run_out / "normal_features"), "--output",
                  str(tmp_path / "bad"), "--ef-search", "32"]) != 0
+
+
+@pytest.mark.parametrize("flags", [["--ivf", "64", "--nprobe", "1"], ["--hnsw", "32"]])
+def test_a_missed_recall_target_is_warned_about(run_out, tmp_path, caplog, flags):
+    caplog.set_level("INFO")
+    assert main(["build-index", "--features", str(run_out / "normal_features"), "--output",
+                 str(tmp_path / "index"), *flags]) == 0
+    manifest = json.loads((tmp_path / "index" / "_SUCCESS").read_text())
+    recall = manifest["ivf" if "--ivf" in flags else "hnsw"]["recall"]
+    assert recall["target_reached"] == (recall["recall_at_k"] >= 0.95)
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "below the target" in
+              r.getMessage()]
+    assert len(warned) == (0 if recall["target_reached"] else 1)
