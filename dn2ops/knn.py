@@ -136,7 +136,8 @@ class FlatShard:
         """Takes over ``index`` (an IndexFlatL2 nobody else uses): its vectors are shifted."""
         shard = cls.__new__(cls)
         xs = flat_vectors(index)
-        shard.shift = xs.mean(axis=0, dtype=np.float64).astype(np.float32)
+        shard.shift = (xs.mean(axis=0, dtype=np.float64).astype(np.float32) if len(xs)
+                       else np.zeros(index.d, np.float32))
         xs -= shard.shift
         shard.index = index
         return shard

@@ -288,3 +288,26 @@ def test_prebuilt_flat_shards_search_like_array_shards():
     np.testing.assert_array_equal(D0, D1)
     d = np.linalg.norm(xq[:, None] - np.concatenate(parts)[None], axis=2)
     np.testing.assert_allclose(D1, np.sort(d, axis=1)[:, :3], rtol=1e-5)
+
+
+def test_adopted_flat_shards_are_searched_in_place():
+    import faiss
+
+    from dn2ops.knn import FlatShard, flat_vectors
+    rng = np.random.default_rng(8)
+    xb = rng.normal(size=(50, 12)).astype(np.float32) + 30
+    xq = np.concatenate([xb[:3], rng.normal(size=(5, 12)).astype(np.float32) + 30])
+    index = faiss.IndexFlatL2(12)
+    index.add(xb)
+    shard = FlatShard.adopt(index)
+    assert shard.index is index  # no copy: the index's own vectors were shifted
+    np.testing.assert_allclose(flat_vectors(index), xb - xb.mean(axis=0), atol=1e-5)
+    D, I = shard.search(xq, 2)
+    d = np.linalg.norm(xq[:, None].astype(np.float64) - xb[None], axis=2)
+    np.testing.assert_array_equal(I[:, 0], np.argsort(d, axis=1)[:, 0])
+    np.testing.assert_allclose(D, np.sort(d, axis=1)[:, :2], rtol=1e-5)
+    assert (D[:3, 0] == 0).all()  # a stored vector is its own neighbour at exactly 0
+    empty = FlatShard.adopt(faiss.IndexFlatL2(12))
+    assert len(empty) == 0 and not np.isnan(empty.shift).any()
+    D, I = knn_sharded(xq, [empty, FlatShard(xb)], 2)
+    np.testing.assert_allclose(D, np.sort(d, axis=1)[:, :2], rtol=1e-5)
