@@ -174,7 +174,7 @@ def _rows_context(inputs: ReportInputs, top_rows: list[dict[str, Any]],
         "sample": sample,
         "seed": content.SAMPLE_SEED,
         "sample_rows": sample_rows,
-        "n_other": max(len(inputs.anomalies) - len(sample_rows), 0),
+        "n_other": len(inputs.anomalies) - len(top_rows),  # the rows the sample is drawn from
     }
 
 

@@ -159,7 +159,7 @@ def test_summary_contents(small):
 def test_sample_is_deterministic_and_counted(small):
     a = render_report(small["results"], top=2, sample=7)
     assert a == render_report(small["results"], top=2, sample=7)
-    assert "7 of the other 93 scored images (seed 0, at most 7)" in section(a, "sample")
+    assert "7 of the other 98 scored images (seed 0, at most 7)" in section(a, "sample")
 
 
 def test_histogram_notes_where_the_normal_scores_came_from(small, tmp_path):
