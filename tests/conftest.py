@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,33 @@ def chromium(tmp_path) -> Callable[..., subprocess.CompletedProcess]:
                               check=False)
 
     return run
+
+
+class ParsedPage(HTMLParser):
+    """A page's elements (tag, attributes), <title> and other text, as a browser's parser sees
+    them (character references decoded): what a page shows, not how it was spelt."""
+
+    def __init__(self, doc: str):
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.text: list[str] = []
+        self.title = ""
+        self._in_title = False
+        self.feed(doc)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+        self._in_title = tag == "title"
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        else:
+            self.text.append(data)
+
+    def tags(self, tag: str) -> list[dict[str, str]]:
+        """The attributes of every ``tag`` element."""
+        return [attrs for t, attrs in self.elements if t == tag]

@@ -7,7 +7,6 @@ that reason when /usr/bin/chromium is missing. Leaves a screenshot at
 
 import re
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from markupsafe import escape
 from dn2ops.datasets import write_manifest, write_png_store
 from dn2ops.report import write_report
 from pipelines.cli import main
-from tests.conftest import K, digit_images, make_results_dir
+from tests.conftest import K, ParsedPage, digit_images, make_results_dir
 
 pytestmark = pytest.mark.browser
 
@@ -40,32 +39,9 @@ LABEL_IMG = "\"><img src=x onerror=\"document.documentElement.dataset.pwned='lab
 FILE_NAME = "<script>\"><img src=x onerror=\"document.documentElement.dataset.pwned='file'\">"
 
 
-class _Dom(HTMLParser):
-    """Elements, <title> and text of a page dumped by Chromium (after its scripts ran)."""
-
-    def __init__(self, doc: str):
-        super().__init__(convert_charrefs=True)
-        self.elements: list[tuple[str, dict[str, str]]] = []
-        self.text: list[str] = []
-        self.title = ""
-        self._in_title = False
-        self.feed(doc)
-
-    def handle_starttag(self, tag, attrs):
-        self.elements.append((tag, dict(attrs)))
-        self._in_title = tag == "title"
-
-    def handle_endtag(self, tag):
-        self._in_title = False
-
-    def handle_data(self, data):
-        if self._in_title:
-            self.title += data
-        else:
-            self.text.append(data)
-
-    def pwned(self) -> list[str]:
-        return [a["data-pwned"] for _, a in self.elements if "data-pwned" in a]
+def pwned(page: ParsedPage) -> list[str]:
+    """The marks left by payloads that ran."""
+    return [a["data-pwned"] for _, a in page.elements if "data-pwned" in a]
 
 
 @pytest.fixture
@@ -132,18 +108,18 @@ def test_payloads_in_manifest_and_file_names_do_not_run(payload_store, tmp_path,
     page = out / "results" / "report.html"
     result = chromium("--dump-dom", page.as_uri())
     assert result.returncode == 0, result.stderr[-2000:]
-    dom = _Dom(result.stdout)
-    assert dom.pwned() == []  # no payload ran
+    dom = ParsedPage(result.stdout)
+    assert pwned(dom) == []  # no payload ran
     assert dom.title == "DN2 anomaly report: " + str(out / "results")
-    assert [tag for tag, _ in dom.elements if tag == "script"] == []
-    assert all(a["src"].startswith("data:image/") for tag, a in dom.elements if tag == "img")
+    assert dom.tags("script") == []
+    assert all(a["src"].startswith("data:image/") for a in dom.tags("img"))
     # ... and each shows as written: in text, and in the thumbnails' alt and title.
     text = "".join(dom.text)
     assert text.count(f"label: {LABEL_SCRIPT}") >= 5 and text.count(f"label: {LABEL_IMG}") >= 5
     named = str(payload_store / "incoming" / FILE_NAME)
     assert f"{named} corrupt.png" in text  # the errors table
-    assert [a["title"] for tag, a in dom.elements
-            if tag == "img" and a.get("alt") == f"{named}.png"] == [f"{named}.png"]
+    assert [a["title"] for a in dom.tags("img") if a.get("alt") == f"{named}.png"] == [
+        f"{named}.png"]
 
     # The check can fail: the same page with one value left unescaped runs it.
     html = page.read_text(encoding="utf-8")
@@ -152,5 +128,5 @@ def test_payloads_in_manifest_and_file_names_do_not_run(payload_store, tmp_path,
         assert str(escape(raw)) in html
         control = tmp_path / f"control-{marks}.html"
         control.write_text(html.replace(str(escape(raw)), raw, 1), encoding="utf-8")
-        ran = _Dom(chromium("--dump-dom", control.as_uri()).stdout)
-        assert ran.pwned() == [marks], marks
+        ran = ParsedPage(chromium("--dump-dom", control.as_uri()).stdout)
+        assert pwned(ran) == [marks], marks

@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import re
-from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
 
@@ -18,29 +17,13 @@ from sklearn.metrics import roc_auc_score
 
 from dn2ops.report import render_report, write_report
 from dn2ops.report.page import TEMPLATE
-from tests.conftest import K, make_images, make_results_dir
+from tests.conftest import K, ParsedPage, make_images, make_results_dir
 
 _THUMB_RE = re.compile(r'<img class="thumb" src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"')
 _ANY_DATA_RE = re.compile(r'src="data:image/(jpeg|png);base64,([A-Za-z0-9+/=]+)"')
 _PLACEHOLDER = 'class="thumb missing"'
 PAYLOADS = ("<script>document.title='pwned'</script>",
             "\"><img src=x onerror=\"document.title='pwned'\">")
-
-
-class _Page(HTMLParser):
-    """The elements (tag, attributes) and the text of a page, as a browser's parser sees them."""
-
-    def __init__(self, doc: str):
-        super().__init__(convert_charrefs=True)
-        self.elements: list[tuple[str, dict[str, str]]] = []
-        self.text: list[str] = []
-        self.feed(doc)
-
-    def handle_starttag(self, tag, attrs):
-        self.elements.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
 
 
 def section_ids(doc: str) -> list[str]:
@@ -193,19 +176,28 @@ def test_payloads_in_every_field_show_as_text(tmp_path):
         table = table.set_column(table.schema.get_field_index("label"), "label",
                                  pa.array([script, img] * (n // 2)))
         pq.write_table(table, shard)
+    results = Path(paths["results"])
     pq.write_table(pa.table({"uri": [script, img], "stage": [img, script],
-                             "error": [script, img]}),
-                   Path(paths["results"]) / "errors-00000-of-00001.parquet")
-    page = _Page(render_report(paths["results"], top=12, sample=0))
-    assert [tag for tag, _ in page.elements if tag in ("script", "img") and "onerror" in _] == []
-    assert not any(tag == "script" for tag, _ in page.elements)
-    assert {a.get("src", "")[:15] for tag, a in page.elements if tag == "img"} == {
-        "data:image/jpeg", "data:image/png;"}
-    thumbs = [a for tag, a in page.elements if tag == "img" and a.get("class") == "thumb"]
-    assert thumbs and all(a["alt"] == a["title"] == str(named) for a in thumbs[:1])
+                             "error": [script, img]}), results / "errors-00000-of-00001.parquet")
+    pq.write_table(pa.table({"group": [script, img], "score": [2.0, 1.0], "rank": [1, 2],
+                             "size": [1, 1], "member_uris": [[str(named)], [paths["images"][1]]],
+                             "neighbor_groups": [[img, script], [script]]}),
+                   results / "groups-00000-of-00001.parquet")
+    page_html = render_report(paths["results"], top=12, sample=0)
+    page = ParsedPage(page_html)
+    assert page.tags("script") == []
+    assert [a for _, a in page.elements if "onerror" in a] == []
+    assert {a["src"][:15] for a in page.tags("img")} == {"data:image/jpeg", "data:image/png;"}
+    thumbs = [a for a in page.tags("img") if a["class"] == "thumb"]
+    assert len(thumbs) == 12 * (1 + K) + 2  # top rows and neighbours, group members
+    assert [a["alt"] for a in thumbs].count(str(named)) == 12 + 1
+    assert all(a["alt"] == a["title"] for a in thumbs)
     text = "".join(page.text)
     assert text.count(f"label: {script}") == 6 and text.count(f"label: {img}") == 6
-    assert text.count(str(named)) == 12 and script in text and img in text
+    assert text.count(str(named)) == 12  # the uri under each top row
+    errors, groups = section(page_html, "errors"), section(page_html, "groups")
+    assert "".join(ParsedPage(errors).text).count(script + img + script) == 1  # one error row
+    assert "".join(ParsedPage(groups).text).count(f"{img}, {script}") == 1
 
 
 def test_template_ships_with_the_package_and_marks_nothing_safe():
