@@ -39,7 +39,7 @@ def render_report(
             ``groups-*.parquet``, ``summary.json``, ``_SUCCESS``).
         index_dir: the normal index whose ``normal.parquet`` leave-one-out
             scores are drawn under the partition's in the histogram. When
-            None, ``summary.json``'s ``index_dir`` is used if it is reachable.
+            None, ``summary.json``'s ``index_dir`` is used if it is reachable and committed.
         top: how many of the most anomalous images (and groups) to show,
             each beside its nearest normal neighbours.
         sample: how many of the other scored images to show, drawn at
