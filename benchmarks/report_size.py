@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dn2ops import outputs
 from dn2ops.datasets import load_fashion_mnist, write_png_store
 from dn2ops.report import write_report
 
@@ -60,7 +61,7 @@ def fashion_like_images(root: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def build_results(root: Path, n_rows: int, images: list[str], seed: int = 0) -> tuple[Path, Path]:
-    """A results dir (4 anomaly shards, errors, summary) and an index dir."""
+    """A committed results dir (4 anomaly shards, errors, summary) and an index dir."""
     rng = np.random.default_rng(seed)
     labels = (rng.random(n_rows) < 0.1).astype(np.int64)
     scores = rng.gamma(4.0, 0.25, n_rows) + labels * rng.uniform(0.3, 1.5, n_rows)
@@ -116,6 +117,9 @@ def build_results(root: Path, n_rows: int, images: list[str], seed: int = 0) -> 
         "timings": {"total_s": 0.0}, "created_at": "1970-01-01T00:00:00+00:00",
     }
     (results / "summary.json").write_text(json.dumps(summary))
+    # Committed, as dn2 score and dn2 build-index leave them: the report reads no other.
+    (results / outputs.MARKER).write_text(json.dumps({"kind": "results", **summary}))
+    (index / outputs.MARKER).write_text(json.dumps({"kind": "index"}))
     return results, index
 
 

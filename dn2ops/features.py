@@ -65,6 +65,19 @@ def read_table(directory: str, prefix: str, columns: Sequence[str] | None = None
     return pa.concat_tables(tables) if tables else None
 
 
+def column_names(directory: str, prefix: str) -> list[str]:
+    """The columns of a directory's ``prefix`` shards ([] if none).
+
+    Read from the first shard's footer: one schema writes every shard of a table.
+    """
+    paths = shard_paths(directory, prefix)
+    if not paths:
+        return []
+    fs, _ = outputs.fs_and_path(directory)
+    with fs.open(outputs.fs_and_path(paths[0])[1], "rb") as f:
+        return pq.read_schema(f).names
+
+
 # Rows decoded at once when a shard's embeddings are read into one array.
 _READ_BATCH = 256
 

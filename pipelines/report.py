@@ -11,6 +11,7 @@ import sys
 
 import fsspec
 
+from dn2ops.outputs import OutputError
 from dn2ops.report import write_report
 
 
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dn2 report",
         description="Render a dn2 results directory as one self-contained HTML report.",
     )
-    parser.add_argument("results_dir", metavar="RESULTS_DIR", help="output of `dn2 score`")
+    parser.add_argument("results_dir", metavar="RESULTS_DIR",
+                        help="output of `dn2 score` (committed: with its _SUCCESS marker)")
     parser.add_argument(
         "--output", metavar="PATH", help="where to write (default: RESULTS_DIR/report.html)"
     )
@@ -63,10 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv``, write the report, print its path and size; returns the exit status."""
     args = build_parser().parse_args(argv)
-    fs, path = fsspec.core.url_to_fs(args.results_dir)
-    if not fs.isdir(path):
-        print(f"dn2 report: results dir not found: {args.results_dir}", file=sys.stderr)
-        return 1
     try:
         written = write_report(
             args.results_dir,
@@ -76,7 +74,7 @@ def run(argv: list[str] | None = None) -> int:
             sample=args.sample,
             label_column=args.label_column,
         )
-    except FileNotFoundError as exc:
+    except (OutputError, FileNotFoundError) as exc:  # not committed results, or no index
         print(f"dn2 report: {exc}", file=sys.stderr)
         return 1
     out_fs, out_path = fsspec.core.url_to_fs(written)

@@ -1,11 +1,22 @@
-"""Shared fixtures: small real image stores (scikit-learn's 8x8 handwritten digits)."""
+"""Shared fixtures: small real image stores (scikit-learn's 8x8 handwritten digits),
+synthetic committed results directories, and headless Chromium."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from sklearn.datasets import load_digits
 
+from dn2ops import outputs
 from dn2ops.datasets import write_manifest, write_png_store
 
 
@@ -32,3 +43,185 @@ def digit_store(tmp_path_factory):
     write_manifest([{"uri": f"incoming/{n}.png", "label": int(y)}
                     for n, y in zip(names, labels, strict=True)], str(root / "incoming.csv"))
     return root
+
+
+# --------------------------------------------------------------------------
+# Results directories and the browser, shared by the report tests
+# --------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_TIMEOUT_S = 60
+# Neighbours per row and distinct image files in make_results_dir.
+K = 3
+N_IMAGES = 30
+
+
+def make_images(root: Path, n: int = N_IMAGES) -> list[str]:
+    """n small, distinct real PNG files; returns their paths."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    uris = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, size=(28, 28), dtype=np.uint8)
+        pixels[:, : i % 28] //= 4  # make them visibly different, not just noise
+        path = root / f"img_{i:02d}.png"
+        Image.fromarray(pixels).save(path)
+        uris.append(str(path))
+    return uris
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """1 = highest score; ties share the lower rank."""
+    order = np.sort(scores)[::-1]
+    return np.searchsorted(-order, -scores, side="left") + 1
+
+
+def make_results_dir(root: Path, n_rows: int, *, groups: bool = True, label: bool = True,
+                     n_shards: int = 2, n_errors: int = 3) -> dict:
+    """A synthetic, committed `dn2 score` results dir + index dir with real images.
+
+    Rows reuse the same N_IMAGES image files, so the image set does not grow
+    with n_rows. Returns paths and the arrays the tables were built from.
+    """
+    images = make_images(root / "images")
+    rng = np.random.default_rng(7)
+    labels = (rng.random(n_rows) < 0.2).astype(np.int64)
+    scores = rng.normal(1.0, 0.3, n_rows) + 0.8 * labels
+    normal_loo = rng.normal(1.0, 0.3, 500)
+    results, index = root / "results", root / "index"
+    results.mkdir()
+    index.mkdir()
+    table = _anomalies(images, scores, labels if label else None, normal_loo, rng)
+    bounds = np.linspace(0, n_rows, n_shards + 1).astype(int)
+    for s in range(n_shards):
+        shard = table.slice(bounds[s], bounds[s + 1] - bounds[s])
+        pq.write_table(shard, results / f"anomalies-{s:05d}-of-{n_shards:05d}.parquet")
+    pq.write_table(_errors(root, n_errors), results / "errors-00000-of-00001.parquet")
+    if groups:
+        pq.write_table(_groups(images), results / "groups-00000-of-00001.parquet")
+    _write_index(index, normal_loo)
+    _commit_results(results, index, n_rows, n_errors)
+    return {"results": str(results), "index": str(index), "images": images, "labels": labels,
+            "scores": scores}
+
+
+def _anomalies(images: list[str], scores: np.ndarray, labels: np.ndarray | None,
+               normal_loo: np.ndarray, rng: np.random.Generator) -> pa.Table:
+    n_rows = len(scores)
+    columns = {
+        "uri": [images[i % N_IMAGES] for i in range(n_rows)],
+        "score": scores,
+        "rank": _ranks(scores),
+        "percentile": 100.0 * np.searchsorted(np.sort(normal_loo), scores, side="left") / 500,
+        "neighbor_uris": pa.array([[images[(i + j + 1) % N_IMAGES] for j in range(K)]
+                                   for i in range(n_rows)], pa.list_(pa.string())),
+        "neighbor_distances": pa.array([sorted(rng.random(K).tolist()) for _ in range(n_rows)],
+                                       pa.list_(pa.float64())),
+        "partition": ["2024-06-01"] * n_rows,
+        "backbone": ["efficientnet_lite0"] * n_rows,
+        "index_id": ["idx-abc"] * n_rows,
+        "sha256": ["0" * 64] * n_rows,
+        "class": [f"c{i % 10}" for i in range(n_rows)],
+    }
+    if labels is not None:
+        columns["label"] = labels
+    return pa.table(columns)
+
+
+def _errors(root: Path, n_errors: int) -> pa.Table:
+    return pa.table({
+        "uri": [f"{root}/bad_{i}.png" for i in range(n_errors - 1)] + ["<script>x</script>"],
+        "stage": ["decode"] * (n_errors - 1) + ["read"],
+        "error": ["empty file (0 bytes)"] * (n_errors - 1) + ["file not found"],
+        "partition": ["2024-06-01"] * n_errors,
+    })
+
+
+def _groups(images: list[str]) -> pa.Table:
+    return pa.table({
+        "group": [f"g{i}" for i in range(5)],
+        "score": [5.0, 4.0, 3.0, 2.0, 1.0],
+        "rank": [1, 2, 3, 4, 5],
+        "size": [6, 2, 2, 2, 2],
+        "member_uris": [images[:6], *[images[i : i + 2] for i in range(4)]],
+        "neighbor_groups": [["n1", "n2"]] * 5,
+    })
+
+
+def _write_index(index: Path, normal_loo: np.ndarray) -> None:
+    """normal.parquet (the leave-one-out scores) and the index's commit marker."""
+    pq.write_table(pa.table({
+        "uri": [f"normal_{i}.png" for i in range(501)],
+        "sha256": ["1" * 64] * 501,
+        "loo_score": np.append(normal_loo, 99.0),
+        "kept": [True] * 500 + [False],  # the dropped duplicate must not count
+    }), index / "normal.parquet")
+    (index / outputs.MARKER).write_text(json.dumps({"kind": "index"}))
+
+
+def _commit_results(results: Path, index: Path, n_rows: int, n_errors: int) -> None:
+    """summary.json and the _SUCCESS marker, as dn2 score's last step writes them."""
+    summary = {
+        "count_in": n_rows + n_errors,
+        "scored": n_rows,
+        "errored": n_errors,
+        "partition": "2024-06-01",
+        "backbone": "efficientnet_lite0",
+        "index_id": "idx-abc",
+        "index_dir": str(index),
+        "input": "gs://bucket/manifest.csv",
+        "errors_by_stage": {"decode": n_errors - 1, "read": 1},
+        "timings": {"total_s": 12.5, "embed_s": 10.0},
+        "created_at": "2024-06-01T03:00:00+00:00",
+    }
+    (results / "summary.json").write_text(json.dumps(summary))
+    (results / outputs.MARKER).write_text(json.dumps({"kind": "results", **summary}))
+
+
+@pytest.fixture
+def chromium(tmp_path) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs headless Chromium (Debian's ``chromium``) with ARGS and a fresh profile."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found: install the Debian package 'chromium'")
+    profile = tmp_path / "chromium-profile"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        profile.mkdir(exist_ok=True)
+        cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+               *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S,
+                              check=False)
+
+    return run
+
+
+class ParsedPage(HTMLParser):
+    """A page's elements (tag, attributes), <title> and other text, as a browser's parser sees
+    them (character references decoded): what a page shows, not how it was spelt."""
+
+    def __init__(self, doc: str):
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.text: list[str] = []
+        self.title = ""
+        self._in_title = False
+        self.feed(doc)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+        self._in_title = tag == "title"
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        else:
+            self.text.append(data)
+
+    def tags(self, tag: str) -> list[dict[str, str]]:
+        """The attributes of every ``tag`` element."""
+        return [attrs for t, attrs in self.elements if t == tag]

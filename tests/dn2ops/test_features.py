@@ -50,3 +50,11 @@ def test_embeddings_of_different_lengths_are_refused(tmp_path):
     pq.write_table(t, tmp_path / "features-00000-of-00001.parquet")
     with pytest.raises(features.MetadataMismatch, match="different lengths"):
         list(features.iter_feature_shards(str(tmp_path), columns=("uri", "embedding")))
+
+
+def test_column_names_of_a_table_and_of_none(tmp_path):
+    _write(tmp_path / "features-00000-of-00001.parquet", np.zeros((3, 2), np.float32),
+           row_group_size=2, extra=["a", "b", "c"])
+    assert features.column_names(str(tmp_path), "features") == [
+        "uri", "sha256", "backbone", "dim", "embedding", "lot"]
+    assert features.column_names(str(tmp_path), "anomalies") == []

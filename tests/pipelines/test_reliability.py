@@ -673,7 +673,7 @@ def test_kill_mid_run_leaves_no_complete_looking_table_and_rerun_matches(corpus_
         outputs.require_complete(str(results), "results")
     capsys.readouterr()
     assert main(["report", str(results)]) != 0
-    assert "not a dn2 results dir" in capsys.readouterr().err
+    assert "has no _SUCCESS marker" in capsys.readouterr().err
     assert main([*args, "--output", str(results)]) == 0
     same, score_diff = same_ranking(results, tmp_path / "reference")
     assert same and score_diff < 1e-4, score_diff

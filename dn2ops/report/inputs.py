@@ -1,0 +1,162 @@
+"""Reading what a report shows: a committed results directory and the normal index.
+
+Tables are read through `dn2ops.features` (shard listing and Parquet reads), so
+the report takes exactly the shards that the directory's commit vouches for.
+Only the columns the report uses are read; every score is used, but only
+through the plots.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dn2ops import features, outputs
+
+RESULTS_KIND = "results"
+INDEX_KIND = "index"
+# Columns read from the anomalies tables (others, e.g. the embeddings'
+# provenance, stay on disk); the label column is added.
+ANOMALY_COLUMNS = ("uri", "score", "rank", "percentile", "neighbor_uris", "neighbor_distances")
+ERROR_COLUMNS = ("uri", "stage", "error")
+
+
+@dataclass
+class ReportInputs:
+    """Everything read from a results directory (and the index, if any).
+
+    ``anomalies``: one row per scored image (`ANOMALY_COLUMNS` and the label
+    column when present); ``errors``: uri, stage, error; ``groups``: the group
+    tables' rows, None when the results hold none; ``normal_loo``: the normal
+    set's leave-one-out scores (n_normal,), higher = more anomalous, or None.
+    """
+
+    summary: dict[str, Any] | None
+    anomalies: pa.Table
+    errors: pa.Table
+    groups: pa.Table | None
+    normal_loo: np.ndarray | None
+    index_note: str
+    notes: list[str] = field(default_factory=list)
+
+
+def read_inputs(results_dir: str, index_dir: str | None, label_column: str) -> ReportInputs:
+    """Read the results tables, summary and (optional) normal scores.
+
+    Raises:
+        dn2ops.outputs.OutputError: ``results_dir`` does not exist or was not
+            committed (no ``_SUCCESS`` marker: a run stopped mid-way), or
+            holds another kind of dn2 output.
+        FileNotFoundError: an explicit ``index_dir`` has no ``normal.parquet``.
+    """
+    outputs.require_complete(results_dir, RESULTS_KIND)
+    summary = _read_summary(results_dir)
+    anomalies = _read(results_dir, "anomalies", (*ANOMALY_COLUMNS, label_column))
+    errors = _read(results_dir, "errors", ERROR_COLUMNS)
+    groups = features.read_table(results_dir, "groups")
+    normal_loo, index_note = read_normal_scores(index_dir, summary)
+    inputs = ReportInputs(summary, _conform(anomalies, empty_anomalies()),
+                          _conform(errors, empty_errors()), groups, normal_loo, index_note)
+    if summary is None:
+        inputs.notes.append("summary.json not found; counts below come from the tables.")
+    return inputs
+
+
+def _read(directory: str, prefix: str, wanted: Sequence[str]) -> pa.Table | None:
+    """The ``prefix`` table with those of ``wanted`` columns that exist; None if no shards."""
+    names = features.column_names(directory, prefix)
+    return features.read_table(directory, prefix, columns=[c for c in wanted if c in names])
+
+
+def _conform(table: pa.Table | None, empty: pa.Table) -> pa.Table:
+    """``table`` with every column of ``empty`` (absent ones all null); ``empty`` for None."""
+    if table is None:
+        return empty
+    for f in empty.schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table
+
+
+def _read_summary(results_dir: str) -> dict[str, Any] | None:
+    """Parse ``summary.json``; None when absent."""
+    fs, path = outputs.fs_and_path(results_dir)
+    summary = outputs.join(path, "summary.json")
+    if not fs.exists(summary):
+        return None
+    return json.loads(fs.cat_file(summary).decode("utf-8"))
+
+
+def empty_anomalies() -> pa.Table:
+    """The anomalies table of a partition where nothing was scored."""
+    return pa.table(
+        {
+            "uri": pa.array([], pa.string()),
+            "score": pa.array([], pa.float64()),
+            "rank": pa.array([], pa.int64()),
+            "percentile": pa.array([], pa.float64()),
+            "neighbor_uris": pa.array([], pa.list_(pa.string())),
+            "neighbor_distances": pa.array([], pa.list_(pa.float64())),
+        }
+    )
+
+
+def empty_errors() -> pa.Table:
+    """The errors table of a partition without errors."""
+    return pa.table({c: pa.array([], pa.string()) for c in ERROR_COLUMNS})
+
+
+def read_normal_scores(
+    index_dir: str | None, summary: Mapping[str, Any] | None
+) -> tuple[np.ndarray | None, str]:
+    """The normal set's leave-one-out scores (n,), and a note saying where they came from.
+
+    An explicit ``index_dir`` must be a committed index holding
+    ``normal.parquet``; the one named in the summary is used only when it is
+    reachable and committed, since a report is often rendered far from where
+    the index lives.
+    """
+    if index_dir is None:
+        named = (summary or {}).get("index_dir")
+        if not named:
+            return None, "no index given; showing this partition's scores only."
+        unusable = _unusable_index(named)
+        if unusable:
+            return None, unusable
+        index_dir = named
+    else:
+        outputs.require_complete(index_dir, INDEX_KIND)
+    return _kept_loo_scores(index_dir), f"normal set: {index_dir}"
+
+
+def _unusable_index(named: str) -> str:
+    """Why the index named in summary.json cannot be used here ("" when it can)."""
+    try:
+        outputs.require_complete(named, INDEX_KIND)
+    except outputs.OutputError as exc:
+        return f"index not usable here ({exc}); showing this partition only."
+    except (OSError, ValueError, ImportError) as exc:
+        # e.g. a gs:// index on a machine without gcsfs or credentials.
+        return f"index {named} not reachable ({exc}); partition only."
+    return ""
+
+
+def _kept_loo_scores(index_dir: str) -> np.ndarray:
+    """``loo_score`` of the images kept in the index, from its ``normal.parquet``."""
+    fs, path = outputs.fs_and_path(index_dir)
+    normal_path = outputs.join(path, "normal.parquet")
+    if not fs.exists(normal_path):
+        raise FileNotFoundError(f"index dir has no normal.parquet: {index_dir}")
+    with fs.open(normal_path, "rb") as f:
+        table = pq.read_table(f, columns=["loo_score", "kept"])
+    # Percentiles are against the images that made it into the index;
+    # dropped duplicates would count twice.
+    table = table.filter(pc.fill_null(table["kept"], False))
+    return table["loo_score"].to_numpy(zero_copy_only=False).astype(np.float64)
