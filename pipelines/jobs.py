@@ -29,6 +29,7 @@ from dn2ops.embed import resolve_device
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
+from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -172,6 +173,7 @@ def embed(
     device: str = "auto",
     max_pixels: int,
     torch_threads: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     options: PipelineOptions,
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
@@ -185,7 +187,8 @@ def embed(
     p = test_pipeline or beam.Pipeline(options=options)
     feats, errors, count_in = _embed_graph(
         p, input, options, backbone=backbone, weights=weights, device=device,
-        batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads)
+        batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads,
+        max_in_flight=max_in_flight)
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
@@ -292,6 +295,7 @@ def score(
     device: str = "auto",
     max_pixels: int,
     torch_threads: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     group_by: str | None = None,
     pool: str | None = None,
     group_score: str | None = None,
@@ -350,7 +354,8 @@ def score(
     else:
         feats, errors, count_in = _embed_graph(
             p, input, options, backbone=backbone, weights=weights, device=device,
-            batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads)
+            batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads,
+            max_in_flight=max_in_flight)
     if group_by:
         written = graphs.score_groups(feats, errors, staging, group_by=group_by,
                                       method=group_score or "knn", pool=pool, index_dir=index,
@@ -411,7 +416,8 @@ def run(
                          "template; template-launch dn2 score (README: Run on Dataflow)")
     embed_kw = {
         key: score_kwargs[key]
-        for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "torch_threads")
+        for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "torch_threads",
+                    "max_in_flight")
     }
     normal_features = outputs.join(output, "normal_features")
     index_dir = outputs.join(output, "index")

@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import (
 from dn2ops.backbones import REGISTRY
 from dn2ops.embed import DEVICES
 from dn2ops.images import DEFAULT_MAX_PIXELS
+from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
 from dn2ops.transforms import TRANSFORMS
 
 # Beam's DirectRunner first tries to download and start the Prism runner; dn2
@@ -57,6 +58,9 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="images declaring more pixels are rejected as decompression bombs")
     g.add_argument("--torch-threads", type=_positive, default=None,
                    help="torch intra-op threads per worker process")
+    g.add_argument("--reads-in-flight", type=_positive, default=DEFAULT_MAX_IN_FLIGHT,
+                   metavar="N", help="images read and decoded at once per worker, hiding "
+                   f"object-store latency (default {DEFAULT_MAX_IN_FLIGHT}; 1: one at a time)")
 
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
