@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from dn2ops import outputs
 from dn2ops.images import load_image
 
 __all__ = ["label_is_anomalous", "render_report", "write_report"]
@@ -221,10 +222,11 @@ def _read_inputs(results_dir: str, index_dir: str | None, label_column: str) -> 
     base = base.rstrip("/")
     if not fs.isdir(base):
         raise FileNotFoundError(f"results dir not found: {results_dir}")
+    listed = _committed_files(results_dir)
     summary = _read_summary(fs, base)
-    anomaly_paths = _shards(fs, base, "anomalies")
-    error_paths = _shards(fs, base, "errors")
-    group_paths = _shards(fs, base, "groups")
+    anomaly_paths = _shards(fs, base, "anomalies", listed)
+    error_paths = _shards(fs, base, "errors", listed)
+    group_paths = _shards(fs, base, "groups", listed)
     if summary is None and not anomaly_paths and not error_paths:
         raise FileNotFoundError(
             f"{results_dir} holds no summary.json, anomalies-*.parquet or "
@@ -249,9 +251,23 @@ def _read_summary(fs: fsspec.AbstractFileSystem, base: str) -> dict[str, Any] | 
     return json.loads(fs.cat_file(path).decode("utf-8"))
 
 
-def _shards(fs: fsspec.AbstractFileSystem, base: str, prefix: str) -> list[str]:
-    """Sorted paths of ``prefix-*.parquet`` under base (sorted: stable row order)."""
-    return sorted(fs.glob(f"{base}/{prefix}-*.parquet"))
+def _committed_files(results_dir: str) -> list[str] | None:
+    """The files ``_SUCCESS`` lists (dn2ops.outputs); None for tables dn2 did not commit."""
+    if outputs.read_marker(results_dir) is not None:
+        return outputs.committed_files(results_dir)
+    if outputs.read_marker(results_dir, outputs.COMMITTING) is not None:
+        raise FileNotFoundError(f"{results_dir} is being replaced, or its run stopped "
+                                "mid-commit: not a complete dn2 results dir; run it again")
+    return None
+
+
+def _shards(fs: fsspec.AbstractFileSystem, base: str, prefix: str,
+            listed: list[str] | None) -> list[str]:
+    """Sorted paths of the ``prefix-*.parquet`` shards (sorted: stable row order): those
+    ``_SUCCESS`` lists, or, in a directory dn2 did not commit, those found there."""
+    if listed is None:
+        return sorted(fs.glob(f"{base}/{prefix}-*.parquet"))
+    return [f"{base}/{name}" for name in outputs.matching(listed, f"{prefix}-*.parquet")]
 
 
 def _read_tables(

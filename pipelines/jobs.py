@@ -95,7 +95,7 @@ def check_source(src: str, flag: str = "--input") -> None:
     """Fails before any pipeline starts when SRC (not a glob) names nothing."""
     if any(c in src for c in "*?["):
         return  # a glob that matches nothing is an empty input, not a typo we can name
-    fs, path = outputs.fs_and_path(src)
+    fs, path = outputs.fresh_fs_and_path(src)
     if not fs.exists(path):
         raise sources.SourceError(f"{flag} {src} does not exist")
 
@@ -107,7 +107,7 @@ RUN_OUTPUTS = {"normal_features": features.KIND, "index": "index", "features": f
 
 def check_run_output(output: str) -> None:
     """Refuses an OUT_DIR that holds anything but earlier `dn2 run` output, before any work."""
-    fs, path = outputs.fs_and_path(output)
+    fs, path = outputs.fresh_fs_and_path(output)
     if not fs.exists(path):
         return
     if not fs.isdir(path):
@@ -203,6 +203,7 @@ def embed(
         raise
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
+    marker.pop(outputs.FILES, None)
     LOG.info(
         "embedded %s of %s images into %s (%s errors)",
         marker["embedded"],

@@ -1,12 +1,22 @@
-"""Shared fixtures: small real image stores (scikit-learn's 8x8 handwritten digits)."""
+"""Shared fixtures: small real image stores (scikit-learn's 8x8 handwritten digits) and
+real object-store servers (tests/objectstores.py)."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import uuid
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from dn2ops.datasets import write_manifest, write_png_store
+# gcsfs reads this when imported: its experimental zonal-bucket support probes GCS over
+# gRPC, which an emulator lacks (60 s a call). Tests never reach the real GCS.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from dn2ops.datasets import write_manifest, write_png_store  # noqa: E402
+from tests.objectstores import FakeGcs, MotoS3, fake_gcs_compatible  # noqa: E402
 
 
 def digit_images(n_normal: int = 24, n_incoming: int = 30, normal_digit: int = 0):
@@ -32,3 +42,31 @@ def digit_store(tmp_path_factory):
     write_manifest([{"uri": f"incoming/{n}.png", "label": int(y)}
                     for n, y in zip(names, labels, strict=True)], str(root / "incoming.csv"))
     return root
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    server = MotoS3(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs_server(tmp_path_factory):
+    server = FakeGcs(tmp_path_factory.mktemp("fake-gcs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def bucket(request):
+    """A new bucket on a real S3 (moto) or GCS (fake-gcs-server) server on 127.0.0.1, with
+    the environment pointing every client at it for the module: its URL, s3://... or gs://..."""
+    server = request.getfixturevalue("moto_server" if request.param == "s3"
+                                     else "fake_gcs_server")
+    with pytest.MonkeyPatch.context() as mp, (
+            fake_gcs_compatible() if request.param == "gs" else contextlib.nullcontext()):
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        yield server.new_bucket(f"dn2-{uuid.uuid4().hex[:10]}")
+

@@ -83,7 +83,11 @@ def test_finalize_results_writes_summary_top_csv_and_commits(tmp_path):
     assert 10 <= summary["timings"]["total_s"] < 60 and 4 <= summary["timings"]["pipeline_s"]
     assert json.loads((out / "summary.json").read_text()) == summary
     marker = json.loads((out / outputs.MARKER).read_text())
+    files = marker.pop(outputs.FILES)
     assert marker == {"kind": "results", **summary, "run_id": Path(staging).name}
+    # _SUCCESS lists every committed file with its size, and nothing else
+    assert files == [{"name": p.name, "size": p.stat().st_size} for p in sorted(out.iterdir())
+                     if p.name != outputs.MARKER]
     rows = list(csv.reader(io.StringIO((out / "top_anomalies.csv").read_text())))
     assert rows == [["rank", "score", "percentile", "uri", "neighbor_uris"],
                     ["1", "0.900000", "99.50", "b", "b-n1 b-n2"],
@@ -164,7 +168,8 @@ def test_finalize_features_marker(tmp_path):
         "count_in": 3, "embedded": 2, "errored": 1, "backbone": "b", "dim": 2}
     assert 3 <= marker["seconds"] < 60
     on_disk = outputs.require_complete(str(out), "features")
-    assert on_disk == {**marker, "run_id": staging.name}
+    assert on_disk == {**marker, "run_id": staging.name, outputs.FILES: [
+        {"name": p.name, "size": p.stat().st_size} for p in sorted(out.glob("*.parquet"))]}
     staging2 = Path(outputs.new_staging(str(out)))
     _write(staging2, "features", [row], feature_schema())
     with pytest.raises(finalize.JobError, match="3 inputs but 1 results . 0 errors"):
@@ -218,7 +223,11 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
 
     marker = outputs.require_complete(str(out), "results")
     summary = json.loads((out / "summary.json").read_text())
+    files = marker.pop(outputs.FILES)
     assert marker == {"kind": "results", **summary, "run_id": Path(staging).name}
+    # _SUCCESS lists every committed file with its size, and nothing else
+    assert files == [{"name": p.name, "size": p.stat().st_size} for p in sorted(out.iterdir())
+                     if p.name != outputs.MARKER]
     table, xq, _ = load_features(str(incoming))
     _, xb, _ = load_features(str(normal))
     assert summary["count_in"] == table.num_rows + 1 == 13  # 12 images + broken.png
