@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from matplotlib.figure import Figure
 
 from dn2ops import outputs
@@ -156,8 +157,9 @@ def render_report(
 def write_report(results_dir: str, output: str | None = None, **kw: Any) -> str:
     """Render ``results_dir`` (see `render_report`) and write the HTML.
 
-    The file is written under a temporary name beside ``output`` and then
-    moved into place, so a reader never sees a half-written report.
+    On local disk the file is written under a temporary name beside ``output``
+    and then moved into place, so a reader never sees a half-written report; an
+    object store's upload is already all-or-nothing (and has no rename).
 
     Args:
         results_dir: local path or fsspec URL of the results.
@@ -171,6 +173,9 @@ def write_report(results_dir: str, output: str | None = None, **kw: Any) -> str:
     if output is None:
         output = f"{results_dir.rstrip('/')}/report.html"
     fs, path = fsspec.core.url_to_fs(output)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, document.encode("utf-8"))
+        return output
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
