@@ -275,6 +275,16 @@ def _shards(fs: fsspec.AbstractFileSystem, base: str, prefix: str,
     return [f"{base}/{name}" for name in outputs.matching(listed, f"{prefix}-*.parquet")]
 
 
+def _read_parquet(fs: fsspec.AbstractFileSystem, path: str,
+                  columns: Sequence[str] | None) -> pa.Table:
+    """One Parquet file's ``columns`` that exist (all if None). The file is opened and
+    closed here: gcsfs leaves a prefetch task pending on a file pyarrow never closes."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        return pf.read(columns=names if columns is None else [c for c in columns if c in names])
+
+
 def _read_tables(
     fs: fsspec.AbstractFileSystem,
     paths: Sequence[str],
@@ -289,9 +299,7 @@ def _read_tables(
     """
     tables = []
     for path in paths:
-        names = pq.read_schema(path, filesystem=fs).names
-        keep = names if columns is None else [c for c in columns if c in names]
-        tables.append(pq.read_table(path, columns=keep, filesystem=fs))
+        tables.append(_read_parquet(fs, path, columns))
     if not tables:
         return empty if empty is not None else pa.table({})
     return pa.concat_tables(tables, promote_options="permissive")
@@ -342,10 +350,7 @@ def _read_normal_scores(
     normal_path = f"{path.rstrip('/')}/normal.parquet"
     if not fs.exists(normal_path):
         raise FileNotFoundError(f"index dir has no normal.parquet: {index_dir}")
-    names = pq.read_schema(normal_path, filesystem=fs).names
-    table = pq.read_table(
-        normal_path, columns=[c for c in ("loo_score", "kept") if c in names], filesystem=fs
-    )
+    table = _read_parquet(fs, normal_path, ("loo_score", "kept"))
     if "loo_score" not in table.column_names:
         raise ValueError(f"{index_dir}/normal.parquet has no loo_score column")
     if "kept" in table.column_names:

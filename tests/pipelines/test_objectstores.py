@@ -184,7 +184,12 @@ def test_sigkill_during_score_then_rerun_then_a_second_run(store_runs, tmp_path,
             "--batch-size", "8", "--output", results]
     killed = _kill_when_staged(args, results, tmp_path / "log")
     print(f"killed: {killed}")
-    assert killed["returncode"] == -signal.SIGKILL, (killed, (tmp_path / "log").read_text())
+    log = (tmp_path / "log").read_text()
+    assert killed["returncode"] == -signal.SIGKILL, (killed, log)
+    # What the user saw: dn2's progress, no INFO from botocore, gcsfs or faiss's loader
+    assert " dn2 loading backbone" in log, log
+    assert not any(name in log for name in (" botocore", " faiss.loader", " gcsfs",
+                                            " google", "Found credentials")), log
     assert outputs.read_marker(results) is None  # nothing looks complete ...
     with pytest.raises(outputs.OutputError, match="no _SUCCESS marker"):
         features.read_table(results, "anomalies")  # ... and readers refuse it
