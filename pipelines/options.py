@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
+    S3Options,
     StandardOptions,
 )
 
@@ -240,9 +241,27 @@ def _is_beam_flag(arg: str) -> bool:
     return name in known or name.replace("-", "_") in known
 
 
+def check_s3_endpoint(options: PipelineOptions) -> None:
+    """Refuses an S3 endpoint that only Beam would use.
+
+    Beam's S3 filesystem (the Parquet writes) takes ``--s3_endpoint_url``; dn2's own
+    reads and commits go through s3fs, which takes ``AWS_ENDPOINT_URL`` (botocore's
+    variable, which Beam's boto3 client honours too). Set that one variable.
+    """
+    flag = options.view_as(S3Options).s3_endpoint_url
+    env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if flag and flag != env:
+        raise ValueError(
+            f"--s3_endpoint_url {flag} would reach only Beam's S3 writes; dn2 lists, reads "
+            "and commits s3:// through s3fs, which takes its endpoint from the environment: "
+            f"export AWS_ENDPOINT_URL={flag} (Beam's S3 filesystem reads it too) and drop "
+            "--s3_endpoint_url")
+
+
 def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
     """PipelineOptions with a local runner that never downloads anything by default."""
     options = PipelineOptions(list(beam_args))
+    check_s3_endpoint(options)
     std = options.view_as(StandardOptions)
     if std.runner in (None, "DirectRunner", "direct"):
         std.runner = LOCAL_RUNNER
