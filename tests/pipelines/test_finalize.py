@@ -118,6 +118,26 @@ def test_a_retried_step_returns_what_it_committed(tmp_path):
         _results(str(out / "_staging-000000000000"), out, 6)
 
 
+def test_a_step_retried_after_its_success_landed_finishes_the_clean_up(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    staging = _stage_results(out)
+
+    def killed(*args):  # the step dies after _SUCCESS, before the clean-up
+        raise KeyboardInterrupt("simulated kill")
+
+    real = outputs.finish_commit
+    monkeypatch.setattr(outputs, "finish_commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _results(staging, out, 6, top=2)
+    monkeypatch.setattr(outputs, "finish_commit", real)
+    assert (out / outputs.MARKER).exists() and (out / outputs.COMMITTING).exists()
+    assert Path(staging).exists()
+    summary = _results(staging, out, 6, top=2)  # the retry: nothing is committed twice
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert not Path(staging).exists() and not (out / outputs.COMMITTING).exists()
+    assert sorted(read_table(str(out), "anomalies").column("uri").to_pylist()) == ["a", "b", "c"]
+
+
 def test_max_error_fraction_fails_after_committing(tmp_path):
     out = tmp_path / "results"
     with pytest.raises(finalize.JobError, match=r"3 of 6 inputs errored \(50.0% > "
