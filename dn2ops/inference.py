@@ -1,7 +1,8 @@
 """Embedding stage: image rows -> feature rows, through Beam's RunInference.
 
 Per element (plain functions, testable without Beam): read the bytes, hash
-them, decode to RGB, resize and crop to uint8. Batched: the model handler
+them, decode to RGB, resize and crop to uint8, on a small thread pool so that
+several images are read at once (PrepareImages). Batched: the model handler
 normalises and runs the backbone (one model per worker process, loaded in
 ``load_model``). Anything that fails for one image becomes an error row with
 its stage and reason; it never fails the run.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -23,6 +25,7 @@ from apache_beam.ml.inference.base import (
     PredictionResult,
     RunInference,
 )
+from apache_beam.utils.windowed_value import WindowedValue
 
 from dn2ops.backbones import get_spec, load_backbone
 from dn2ops.embed import Embedder
@@ -86,20 +89,74 @@ class _StageError(Exception):
         self.stage = stage
 
 
-class PrepareImages(beam.DoFn):
-    """Row -> (ImageKey, uint8 tensor); failures to the ``errors`` output."""
+# Reads (each with its decode and crop) in flight per PrepareImages instance. An object
+# store answers a small read in 20-100 ms: 16 at once keep 160-800 images/s coming, more
+# than a worker embeds; each holds one encoded and one decoded image, and the image size
+# limit (--max-pixels) bounds those.
+DEFAULT_MAX_IN_FLIGHT = 16
 
-    def __init__(self, preprocessing: Preprocessing, max_pixels: int):
+
+def _prepared(row: dict[str, Any], preprocessing: Preprocessing,
+              max_pixels: int) -> tuple[str | None, Any]:
+    """prepare() as an outcome that never raises: (None, (key, tensor)) or (ERRORS, row)."""
+    try:
+        return None, prepare(row, preprocessing, max_pixels)
+    except _StageError as e:
+        return ERRORS, error_row(row["uri"], e.stage, str(e))
+    except Exception as e:  # a bug or a surprise for one image: report it, go on
+        return ERRORS, error_row(row["uri"], "prepare", e)
+
+
+class PrepareImages(beam.DoFn):
+    """Row -> (ImageKey, uint8 tensor); failures to the ``errors`` output.
+
+    Each row's read, decode and crop (``prepare``) runs on a thread pool, at most
+    ``max_in_flight`` rows at once: storage latency is hidden, and decoding overlaps the
+    model's inference downstream in the same fused stage. ``process`` hands on whatever
+    has finished and blocks only when ``max_in_flight`` rows are pending; ``finish_bundle``
+    drains the rest. Outputs come in completion order, each in its own row's window.
+    ``max_in_flight=1`` reads one image at a time.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, max_pixels: int, *,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
+        self.max_in_flight = max_in_flight
 
-    def process(self, row: dict[str, Any]) -> Iterator[Any]:
-        try:
-            yield prepare(row, self.preprocessing, self.max_pixels)
-        except _StageError as e:
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(row["uri"], e.stage, str(e)))
-        except Exception as e:  # a bug or a surprise for one image: report it, go on
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(row["uri"], "prepare", e))
+    def setup(self):
+        self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dn2-prepare")
+        self._pending: dict[Future, tuple[Any, Any]] = {}
+
+    def start_bundle(self):
+        self._pending = {}  # a failed bundle's leftovers are retried by the runner
+
+    def process(self, row: dict[str, Any], timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam) -> Iterator[Any]:
+        future = self._pool.submit(_prepared, row, self.preprocessing, self.max_pixels)
+        self._pending[future] = (timestamp, window)
+        done = [f for f in self._pending if f.done()]
+        if not done and len(self._pending) >= self.max_in_flight:
+            done = wait(self._pending, return_when=FIRST_COMPLETED).done
+        yield from self._emit(done)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._emit(as_completed(list(self._pending)))
+
+    def _emit(self, futures: Iterable[Future]) -> Iterator[Any]:
+        """Outcomes as WindowedValues in their rows' windows (finish_bundle has no element)."""
+        for future in futures:
+            timestamp, window = self._pending.pop(future)
+            tag, value = future.result()
+            out = WindowedValue(value, timestamp, (window,))
+            yield out if tag is None else beam.pvalue.TaggedOutput(tag, out)
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class BackboneModelHandler(ModelHandler[torch.Tensor, PredictionResult, Embedder]):
@@ -171,15 +228,17 @@ class EmbedImages(beam.PTransform):
 
     def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
         super().__init__()
         self.handler = BackboneModelHandler(backbone=backbone, weights=weights, device=device,
                                             batch_size=batch_size, torch_threads=torch_threads)
         self.max_pixels = max_pixels
+        self.max_in_flight = max_in_flight
 
     def expand(self, rows):
         prepared = rows | "Prepare" >> beam.ParDo(
-            PrepareImages(self.handler.preprocessing, self.max_pixels)).with_outputs(
+            PrepareImages(self.handler.preprocessing, self.max_pixels,
+                          max_in_flight=self.max_in_flight)).with_outputs(
                 ERRORS, main="images")
         inferred, failed = (prepared.images
                             | "Embed" >> RunInference(KeyedModelHandler(self.handler))

@@ -1,26 +1,51 @@
-"""Output directories that readers can trust: staged, then committed.
+"""Output directories that readers can trust on any store: staged, then committed.
 
-Every dn2 output directory (features, index, results) is written into a
-staging folder beside it and committed only when the run has succeeded: old
-tables of the same kind are removed, the new ones moved in, and the marker
-file (``_SUCCESS`` with the directory's kind) written last. A reader that finds
-no marker knows the directory is incomplete. A rerun replaces, never appends,
-also after a run that stopped mid-commit (``_COMMITTING`` names its kind).
+Every dn2 output directory (features, index, results) is written into a staging
+prefix beside it, ``DIR/_staging-RUNID/``, and committed only when the run has
+succeeded. The protocol asks of the store only what object stores give: whole-object
+writes, copies, deletes and listings; no directories, no atomic rename.
+
+commit() does, in order:
+
+1. write ``_COMMITTING`` (the kind and run id): the directory is being replaced;
+2. delete ``_SUCCESS``: from here on readers see an uncommitted directory;
+3. delete everything else in DIR but this run's staging prefix: old tables, a stale
+   ``_staging-*`` of a run that died, files half-copied by a commit that died;
+4. copy each staged file to its final name (a rename on local disk, which has one);
+5. write ``_SUCCESS`` last, listing every committed file (name, size) under
+   ``committed_files``: the one commit point;
+6. delete the staging prefix, then ``_COMMITTING``.
+
+A crash before 2 leaves the previous commit readable; between 2 and 5 an uncommitted
+directory that the next run of the same kind cleans up and replaces (``_COMMITTING``
+says whose it is); after 5 a committed directory with leftovers the next commit
+deletes. Readers take the file list from ``_SUCCESS`` (committed_files), never from a
+listing, so a stray or uncommitted shard is never read.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 import posixpath
 import uuid
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 MARKER = "_SUCCESS"
 # Written first by commit() and removed last: a directory holding it (and no
 # MARKER) was being replaced when its run stopped, so a rerun may overwrite it.
 COMMITTING = "_COMMITTING"
+STAGING_PREFIX = "_staging-"
+# The marker key listing the committed files: [{"name": relative path, "size": bytes}].
+FILES = "committed_files"
+# Beam's file sinks write into beam-temp-* beside their shards and delete it when done.
+_NOT_STAGED = ("beam-temp-", ".")
+
+LOG = logging.getLogger("dn2")
 
 
 class OutputError(ValueError):
@@ -35,9 +60,21 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
+def fresh_fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fs_and_path with the filesystem's cached listings of ``uri`` dropped.
+
+    s3fs and gcsfs cache listings; Beam's writers, other processes and other runs change
+    the store behind them, so every check of what an output holds asks the store.
+    """
+    fs, path = fs_and_path(uri)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def read_marker(directory: str, name: str = MARKER) -> dict[str, Any] | None:
     fs, path = fs_and_path(directory)
     marker = join(path, name)
+    fs.invalidate_cache(marker)
     if not fs.exists(marker):
         return None
     try:
@@ -53,7 +90,7 @@ def read_marker(directory: str, name: str = MARKER) -> dict[str, Any] | None:
 
 def check_writable(directory: str, kind: str) -> None:
     """Refuses to write ``kind`` into a directory that holds other data."""
-    fs, path = fs_and_path(directory)
+    fs, path = fresh_fs_and_path(directory)
     if not fs.exists(path):
         return
     if not fs.isdir(path):
@@ -71,7 +108,7 @@ def check_writable(directory: str, kind: str) -> None:
                               f"{committing.get('kind')} output, not {kind}; choose another "
                               "--output")
         others = [p for p in fs.ls(path, detail=False)
-                  if not posixpath.basename(p).startswith(("_staging-", "."))]
+                  if not posixpath.basename(p).startswith((STAGING_PREFIX, "."))]
         if others:
             raise OutputError(
                 f"output path {directory} is not empty and holds no dn2 {kind} output "
@@ -80,7 +117,7 @@ def check_writable(directory: str, kind: str) -> None:
 
 def require_complete(directory: str, kind: str) -> dict[str, Any]:
     """The marker of a committed ``kind`` directory, or a clear error."""
-    fs, path = fs_and_path(directory)
+    fs, path = fresh_fs_and_path(directory)
     if not fs.exists(path):
         raise OutputError(f"{kind} directory {directory} does not exist")
     marker = read_marker(directory)
@@ -93,32 +130,102 @@ def require_complete(directory: str, kind: str) -> dict[str, Any]:
 
 
 def new_staging(directory: str) -> str:
-    return join(directory, f"_staging-{uuid.uuid4().hex[:12]}")
+    return join(directory, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+
+
+def is_staging(directory: str) -> bool:
+    return posixpath.basename(directory.rstrip("/")).startswith(STAGING_PREFIX)
+
+
+def staged_files(staging: str) -> dict[str, int]:
+    """Relative name -> size of every file a run staged (Beam's temporary files left out)."""
+    fs, path = fresh_fs_and_path(staging)
+    if not fs.exists(path):
+        return {}
+    found = fs.find(path, detail=True)
+    files = {}
+    for full, info in found.items():
+        rel = posixpath.relpath(full, path)
+        if not any(part.startswith(_NOT_STAGED) for part in rel.split("/")):
+            files[rel] = int(info["size"])
+    return dict(sorted(files.items()))
+
+
+def committed_files(directory: str) -> list[str]:
+    """The files a committed directory's ``_SUCCESS`` lists (relative names, sorted).
+
+    This is what readers read: never a listing, which could hold a stray or uncommitted
+    file. A directory committed by a dn2 that kept no list (before ``committed_files``)
+    is listed instead, with a warning.
+    """
+    marker = read_marker(directory)
+    if marker is None:
+        raise OutputError(f"{directory} has no {MARKER} marker: it is not a complete dn2 "
+                          "directory (a run stopped mid-way?); run it again")
+    if FILES in marker:
+        return sorted(f["name"] for f in marker[FILES])
+    LOG.warning("%s was committed by an older dn2 whose %s lists no files; reading what the "
+                "directory holds (rewrite it to get the guarantee)", directory, MARKER)
+    fs, path = fresh_fs_and_path(directory)
+    return sorted(posixpath.relpath(p, path) for p in fs.find(path)
+                  if not posixpath.basename(p).startswith(("_", ".")))
+
+
+def matching(names: list[str], pattern: str) -> list[str]:
+    """The top-level names that match a glob pattern (``features-*.parquet``)."""
+    return [n for n in names if "/" not in n and fnmatch.fnmatchcase(n, pattern)]
 
 
 def commit(staging: str, directory: str, marker: dict[str, Any]) -> None:
-    """Moves every file of ``staging`` into ``directory``, replacing the old outputs."""
-    fs, path = fs_and_path(directory)
+    """Replaces ``directory``'s outputs by the staged files; ``_SUCCESS`` (``marker`` plus
+    the file list) is written last. See the module docstring for each step and crash."""
+    fs, path = fresh_fs_and_path(directory)
     _, stage_path = fs_and_path(staging)
-    # Says whose files these are should the run stop before the new MARKER lands.
-    fs.pipe_file(join(path, COMMITTING), json.dumps({"kind": marker.get("kind")}).encode())
+    staged = staged_files(staging)
+    run = posixpath.basename(stage_path)
+    fs.pipe_file(join(path, COMMITTING),
+                 json.dumps({"kind": marker.get("kind"), "run_id": run}).encode())
+    _clear(fs, path, keep=(run, COMMITTING))
+    for rel in staged:
+        _place(fs, join(stage_path, rel), join(path, rel))
+    files = [{"name": rel, "size": size} for rel, size in staged.items()]
+    fs.pipe_file(join(path, MARKER),
+                 json.dumps({**marker, FILES: files}, indent=2, default=str).encode())
+    finish_commit(staging, directory)
+
+
+def finish_commit(staging: str, directory: str) -> None:
+    """Deletes what a commit leaves once ``_SUCCESS`` is written: staging, ``_COMMITTING``."""
+    discard(staging)
+    fs, path = fs_and_path(directory)
+    committing = join(path, COMMITTING)
+    fs.invalidate_cache(committing)
+    if fs.exists(committing):
+        fs.rm(committing)
+
+
+def _clear(fs: fsspec.AbstractFileSystem, path: str, keep: tuple[str, ...]) -> None:
+    """Deletes ``_SUCCESS`` first, then every other entry of ``path`` not named in keep."""
     if fs.exists(join(path, MARKER)):
-        fs.rm(join(path, MARKER))  # from here on readers see an incomplete directory
+        fs.rm(join(path, MARKER))  # from here on readers see an uncommitted directory
     for old in fs.ls(path, detail=False):
-        name = posixpath.basename(old)
-        if name not in (posixpath.basename(stage_path), COMMITTING) and not name.startswith("."):
+        name = posixpath.basename(old.rstrip("/"))
+        if name not in keep:
             fs.rm(old, recursive=True)
-    for new in fs.find(stage_path):
-        rel = posixpath.relpath(new, stage_path)
-        target = join(path, rel)
-        fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        fs.mv(new, target)
-    fs.rm(stage_path, recursive=True)
-    fs.pipe_file(join(path, MARKER), json.dumps(marker, indent=2, default=str).encode())
-    fs.rm(join(path, COMMITTING))
+    fs.invalidate_cache(path)
+
+
+def _place(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """A staged file to its final name: renamed on local disk, copied on an object store
+    (where a rename is a copy and a delete; the staged copy goes with the staging)."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        fs.mv(src, dst)
+    else:
+        fs.copy(src, dst)
 
 
 def discard(staging: str) -> None:
-    fs, path = fs_and_path(staging)
+    fs, path = fresh_fs_and_path(staging)
     if fs.exists(path):
         fs.rm(path, recursive=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,8 +16,31 @@ COMMANDS = {
     "report": ("pipelines.report", "results -> one self-contained HTML page"),
 }
 
-USAGE = "usage: dn2 {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
-    f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items())
+USAGE = ("usage: dn2 {" + ",".join(COMMANDS) + "} [--verbose] [options]\n\n"
+         + "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items())
+         + "\n\n  --verbose    also show the INFO logs of Beam, botocore, gcsfs, faiss, ...")
+
+# Libraries that log at INFO what a dn2 user does not need: botocore two lines for every
+# file Beam's S3 filesystem touches, faiss.loader its CPU probing at import, Beam its
+# worker chatter. Every other library inherits the root logger's WARNING too.
+QUIET = ("apache_beam", "botocore", "boto3", "s3transfer", "aiobotocore", "s3fs", "gcsfs",
+         "fsspec", "urllib3", "google", "google_auth_httplib2", "faiss", "faiss.loader",
+         "asyncio")
+
+LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """dn2's own progress at INFO; everything else at WARNING unless ``verbose``.
+
+    Called before any subcommand module is imported: faiss logs its loader's probing
+    when first imported.
+    """
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("dn2").setLevel(logging.INFO)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,8 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"dn2: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # dn2 logs progress itself
+    configure_logging(verbose="--verbose" in rest)
+    rest = [a for a in rest if a != "--verbose"]
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        # gcsfs reads this when imported: its experimental zonal-bucket support probes
+        # GCS over gRPC, which an emulator lacks (a 60 s wait per call).
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     return importlib.import_module(COMMANDS[command][0]).run(rest)
 
 

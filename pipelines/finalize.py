@@ -7,9 +7,9 @@ outputs wherever it runs: in this process, on Dataflow workers after
 where no code runs after the job. They are plain functions of their arguments and
 the staged files, so they are tested without Beam.
 
-A step Dataflow retries after its commit went through finds the staging folder gone
-and the output's ``_SUCCESS`` naming this run (``run_id``): it returns the committed
-summary instead of failing.
+A step Dataflow retries after its commit went through finds the output's ``_SUCCESS``
+naming this run (``run_id``): it finishes the commit's clean-up and returns the
+committed summary instead of failing (see dn2ops.outputs for the commit protocol).
 """
 
 from __future__ import annotations
@@ -75,16 +75,22 @@ def check_error_fraction(summary: dict, limit: float | None, output: str) -> Non
 
 
 def _committed(staging: str, output: str) -> dict[str, Any] | None:
-    """The marker this run already committed (a retried step), or None if it must commit."""
-    fs, stage_path = outputs.fs_and_path(staging)
-    if fs.exists(stage_path):
-        return None
+    """The marker this run already committed (a retried step), or None if it must commit.
+
+    A step retried after its ``_SUCCESS`` landed finds that marker naming this run: it
+    finishes the clean-up the first attempt may not have reached and returns the marker.
+    A step retried before that finds its staging intact and commits again from the start.
+    """
     marker = outputs.read_marker(output)
-    if marker is None or marker.get("run_id") != run_id(staging):
+    if marker is not None and marker.get("run_id") == run_id(staging):
+        outputs.finish_commit(staging, output)
+        LOG.info("%s was already committed by this run (a retried step)", output)
+        return {k: v for k, v in marker.items() if k not in ("kind", "run_id", outputs.FILES)}
+    fs, stage_path = outputs.fresh_fs_and_path(staging)
+    if not fs.exists(stage_path):
         raise JobError(f"staging folder {staging} is gone and {output} was not committed "
                        "by this run; run it again")
-    LOG.info("%s was already committed by this run (a retried step)", output)
-    return {k: v for k, v in marker.items() if k not in ("kind", "run_id")}
+    return None
 
 
 def finalize_features(count_in: int, *, staging: str, output: str, metadata: dict[str, Any],

@@ -29,6 +29,7 @@ from dn2ops.embed import resolve_device
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
+from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -94,7 +95,7 @@ def check_source(src: str, flag: str = "--input") -> None:
     """Fails before any pipeline starts when SRC (not a glob) names nothing."""
     if any(c in src for c in "*?["):
         return  # a glob that matches nothing is an empty input, not a typo we can name
-    fs, path = outputs.fs_and_path(src)
+    fs, path = outputs.fresh_fs_and_path(src)
     if not fs.exists(path):
         raise sources.SourceError(f"{flag} {src} does not exist")
 
@@ -106,7 +107,7 @@ RUN_OUTPUTS = {"normal_features": features.KIND, "index": "index", "features": f
 
 def check_run_output(output: str) -> None:
     """Refuses an OUT_DIR that holds anything but earlier `dn2 run` output, before any work."""
-    fs, path = outputs.fs_and_path(output)
+    fs, path = outputs.fresh_fs_and_path(output)
     if not fs.exists(path):
         return
     if not fs.isdir(path):
@@ -172,6 +173,7 @@ def embed(
     device: str = "auto",
     max_pixels: int,
     torch_threads: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     options: PipelineOptions,
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
@@ -185,7 +187,8 @@ def embed(
     p = test_pipeline or beam.Pipeline(options=options)
     feats, errors, count_in = _embed_graph(
         p, input, options, backbone=backbone, weights=weights, device=device,
-        batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads)
+        batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads,
+        max_in_flight=max_in_flight)
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
@@ -200,6 +203,7 @@ def embed(
         raise
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
+    marker.pop(outputs.FILES, None)
     LOG.info(
         "embedded %s of %s images into %s (%s errors)",
         marker["embedded"],
@@ -292,6 +296,7 @@ def score(
     device: str = "auto",
     max_pixels: int,
     torch_threads: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     group_by: str | None = None,
     pool: str | None = None,
     group_score: str | None = None,
@@ -350,7 +355,8 @@ def score(
     else:
         feats, errors, count_in = _embed_graph(
             p, input, options, backbone=backbone, weights=weights, device=device,
-            batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads)
+            batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads,
+            max_in_flight=max_in_flight)
     if group_by:
         written = graphs.score_groups(feats, errors, staging, group_by=group_by,
                                       method=group_score or "knn", pool=pool, index_dir=index,
@@ -411,7 +417,8 @@ def run(
                          "template; template-launch dn2 score (README: Run on Dataflow)")
     embed_kw = {
         key: score_kwargs[key]
-        for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "torch_threads")
+        for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "torch_threads",
+                    "max_in_flight")
     }
     normal_features = outputs.join(output, "normal_features")
     index_dir = outputs.join(output, "index")

@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
+    S3Options,
     StandardOptions,
 )
 
 from dn2ops.backbones import REGISTRY
 from dn2ops.embed import DEVICES
 from dn2ops.images import DEFAULT_MAX_PIXELS
+from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
 from dn2ops.transforms import TRANSFORMS
 
 # Beam's DirectRunner first tries to download and start the Prism runner; dn2
@@ -57,6 +59,9 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="images declaring more pixels are rejected as decompression bombs")
     g.add_argument("--torch-threads", type=_positive, default=None,
                    help="torch intra-op threads per worker process")
+    g.add_argument("--reads-in-flight", type=_positive, default=DEFAULT_MAX_IN_FLIGHT,
+                   metavar="N", help="images read and decoded at once per worker, hiding "
+                   f"object-store latency (default {DEFAULT_MAX_IN_FLIGHT}; 1: one at a time)")
 
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
@@ -236,9 +241,27 @@ def _is_beam_flag(arg: str) -> bool:
     return name in known or name.replace("-", "_") in known
 
 
+def check_s3_endpoint(options: PipelineOptions) -> None:
+    """Refuses an S3 endpoint that only Beam would use.
+
+    Beam's S3 filesystem (the Parquet writes) takes ``--s3_endpoint_url``; dn2's own
+    reads and commits go through s3fs, which takes ``AWS_ENDPOINT_URL`` (botocore's
+    variable, which Beam's boto3 client honours too). Set that one variable.
+    """
+    flag = options.view_as(S3Options).s3_endpoint_url
+    env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if flag and flag != env:
+        raise ValueError(
+            f"--s3_endpoint_url {flag} would reach only Beam's S3 writes; dn2 lists, reads "
+            "and commits s3:// through s3fs, which takes its endpoint from the environment: "
+            f"export AWS_ENDPOINT_URL={flag} (Beam's S3 filesystem reads it too) and drop "
+            "--s3_endpoint_url")
+
+
 def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
     """PipelineOptions with a local runner that never downloads anything by default."""
     options = PipelineOptions(list(beam_args))
+    check_s3_endpoint(options)
     std = options.view_as(StandardOptions)
     if std.runner in (None, "DirectRunner", "direct"):
         std.runner = LOCAL_RUNNER

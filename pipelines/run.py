@@ -20,6 +20,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         top=args.top, max_error_fraction=args.max_error_fraction, report=args.report,
         backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
         device=args.device, max_pixels=args.max_pixels, torch_threads=args.torch_threads,
+        max_in_flight=args.reads_in_flight,
         group_by=args.group_by, pool=args.pool, group_score=args.group_score,
         stream_shards=args.stream_shards,
         index_kwargs=dict(ivf=args.ivf, pq=args.pq, nprobe=args.nprobe,

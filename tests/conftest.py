@@ -1,10 +1,14 @@
 """Shared fixtures: small real image stores (scikit-learn's 8x8 handwritten digits),
-synthetic committed results directories, and headless Chromium."""
+synthetic committed results directories, headless Chromium, and real object-store servers
+(tests/objectstores.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
+import uuid
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,8 +20,13 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from dn2ops import outputs
-from dn2ops.datasets import write_manifest, write_png_store
+# gcsfs reads this when imported: its experimental zonal-bucket support probes GCS over
+# gRPC, which an emulator lacks (60 s a call). Tests never reach the real GCS.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from dn2ops import outputs  # noqa: E402
+from dn2ops.datasets import write_manifest, write_png_store  # noqa: E402
+from tests.objectstores import FakeGcs, MotoS3, fake_gcs_compatible  # noqa: E402
 
 
 def digit_images(n_normal: int = 24, n_incoming: int = 30, normal_digit: int = 0):
@@ -225,3 +234,31 @@ class ParsedPage(HTMLParser):
     def tags(self, tag: str) -> list[dict[str, str]]:
         """The attributes of every ``tag`` element."""
         return [attrs for t, attrs in self.elements if t == tag]
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    server = MotoS3(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs_server(tmp_path_factory):
+    server = FakeGcs(tmp_path_factory.mktemp("fake-gcs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def bucket(request):
+    """A new bucket on a real S3 (moto) or GCS (fake-gcs-server) server on 127.0.0.1, with
+    the environment pointing every client at it for the module: its URL, s3://... or gs://..."""
+    server = request.getfixturevalue("moto_server" if request.param == "s3"
+                                     else "fake_gcs_server")
+    with pytest.MonkeyPatch.context() as mp, (
+            fake_gcs_compatible() if request.param == "gs" else contextlib.nullcontext()):
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        yield server.new_bucket(f"dn2-{uuid.uuid4().hex[:10]}")
+

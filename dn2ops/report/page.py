@@ -14,6 +14,7 @@ from typing import Any
 
 import fsspec
 import jinja2
+from fsspec.implementations.local import LocalFileSystem
 
 from dn2ops.report import content, plots
 from dn2ops.report.inputs import ReportInputs, read_inputs
@@ -69,8 +70,9 @@ def render_report(
 def write_report(results_dir: str, output: str | None = None, **kw: Any) -> str:
     """Render ``results_dir`` (see `render_report`) and write the HTML.
 
-    The file is written under a temporary name beside ``output`` and then
-    moved into place, so a reader never sees a half-written report.
+    On local disk the file is written under a temporary name beside ``output``
+    and then moved into place, so a reader never sees a half-written report; an
+    object store's upload is already all-or-nothing (and has no rename).
 
     Args:
         results_dir: local path or fsspec URL of the results.
@@ -84,6 +86,9 @@ def write_report(results_dir: str, output: str | None = None, **kw: Any) -> str:
     if output is None:
         output = f"{results_dir.rstrip('/')}/report.html"
     fs, path = fsspec.core.url_to_fs(output)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, document.encode("utf-8"))
+        return output
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)

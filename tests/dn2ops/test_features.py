@@ -7,7 +7,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops import features
+from dn2ops import features, outputs
+
+
+def _committed(directory, write) -> str:
+    """Calls write(staging folder) and commits it into ``directory`` as dn2 does."""
+    staging = outputs.new_staging(str(directory))
+    (directory / staging.rsplit("/", 1)[1]).mkdir(parents=True)
+    write(directory / staging.rsplit("/", 1)[1])
+    outputs.commit(staging, str(directory), {"kind": features.KIND})
+    return str(directory)
 
 
 def _write(path, X, row_group_size, extra=None):
@@ -25,9 +34,13 @@ def test_shards_read_in_batches_equal_a_whole_table_read(tmp_path, monkeypatch, 
     monkeypatch.setattr(features, "_READ_BATCH", batch)
     rng = np.random.default_rng(0)
     parts = [rng.normal(size=(n, 5)).astype(np.float32) for n in (50, 0, 33)]
-    for s, X in enumerate(parts):
-        _write(tmp_path / f"features-{s:05d}-of-00003.parquet", X, row_group_size=20,
-               extra=[f"lot{i % 3}" for i in range(len(X))])
+
+    def write(staging):
+        for s, X in enumerate(parts):
+            _write(staging / f"features-{s:05d}-of-00003.parquet", X, row_group_size=20,
+                   extra=[f"lot{i % 3}" for i in range(len(X))])
+
+    _committed(tmp_path, write)
     got = list(features.iter_feature_shards(str(tmp_path), columns=None))
     assert len(got) == 3
     for (table, X), s in zip(got, range(3), strict=True):
@@ -47,14 +60,29 @@ def test_shards_read_in_batches_equal_a_whole_table_read(tmp_path, monkeypatch, 
 def test_embeddings_of_different_lengths_are_refused(tmp_path):
     t = pa.table({"uri": ["a", "b"], "embedding": pa.array([[1.0, 2.0], [3.0]],
                                                           pa.list_(pa.float32()))})
-    pq.write_table(t, tmp_path / "features-00000-of-00001.parquet")
+    _committed(tmp_path, lambda d: pq.write_table(t, d / "features-00000-of-00001.parquet"))
     with pytest.raises(features.MetadataMismatch, match="different lengths"):
         list(features.iter_feature_shards(str(tmp_path), columns=("uri", "embedding")))
 
 
 def test_column_names_of_a_table_and_of_none(tmp_path):
-    _write(tmp_path / "features-00000-of-00001.parquet", np.zeros((3, 2), np.float32),
-           row_group_size=2, extra=["a", "b", "c"])
-    assert features.column_names(str(tmp_path), "features") == [
+    out = _committed(tmp_path / "f", lambda d: _write(
+        d / "features-00000-of-00001.parquet", np.zeros((3, 2), np.float32),
+        row_group_size=2, extra=["a", "b", "c"]))
+    assert features.column_names(out, "features") == [
         "uri", "sha256", "backbone", "dim", "embedding", "lot"]
-    assert features.column_names(str(tmp_path), "anomalies") == []
+    assert features.column_names(out, "anomalies") == []
+
+
+def test_readers_take_the_files_success_lists_and_nothing_else(tmp_path):
+    X = np.eye(3, dtype=np.float32)
+    out = _committed(tmp_path / "f", lambda d: _write(d / "features-00000-of-00001.parquet",
+                                                      X, row_group_size=10))
+    # a stray shard (a crashed writer's, a hand-copied one) beside the committed ones
+    _write(tmp_path / "f" / "features-00001-of-00002.parquet", 2 * X, row_group_size=10)
+    assert features.shard_paths(out, "features") == [
+        str(tmp_path / "f" / "features-00000-of-00001.parquet")]
+    np.testing.assert_array_equal(features.load_features(out)[1], X)
+    (tmp_path / "f" / outputs.MARKER).unlink()  # uncommitted: nothing is read
+    with pytest.raises(outputs.OutputError, match="no _SUCCESS marker"):
+        features.read_table(out, "features")

@@ -83,7 +83,11 @@ def test_finalize_results_writes_summary_top_csv_and_commits(tmp_path):
     assert 10 <= summary["timings"]["total_s"] < 60 and 4 <= summary["timings"]["pipeline_s"]
     assert json.loads((out / "summary.json").read_text()) == summary
     marker = json.loads((out / outputs.MARKER).read_text())
+    files = marker.pop(outputs.FILES)
     assert marker == {"kind": "results", **summary, "run_id": Path(staging).name}
+    # _SUCCESS lists every committed file with its size, and nothing else
+    assert files == [{"name": p.name, "size": p.stat().st_size} for p in sorted(out.iterdir())
+                     if p.name != outputs.MARKER]
     rows = list(csv.reader(io.StringIO((out / "top_anomalies.csv").read_text())))
     assert rows == [["rank", "score", "percentile", "uri", "neighbor_uris"],
                     ["1", "0.900000", "99.50", "b", "b-n1 b-n2"],
@@ -112,6 +116,26 @@ def test_a_retried_step_returns_what_it_committed(tmp_path):
     assert (out / outputs.MARKER).read_bytes() == marker
     with pytest.raises(finalize.JobError, match="was not committed by this run"):
         _results(str(out / "_staging-000000000000"), out, 6)
+
+
+def test_a_step_retried_after_its_success_landed_finishes_the_clean_up(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    staging = _stage_results(out)
+
+    def killed(*args):  # the step dies after _SUCCESS, before the clean-up
+        raise KeyboardInterrupt("simulated kill")
+
+    real = outputs.finish_commit
+    monkeypatch.setattr(outputs, "finish_commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _results(staging, out, 6, top=2)
+    monkeypatch.setattr(outputs, "finish_commit", real)
+    assert (out / outputs.MARKER).exists() and (out / outputs.COMMITTING).exists()
+    assert Path(staging).exists()
+    summary = _results(staging, out, 6, top=2)  # the retry: nothing is committed twice
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert not Path(staging).exists() and not (out / outputs.COMMITTING).exists()
+    assert sorted(read_table(str(out), "anomalies").column("uri").to_pylist()) == ["a", "b", "c"]
 
 
 def test_max_error_fraction_fails_after_committing(tmp_path):
@@ -164,7 +188,8 @@ def test_finalize_features_marker(tmp_path):
         "count_in": 3, "embedded": 2, "errored": 1, "backbone": "b", "dim": 2}
     assert 3 <= marker["seconds"] < 60
     on_disk = outputs.require_complete(str(out), "features")
-    assert on_disk == {**marker, "run_id": staging.name}
+    assert on_disk == {**marker, "run_id": staging.name, outputs.FILES: [
+        {"name": p.name, "size": p.stat().st_size} for p in sorted(out.glob("*.parquet"))]}
     staging2 = Path(outputs.new_staging(str(out)))
     _write(staging2, "features", [row], feature_schema())
     with pytest.raises(finalize.JobError, match="3 inputs but 1 results . 0 errors"):
@@ -218,7 +243,11 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
 
     marker = outputs.require_complete(str(out), "results")
     summary = json.loads((out / "summary.json").read_text())
+    files = marker.pop(outputs.FILES)
     assert marker == {"kind": "results", **summary, "run_id": Path(staging).name}
+    # _SUCCESS lists every committed file with its size, and nothing else
+    assert files == [{"name": p.name, "size": p.stat().st_size} for p in sorted(out.iterdir())
+                     if p.name != outputs.MARKER]
     table, xq, _ = load_features(str(incoming))
     _, xb, _ = load_features(str(normal))
     assert summary["count_in"] == table.num_rows + 1 == 13  # 12 images + broken.png

@@ -88,3 +88,14 @@ def test_underscore_flags_are_still_validated(capsys):
     with pytest.raises(SystemExit):
         options.parse("score", _score("--partition=p", "--no_such_flag=1"))
     assert "unrecognized arguments: --no_such_flag=1" in capsys.readouterr().err
+
+
+def test_an_s3_endpoint_only_beam_would_use_is_refused(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    flag = ["--s3_endpoint_url", "http://127.0.0.1:9000"]
+    with pytest.raises(ValueError, match="export AWS_ENDPOINT_URL=http://127.0.0.1:9000"):
+        options.beam_options(flag)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")  # the same for both
+    assert options.beam_options(flag).view_as(options.S3Options).s3_endpoint_url == flag[1]
+    assert options.beam_options([]).view_as(options.S3Options).s3_endpoint_url is None

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -474,22 +475,27 @@ def prepare_mismatches(out: Path, corpus: Path, work: Path) -> list[Mismatch]:
 
 
 def kill_when_staged(argv: list[str], output: Path, log: Path,
-                     timeout: float = 600.0) -> dict:
-    """Runs ``dn2 ARGV`` in a subprocess and SIGKILLs it once OUTPUT/_staging-* appears.
+                     timeout: float = 600.0, *, module: str = "pipelines.cli",
+                     staged_files: Callable[[], list[str]] | None = None) -> dict:
+    """Runs ``python -m MODULE ARGV`` (dn2) in a subprocess and SIGKILLs it once something
+    is staged: ``staged_files()`` is not empty (default: files under OUTPUT/_staging-*).
 
-    Returns the exit status (-9 when killed), the seconds until the kill and what the
-    staging folder held at that moment.
+    Returns the exit status (-9 when killed), the seconds until the kill and what was
+    staged at that moment.
     """
+    def local_staged() -> list[str]:
+        found = sorted(output.glob("_staging-*"))[:1]
+        return [str(p.relative_to(output)) for d in found for p in [d, *sorted(d.rglob("*"))]]
+
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=err)
         start = time.monotonic()
         staged: list[str] = []
         try:
             while proc.poll() is None and time.monotonic() - start < timeout:
-                found = sorted(output.glob("_staging-*"))
-                if found:
-                    staged = [str(p.relative_to(output)) for p in sorted(found[0].rglob("*"))]
+                staged = (staged_files or local_staged)()
+                if staged:
                     proc.send_signal(signal.SIGKILL)
                     break
                 time.sleep(0.02)
@@ -668,7 +674,8 @@ def test_kill_mid_run_leaves_no_complete_looking_table_and_rerun_matches(corpus_
     killed = kill_when_staged([*args, "--output", str(results)], results, tmp_path / "log")
     assert killed["returncode"] == -signal.SIGKILL, killed
     assert looks_complete(results) == []
-    assert read_table(str(results), "anomalies") is None
+    with pytest.raises(outputs.OutputError, match="no _SUCCESS marker"):
+        read_table(str(results), "anomalies")  # readers refuse an uncommitted directory
     with pytest.raises(outputs.OutputError, match="no _SUCCESS marker"):
         outputs.require_complete(str(results), "results")
     capsys.readouterr()
