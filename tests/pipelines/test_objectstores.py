@@ -183,7 +183,7 @@ def test_sigkill_during_score_then_rerun_then_a_second_run(store_runs, tmp_path,
         features.read_table(results, "anomalies")  # ... and readers refuse it
     capsys.readouterr()
     assert main(["report", results]) != 0
-    assert "not a dn2 results dir" in capsys.readouterr().err
+    assert "no _SUCCESS marker" in capsys.readouterr().err
     dn2(*args)  # the rerun
     reference = scores(f"{out}/run/results", "anomalies")
     rerun = scores(results, "anomalies")
