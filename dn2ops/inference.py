@@ -1,10 +1,11 @@
 """Embedding stage: image rows -> feature rows, through Beam's RunInference.
 
 Per element (plain functions, testable without Beam): read the bytes, hash
-them, decode to RGB, resize and crop to uint8. Batched: the model handler
-normalises and runs the backbone (one model per worker process, loaded in
-``load_model``). Anything that fails for one image becomes an error row with
-its stage and reason; it never fails the run.
+them, decode to RGB (only the pixels needed, see dn2ops.images), resize and
+crop to a uint8 array (3, crop, crop). Batched: the model handler of the chosen
+engine (dn2ops.engines) normalises and runs the backbone (one model per worker
+process, loaded in ``load_model``). Anything that fails for one image becomes
+an error row with its stage and reason; it never fails the run.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ from apache_beam.ml.inference.base import (
 
 from dn2ops.backbones import get_spec, load_backbone
 from dn2ops.embed import Embedder
+from dn2ops.engines import EngineConfig, engine_threads, make_handler
 from dn2ops.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, sha256_hex
 from dn2ops.preprocess import Preprocessing
 
 ERRORS = "errors"
+# draft: decode only the pixels the resize needs (JPEG DCT scaling, integer reduction);
+# full: every pixel, then resize (dn2's path before draft decoding; for comparisons).
+DECODES = ("draft", "full")
 
 
 class ImageKey(NamedTuple):
@@ -51,23 +56,25 @@ def read_bytes(uri: str) -> bytes:
 
 
 def prepare(row: dict[str, Any], preprocessing: Preprocessing,
-            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageKey, torch.Tensor]:
-    """Row -> (key, uint8 tensor (3, crop, crop)). Raises _StageError naming the stage."""
+            max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "draft"
+            ) -> tuple[ImageKey, np.ndarray]:
+    """Row -> (key, uint8 array (3, crop, crop)). Raises _StageError naming the stage."""
     uri = row["uri"]
     try:
         data = read_bytes(uri)
     except Exception as e:  # every storage backend has its own errors
         raise _StageError("read", _read_reason(e)) from e
+    min_side = preprocessing.resize if decode == "draft" else None
     try:
-        image = load_image(data, max_pixels=max_pixels)
+        image = load_image(data, max_pixels=max_pixels, min_side=min_side)
     except ImageDecodeError as e:
         raise _StageError("decode", str(e)) from e
     try:
-        tensor = preprocessing.crop_image(image)
+        pixels = preprocessing.crop_image(image).numpy()
     except Exception as e:
         raise _StageError("preprocess", f"{type(e).__name__}: {e}") from e
     extras = tuple((k, v) for k, v in row.items() if k != "uri")
-    return ImageKey(uri, sha256_hex(data), extras), tensor
+    return ImageKey(uri, sha256_hex(data), extras), pixels
 
 
 def _read_reason(e: Exception) -> str:
@@ -87,49 +94,49 @@ class _StageError(Exception):
 
 
 class PrepareImages(beam.DoFn):
-    """Row -> (ImageKey, uint8 tensor); failures to the ``errors`` output."""
+    """Row -> (ImageKey, uint8 array); failures to the ``errors`` output."""
 
-    def __init__(self, preprocessing: Preprocessing, max_pixels: int):
+    def __init__(self, preprocessing: Preprocessing, max_pixels: int, decode: str = "draft"):
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
+        self.decode = decode
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         try:
-            yield prepare(row, self.preprocessing, self.max_pixels)
+            yield prepare(row, self.preprocessing, self.max_pixels, self.decode)
         except _StageError as e:
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(row["uri"], e.stage, str(e)))
         except Exception as e:  # a bug or a surprise for one image: report it, go on
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(row["uri"], "prepare", e))
 
 
-class BackboneModelHandler(ModelHandler[torch.Tensor, PredictionResult, Embedder]):
-    """Batches of uint8 image tensors -> pooled backbone features (dim,) float32."""
+class TorchModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
+    """``--engine torch``: uint8 batches (N, 3, crop, crop) -> pooled backbone features
+    (dim,) float32, normalised with torchvision and run by dn2ops.embed.Embedder."""
 
-    def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
-                 batch_size: int = 64, fast: bool = True, torch_threads: int | None = None):
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self.backbone = backbone
-        self.weights = weights
-        self.device = device
+    def __init__(self, config: EngineConfig, *, fast: bool = True):
+        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
+        self.config = config
         self.fast = fast
-        self.torch_threads = torch_threads
-        self.preprocessing = get_spec(backbone).preprocessing
+        self.preprocessing = get_spec(config.backbone).preprocessing
 
     def load_model(self) -> Embedder:
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        logging.getLogger("dn2").info("loading backbone %s on %s", self.backbone, self.device)
-        return Embedder(load_backbone(self.backbone, self.weights), device=self.device,
-                        fast=self.fast)
+        threads = engine_threads(self.config.threads, self.config.workers)
+        torch.set_num_threads(threads)
+        logging.getLogger("dn2").info("engine torch %s: %s on %s, %d threads",
+                                      torch.__version__, self.config.backbone,
+                                      self.config.device, threads)
+        return Embedder(load_backbone(self.config.backbone, self.config.weights),
+                        device=self.config.device, fast=self.fast)
 
-    def run_inference(self, batch: Sequence[torch.Tensor], model: Embedder,
+    def run_inference(self, batch: Sequence[np.ndarray], model: Embedder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
-        features = model(self.preprocessing.normalize(torch.stack(list(batch))))
+        features = model(self.preprocessing.normalize(torch.from_numpy(np.stack(batch))))
         # The example is not kept: it would carry 150 KB per image downstream.
         return [PredictionResult(None, f) for f in features]
 
-    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in batch)
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(x.nbytes for x in batch)
 
     def get_metrics_namespace(self) -> str:
         return "dn2"
@@ -167,25 +174,38 @@ def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Any]):
 
 
 class EmbedImages(beam.PTransform):
-    """Rows {"uri", ...} -> (feature rows, error rows)."""
+    """Rows {"uri", ...} -> (feature rows, error rows).
+
+    ``engine``: auto | torch | openvino | onnxruntime (dn2ops.engines); ``decode``:
+    draft | full (DECODES); ``threads``: the engine's threads per model call (None:
+    the cores shared by ``workers``, the model calls running at once on a machine,
+    None for one SDK process per core as on Dataflow; see engines.engine_threads).
+    """
 
     def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 torch_threads: int | None = None):
+                 engine: str = "auto", decode: str = "draft", threads: int | None = None,
+                 workers: int | None = 1):
         super().__init__()
-        self.handler = BackboneModelHandler(backbone=backbone, weights=weights, device=device,
-                                            batch_size=batch_size, torch_threads=torch_threads)
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        self.backbone = backbone
+        self.handler = make_handler(engine, EngineConfig(
+            backbone=backbone, weights=weights, device=device, batch_size=batch_size,
+            threads=threads, workers=workers))
+        self.preprocessing = get_spec(backbone).preprocessing
         self.max_pixels = max_pixels
+        self.decode = decode
 
     def expand(self, rows):
         prepared = rows | "Prepare" >> beam.ParDo(
-            PrepareImages(self.handler.preprocessing, self.max_pixels)).with_outputs(
+            PrepareImages(self.preprocessing, self.max_pixels, self.decode)).with_outputs(
                 ERRORS, main="images")
         inferred, failed = (prepared.images
                             | "Embed" >> RunInference(KeyedModelHandler(self.handler))
                             .with_exception_handling())
         features = inferred | "ToRow" >> beam.MapTuple(
-            lambda key, result, name=self.handler.backbone: feature_row(key, result.inference,
+            lambda key, result, name=self.backbone: feature_row(key, result.inference,
                                                                         name))
         embed_errors = failed.failed_inferences | "FailedBatch" >> beam.FlatMap(
             _failed_batch_rows)

@@ -21,7 +21,9 @@ from apache_beam.options.pipeline_options import (
 
 from dn2ops.backbones import REGISTRY
 from dn2ops.embed import DEVICES
+from dn2ops.engines import ENGINES
 from dn2ops.images import DEFAULT_MAX_PIXELS
+from dn2ops.inference import DECODES
 from dn2ops.transforms import TRANSFORMS
 
 # Beam's DirectRunner first tries to download and start the Prism runner; dn2
@@ -55,8 +57,16 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="auto: GPU when present; cuda: fail fast without one")
     g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help="images declaring more pixels are rejected as decompression bombs")
-    g.add_argument("--torch-threads", type=_positive, default=None,
-                   help="torch intra-op threads per worker process")
+    g.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="what runs the backbone: auto (torch on a CUDA GPU, else openvino), "
+                        "torch, openvino or onnxruntime; features are interchangeable")
+    g.add_argument("--decode", choices=DECODES, default="draft",
+                   help="draft (default): decode only the pixels the resize needs (JPEG DCT "
+                        "scaling, integer reduction); full: every pixel (dn2's earlier path)")
+    g.add_argument("--threads", "--torch-threads", dest="threads", type=_positive,
+                   default=None, help="the engine's threads per model call (default: the "
+                   "machine's cores / the model calls running at once; 1 on Dataflow, which "
+                   "runs one SDK process per vCPU)")
 
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
