@@ -76,40 +76,48 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def engine_threads(threads: int | None, workers: int | None) -> int:
-    """Intra-op threads of one model call: ``threads`` when given, else this machine's
-    cores shared by the ``workers`` model calls that run at once on it.
-
-    ``workers=None`` means one SDK process per core, as Dataflow runs Python
-    workers: one thread each, so n processes on n cores never oversubscribe them.
-    """
-    if threads:
-        return threads
-    if workers is None:
-        return 1
-    return max(1, usable_cores() // max(1, workers))
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """What every engine's handler is built from (picklable: it travels to the workers).
 
-    ``workers``: model calls running at once on one machine (None: one process per
-    core, see engine_threads); ``cache_dir``: where exports are kept (None: the
-    default of dn2ops.export).
+    ``threads`` / ``decode_threads``: the engine's threads per model call / images
+    decoded at once beside it (None: see thread_plan); ``workers``: model calls that
+    run at once on one machine (None: one process per core, as Dataflow runs Python);
+    ``cache_dir``: where exports are kept (None: the default of dn2ops.export).
     """
 
     backbone: str
+    engine: str = "auto"
     weights: str | None = None
     device: str = "auto"
     batch_size: int = 64
     threads: int | None = None
+    decode_threads: int | None = None
     workers: int | None = 1
     cache_dir: str | None = None
 
 
-def make_handler(engine: str, config: EngineConfig) -> ModelHandler:
-    """The Beam model handler of ``engine`` (``auto``: resolved when the model loads)."""
+def thread_plan(config: EngineConfig) -> tuple[int, int]:
+    """(engine threads, decode threads) of one model call, from this machine's cores.
+
+    A model call's share of the cores is cores // ``workers`` (1 with one SDK process
+    per core). Decoding runs beside inference (PrepareImages' thread pool), so the share
+    is split between them rather than given to both: on a CPU engine half (at least 1)
+    decodes and the rest runs the engine; when torch runs the model on a GPU, the whole
+    share decodes and the engine keeps 1 thread for its host-side work. Explicit
+    ``threads`` / ``decode_threads`` replace either part.
+    """
+    share = 1 if config.workers is None else max(1, usable_cores() // max(1, config.workers))
+    gpu = (resolve_engine(config.engine, config.device) == "torch"
+           and resolve_device(config.device).type == "cuda")
+    decode = config.decode_threads or (share if gpu else max(1, share // 2))
+    threads = config.threads or (1 if gpu else max(1, share - decode))
+    return threads, decode
+
+
+def make_handler(config: EngineConfig) -> ModelHandler:
+    """The Beam model handler of ``config.engine`` (``auto``: resolved when the model loads)."""
+    engine = config.engine
     if engine == "auto":
         return AutoModelHandler(config)
     if engine == "torch":
@@ -142,7 +150,8 @@ class AutoModelHandler(ModelHandler[np.ndarray, PredictionResult, _Chosen]):
         self.config = config
 
     def load_model(self) -> _Chosen:
-        handler = make_handler(resolve_engine("auto", self.config.device), self.config)
+        engine = resolve_engine("auto", self.config.device)
+        handler = make_handler(dataclasses.replace(self.config, engine=engine))
         return _Chosen(handler, handler.load_model())
 
     def run_inference(self, batch: Sequence[np.ndarray], model: _Chosen,

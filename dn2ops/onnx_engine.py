@@ -18,7 +18,7 @@ import onnxruntime as ort
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
 
-from dn2ops.engines import EngineConfig, engine_threads
+from dn2ops.engines import EngineConfig, thread_plan
 from dn2ops.export import export_backbone
 
 LOG = logging.getLogger("dn2")
@@ -43,7 +43,7 @@ class OnnxBackboneModelHandler(OnnxModelHandlerNumpy):
         self.config = config
 
     def load_model(self) -> ort.InferenceSession:
-        threads = engine_threads(self.config.threads, self.config.workers)
+        threads, _ = thread_plan(self.config)
         self._model_uri = export_backbone(self.config.backbone, self.config.weights,
                                           self.config.cache_dir)
         self._session_options = session_options(threads)

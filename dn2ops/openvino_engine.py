@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from dn2ops.engines import EngineConfig, engine_threads
+from dn2ops.engines import EngineConfig, thread_plan
 from dn2ops.export import default_cache_dir, export_backbone
 
 LOG = logging.getLogger("dn2")
@@ -60,7 +60,7 @@ class OpenVinoModelHandler(ModelHandler[np.ndarray, PredictionResult, CompiledBa
     def load_model(self) -> CompiledBackbone:
         import openvino as ov
 
-        threads = engine_threads(self.config.threads, self.config.workers)
+        threads, _ = thread_plan(self.config)
         path = export_backbone(self.config.backbone, self.config.weights, self.config.cache_dir)
         core = ov.Core()
         core.set_property({"CACHE_DIR": os.path.join(self.config.cache_dir or default_cache_dir(),

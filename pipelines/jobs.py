@@ -31,6 +31,7 @@ from dn2ops.engines import resolve_engine
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
+from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -198,6 +199,8 @@ def embed(
     engine: str = "auto",
     decode: str = "draft",
     threads: int | None = None,
+    decode_threads: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     options: PipelineOptions,
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
@@ -213,7 +216,7 @@ def embed(
     feats, errors, count_in = _embed_graph(
         p, input, options, backbone=backbone, weights=weights, device=device,
         batch_size=batch_size, max_pixels=max_pixels, engine=engine, decode=decode,
-        threads=threads)
+        threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight)
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
@@ -322,6 +325,8 @@ def score(
     engine: str = "auto",
     decode: str = "draft",
     threads: int | None = None,
+    decode_threads: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     group_by: str | None = None,
     pool: str | None = None,
     group_score: str | None = None,
@@ -381,7 +386,7 @@ def score(
         feats, errors, count_in = _embed_graph(
             p, input, options, backbone=backbone, weights=weights, device=device,
             batch_size=batch_size, max_pixels=max_pixels, engine=engine, decode=decode,
-            threads=threads)
+            threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight)
     if group_by:
         written = graphs.score_groups(feats, errors, staging, group_by=group_by,
                                       method=group_score or "knn", pool=pool, index_dir=index,
@@ -443,7 +448,7 @@ def run(
     embed_kw = {
         key: score_kwargs[key]
         for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "engine",
-                    "decode", "threads")
+                    "decode", "threads", "decode_threads", "max_in_flight")
     }
     normal_features = outputs.join(output, "normal_features")
     index_dir = outputs.join(output, "index")
