@@ -8,8 +8,10 @@ Every path may be a local path or any fsspec URL (``memory://``, ``gs://``).
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
+import os
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -316,10 +318,8 @@ def phone_photo(index: int, *, size: tuple[int, int] = PHONE_SIZE, seed: int = 0
     with bicubic interpolation and adds Gaussian sensor noise (sigma 3 levels),
     so that JPEG files of it cost what camera files cost to decode.
     """
-    from sklearn.datasets import load_sample_images
-
     rng = np.random.default_rng([seed, index])
-    photos = load_sample_images().images
+    photos = _sample_photos()
     src = photos[index % len(photos)]
     h, w = src.shape[:2]
     ch, cw = rng.integers(h // 2, h + 1), rng.integers(w // 2, w + 1)
@@ -332,6 +332,13 @@ def phone_photo(index: int, *, size: tuple[int, int] = PHONE_SIZE, seed: int = 0
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+@functools.lru_cache(maxsize=1)
+def _sample_photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)  # china.jpg, flower.jpg: 427 x 640 RGB
+
+
 def write_photo_store(root: str, n: int, *, size: tuple[int, int] = PHONE_SIZE,
                       quality: int = 90, seed: int = 0) -> list[str]:
     """Writes ``n`` phone-sized JPEGs ``photo-00000.jpg``... under local directory ``root``.
@@ -340,8 +347,6 @@ def write_photo_store(root: str, n: int, *, size: tuple[int, int] = PHONE_SIZE,
     already there are kept (the photos are deterministic), so a rerun costs a
     listing. Returns the n paths in order.
     """
-    import os
-
     os.makedirs(root, exist_ok=True)
     paths = []
     for i in range(n):
