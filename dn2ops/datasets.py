@@ -340,24 +340,29 @@ def _sample_photos() -> tuple[np.ndarray, ...]:
 
 
 def write_photo_store(root: str, n: int, *, size: tuple[int, int] = PHONE_SIZE,
-                      quality: int = 90, seed: int = 0) -> list[str]:
+                      quality: int = 90, seed: int = 0, workers: int = 1) -> list[str]:
     """Writes ``n`` phone-sized JPEGs ``photo-00000.jpg``... under local directory ``root``.
 
     Every fourth photo is tagged EXIF orientation 6 (a portrait shot). Files
     already there are kept (the photos are deterministic), so a rerun costs a
-    listing. Returns the n paths in order.
+    listing; ``workers`` threads make the missing ones. Returns the n paths in order.
     """
+    import concurrent.futures
+
     os.makedirs(root, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = os.path.join(root, f"photo-{i:05d}.jpg")
-        if not os.path.exists(path):
-            exif = Image.Exif()
-            if i % 4 == 3:
-                exif[_EXIF_ORIENTATION] = 6
-            tmp = path + ".part"
-            phone_photo(i, size=size, seed=seed).save(tmp, "JPEG", quality=quality,
-                                                      exif=exif.tobytes())
-            os.replace(tmp, path)
-        paths.append(path)
+    paths = [os.path.join(root, f"photo-{i:05d}.jpg") for i in range(n)]
+
+    def write(i: int) -> None:
+        if os.path.exists(paths[i]):
+            return
+        exif = Image.Exif()
+        if i % 4 == 3:
+            exif[_EXIF_ORIENTATION] = 6
+        tmp = paths[i] + ".part"
+        phone_photo(i, size=size, seed=seed).save(tmp, "JPEG", quality=quality,
+                                                  exif=exif.tobytes())
+        os.replace(tmp, paths[i])
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(write, range(n)))
     return paths
