@@ -17,12 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 
-from dn2ops.backbones import get_spec
-from dn2ops.engines import EngineConfig, installed, make_handler
-from dn2ops.inference import prepare
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, REPO)
+
+from benchmarks.embed_workloads import stores  # noqa: E402
+from dn2ops.backbones import get_spec  # noqa: E402
+from dn2ops.engines import EngineConfig, installed, make_handler  # noqa: E402
+from dn2ops.inference import prepare  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 
@@ -62,20 +68,13 @@ def workload(files: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    from dn2ops.datasets import load_fashion_mnist, write_photo_store, write_png_store
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photos", default=None)
     p.add_argument("--photo-images", type=int, default=64)
     p.add_argument("--fashion-images", type=int, default=500)
     p.add_argument("--out", default="bench-out/decode_diff")
     args = p.parse_args(argv)
-    photos = write_photo_store(args.photos or os.path.join(args.out, "photos"),
-                               args.photo_images)
-    images, _ = load_fashion_mnist(split="test")
-    fashion = write_png_store(images[:args.fashion_images],
-                              [f"{i:05d}" for i in range(args.fashion_images)],
-                              os.path.join(args.out, "fashion-store"))
+    photos, fashion = stores(args.out, args.photos, args.photo_images, args.fashion_images)
     res = {"photos": workload(photos), "fashion": workload(fashion)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_diff.json"), "w") as f:

@@ -201,8 +201,19 @@ def main(argv=None) -> dict:
     return run(args)
 
 
-def run(args) -> dict:
+def stores(out: str, photos: str | None, n_photos: int, n_fashion: int
+           ) -> tuple[list[str], list[str]]:
+    """(paths of n_photos phone photos, of n_fashion Fashion-MNIST test PNGs), made if missing
+    (the photos under ``photos``, default OUT/photos; the PNGs under OUT/fashion-store)."""
     from dn2ops.datasets import load_fashion_mnist, write_photo_store, write_png_store
+
+    paths = write_photo_store(photos or os.path.join(out, "photos"), n_photos)
+    images, _ = load_fashion_mnist(split="test")
+    return paths, write_png_store(images[:n_fashion], [f"{i:05d}" for i in range(n_fashion)],
+                                  os.path.join(out, "fashion-store"))
+
+
+def run(args) -> dict:
     from dn2ops.engines import resolve_engine, usable_cores
     from dn2ops.export import export_backbone
 
@@ -214,12 +225,7 @@ def run(args) -> dict:
     model = export_backbone(BACKBONE)  # warms the cache every way uses
     res = {"cores": args.cores, "engine": engine, "export_seconds": time.perf_counter() - t,
            "workloads": {}}
-    photos = write_photo_store(args.photos or os.path.join(args.out, "photos"),
-                               args.photo_images)
-    images, _ = load_fashion_mnist(split="test")
-    fashion = write_png_store(images[:args.fashion_images],
-                              [f"{i:05d}" for i in range(args.fashion_images)],
-                              os.path.join(args.out, "fashion-store"))
+    photos, fashion = stores(args.out, args.photos, args.photo_images, args.fashion_images)
     for name, files in (("photos", photos), ("fashion", fashion)):
         out = os.path.join(args.out, name)
         os.makedirs(out, exist_ok=True)
