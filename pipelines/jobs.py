@@ -231,13 +231,8 @@ def embed(
         raise
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
-    LOG.info(
-        "embedded %s of %s images into %s (%s errors)",
-        marker["embedded"],
-        marker["count_in"],
-        output,
-        marker["errored"],
-    )
+    LOG.info("embedded %s of %s images into %s (%s errors; engine %s)", marker["embedded"],
+             marker["count_in"], output, marker["errored"], marker.get("engine"))
     return marker
 
 
