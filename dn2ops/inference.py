@@ -261,14 +261,16 @@ class EmbedImages(beam.PTransform):
     model call and the images decoded at once beside it (None: engines.thread_plan
     splits the cores that ``workers``, the model calls running at once on a machine,
     leave to each; None for one SDK process per core, as on Dataflow);
-    ``max_in_flight``: rows read at once (PrepareImages).
+    ``max_in_flight``: rows read at once (PrepareImages; None: a batch plus
+    DEFAULT_MAX_IN_FLIGHT, so that decoding goes on through a whole model call, which
+    blocks the thread that feeds PrepareImages).
     """
 
     def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
                  engine: str = "auto", decode: str = "draft", threads: int | None = None,
                  decode_threads: int | None = None, workers: int | None = 1,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+                 max_in_flight: int | None = None):
         super().__init__()
         if decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
@@ -281,7 +283,7 @@ class EmbedImages(beam.PTransform):
         self.preprocessing = get_spec(backbone).preprocessing
         self.max_pixels = max_pixels
         self.decode = decode
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight or batch_size + DEFAULT_MAX_IN_FLIGHT
 
     def expand(self, rows):
         prepared = rows | "Prepare" >> beam.ParDo(

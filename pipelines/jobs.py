@@ -31,7 +31,6 @@ from dn2ops.engines import resolve_engine
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
-from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -200,7 +199,7 @@ def embed(
     decode: str = "draft",
     threads: int | None = None,
     decode_threads: int | None = None,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_in_flight: int | None = None,
     options: PipelineOptions,
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
@@ -321,7 +320,7 @@ def score(
     decode: str = "draft",
     threads: int | None = None,
     decode_threads: int | None = None,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_in_flight: int | None = None,
     group_by: str | None = None,
     pool: str | None = None,
     group_score: str | None = None,

@@ -69,9 +69,11 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-threads", type=_positive, default=None, metavar="N",
                    help="images decoded at once per model call (default: half of its share "
                         "of the cores; all of it when a GPU runs the model)")
-    g.add_argument("--reads-in-flight", type=_positive, default=DEFAULT_MAX_IN_FLIGHT,
-                   metavar="N", help="images read and decoded at once per worker, hiding "
-                   f"object-store latency (default {DEFAULT_MAX_IN_FLIGHT}; 1: one at a time)")
+    g.add_argument("--reads-in-flight", type=_positive, default=None,
+                   metavar="N", help="images read at once per worker, hiding object-store "
+                   f"latency; they wait for --decode-threads to decode (default: --batch-size"
+                   f" + {DEFAULT_MAX_IN_FLIGHT}, so decoding goes on during inference; 1: one "
+                   "at a time)")
 
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
