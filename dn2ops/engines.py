@@ -11,8 +11,9 @@ tests/dn2ops/test_engines.py), so an index accepts features from any engine.
 
 ``auto`` is resolved where the model loads (a Dataflow worker may have a GPU
 that the launching machine lacks): torch on a CUDA GPU, else the fastest CPU
-engine measured on this project's machine (benchmarks/embed_speed.py: OpenVINO,
-then ONNX Runtime, both far ahead of torch on the CPU), else torch.
+engine measured on this project's machine at dn2's batch sizes
+(benchmarks/embed_speed.py: ONNX Runtime, ahead of OpenVINO at batch 16 and 64 for
+Lite0 and ResNet-50, both far ahead of torch on the CPU), else torch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dn2ops.embed import resolve_device
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 # --engine auto on a CPU: the first installed of these (see the module docstring).
-AUTO_CPU_ORDER = ("openvino", "onnxruntime")
+AUTO_CPU_ORDER = ("onnxruntime", "openvino")
 _PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 LOG = logging.getLogger("dn2")
 
@@ -62,7 +63,7 @@ def resolve_engine(engine: str = "auto", device: str = "auto") -> str:
         raise EngineError(f"--engine {engine} runs on the CPU; with --device cuda use "
                           "--engine torch (or auto)")
     if not installed(engine):
-        extra = "onnxruntime" if engine == "onnxruntime" else ""
+        extra = "openvino" if engine == "openvino" else ""
         raise EngineError(f"--engine {engine} needs the {_PACKAGES[engine]} package: pip "
                           f"install {repr(f'dn2[{extra}]') if extra else _PACKAGES[engine]}")
     return engine

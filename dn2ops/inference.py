@@ -89,7 +89,7 @@ def _decode_and_crop(data: bytes, preprocessing: Preprocessing, max_pixels: int,
     except ImageDecodeError as e:
         raise _StageError("decode", str(e)) from e
     try:
-        return preprocessing.crop_image(image).numpy()
+        return preprocessing.crop_image(image)
     except Exception as e:
         raise _StageError("preprocess", f"{type(e).__name__}: {e}") from e
 

@@ -58,7 +58,7 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help="images declaring more pixels are rejected as decompression bombs")
     g.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="what runs the backbone: auto (torch on a CUDA GPU, else openvino), "
+                   help="what runs the backbone: auto (torch on a CUDA GPU, else onnxruntime), "
                         "torch, openvino or onnxruntime; features are interchangeable")
     g.add_argument("--decode", choices=DECODES, default="draft",
                    help="draft (default): decode only the pixels the resize needs (JPEG DCT "

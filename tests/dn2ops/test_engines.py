@@ -80,15 +80,15 @@ def test_features_do_not_depend_on_the_batch_or_threads(engine, real_batch):
     np.testing.assert_allclose(single, whole[[0, 5]], rtol=1e-5, atol=1e-5)
 
 
-def test_auto_is_openvino_on_a_cpu_then_onnxruntime_then_torch(monkeypatch):
+def test_auto_is_onnxruntime_on_a_cpu_then_openvino_then_torch(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     have = {"openvino": True, "onnxruntime": True}
     monkeypatch.setattr(dn2ops.engines, "installed", lambda e: have.get(e, True))
-    assert resolve_engine("auto", "cpu") == resolve_engine("auto", "auto") == "openvino"
-    have["openvino"] = False
-    assert resolve_engine("auto", "cpu") == "onnxruntime"
+    assert resolve_engine("auto", "cpu") == resolve_engine("auto", "auto") == "onnxruntime"
     have["onnxruntime"] = False
+    assert resolve_engine("auto", "cpu") == "openvino"
+    have["openvino"] = False
     assert resolve_engine("auto", "cpu") == "torch"
 
 
@@ -103,8 +103,8 @@ def test_engines_that_cannot_run_here_fail_with_a_reason(monkeypatch):
         resolve_engine("openvino", "cuda")
     monkeypatch.undo()
     monkeypatch.setattr(dn2ops.engines, "installed", lambda e: e == "torch")
-    with pytest.raises(EngineError, match=r"pip install 'dn2\[onnxruntime\]'"):
-        resolve_engine("onnxruntime", "cpu")
+    with pytest.raises(EngineError, match=r"pip install 'dn2\[openvino\]'"):
+        resolve_engine("openvino", "cpu")
     with pytest.raises(ValueError, match="engine must be one of"):
         resolve_engine("tensorrt", "cpu")
     if not torch.cuda.is_available():

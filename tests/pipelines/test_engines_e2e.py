@@ -53,7 +53,7 @@ def embedded(digit_store, torch_index):
 @pytest.mark.parametrize("engine", ENGINES + ["auto"])
 def test_manifest_records_the_engine_and_the_decode(embedded, engine):
     marker = json.loads((embedded[engine][0] / "_SUCCESS").read_text())
-    expected = "openvino" if engine == "auto" and installed("openvino") else engine
+    expected = "onnxruntime" if engine == "auto" else engine
     assert (marker["engine"], marker["decode"]) == (expected, "draft")
 
 
@@ -82,6 +82,6 @@ def test_an_engine_that_cannot_run_fails_before_any_work(digit_store, tmp_path, 
 
     monkeypatch.setattr(dn2ops.engines, "installed", lambda e: e == "torch")
     assert main(["embed", "--input", str(digit_store / "normal"), "--output",
-                 str(tmp_path / "f"), "--engine", "onnxruntime"]) == 1
-    assert "--engine onnxruntime needs the onnxruntime package" in capsys.readouterr().err
+                 str(tmp_path / "f"), "--engine", "openvino"]) == 1
+    assert "--engine openvino needs the openvino package" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
