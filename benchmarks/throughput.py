@@ -1,8 +1,10 @@
 """Throughput and memory at scale, measured side by side in one run.
 
-(a) embedding images/s: ``dn2 embed`` (the Beam pipeline) against a bare
-    PyTorch loop (read file -> load_image -> preprocessing -> Embedder) over
-    the SAME Fashion-MNIST test PNGs, same backbone and batch size;
+(a) embedding images/s, each way timed as a whole process, side by side
+    (benchmarks/embed_workloads.py): ``dn2 embed``, a bare loop with the fastest
+    decode and engine, and dn2's previous path (``--engine torch --decode full``),
+    on N >= 256 phone-sized 12 MP JPEGs made from real photos and on the
+    Fashion-MNIST test PNGs;
 (b) scoring queries/s at N = 10k, 100k, 1M normal features (synthetic 1280-d
     float32, a seeded Gaussian mixture with a low-dimensional spread per
     cluster, written as real feature shards of 100k rows so every build
@@ -20,7 +22,9 @@
 (d) how time and memory grow with N: a table, fitted log-log slopes and a
     log-log PNG plot.
 
-    nice -n 5 python benchmarks/throughput.py [--skip-embed] [--sizes 10000,100000,1000000]
+    nice -n 5 python benchmarks/throughput.py [--skip-embed | --embed-only]
+        [--photos DIR] [--photo-images 256] [--embed-images 2000]
+        [--sizes 10000,100000,1000000]
 
 Outputs in --out (default bench-out/throughput): results.json, table.md,
 scaling.png, the image store and the synthetic feature directories (reused
@@ -40,6 +44,10 @@ import time
 from typing import Any
 
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script: benchmarks.embed_workloads is imported
+    sys.path.insert(0, REPO)
 
 DIM = 1280
 ROWS_PER_SHARD = 100_000
@@ -233,34 +241,6 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         out["mean_score"] = float(np.mean(D))
         if cfg.get("save_ids"):
             np.save(cfg["save_ids"], D.mean(axis=1))
-    elif task == "embed-pipeline":
-        from pipelines.cli import main
-
-        rc = main(["embed", "--input", cfg["store"], "--output", cfg["output"],
-                   "--batch-size", str(cfg["batch"]), "--backbone", cfg["backbone"]])
-        assert rc == 0, rc
-        out["seconds"] = time.perf_counter() - t0
-    elif task == "embed-bare":
-        import glob
-
-        import torch
-
-        from dn2ops.backbones import get_spec, load_backbone
-        from dn2ops.embed import Embedder
-        from dn2ops.images import load_image
-
-        files = sorted(glob.glob(os.path.join(cfg["store"], "**", "*.png"), recursive=True))
-        pre = get_spec(cfg["backbone"]).preprocessing
-        embedder = Embedder(load_backbone(cfg["backbone"]), device="auto")
-        feats = []
-        for a in range(0, len(files), cfg["batch"]):
-            batch = []
-            for path in files[a:a + cfg["batch"]]:
-                with open(path, "rb") as f:
-                    batch.append(pre(load_image(f.read())))
-            feats.append(embedder(torch.stack(batch)))
-        out["seconds"] = time.perf_counter() - t0
-        out["images"] = int(sum(len(f) for f in feats))
     else:
         raise ValueError(task)
     out["peak_rss"] = peak_rss()
@@ -293,24 +273,13 @@ def slope(ns: list[int], ys: list[float]) -> float | None:
 
 
 def embed_part(args, out_dir: str) -> dict[str, Any]:
-    from dn2ops.datasets import load_fashion_mnist, write_png_store
+    from benchmarks import embed_workloads
 
-    store = os.path.join(out_dir, "store")
-    images, labels = load_fashion_mnist(split="test")
-    n = args.embed_images
-    write_png_store(images[:n], [f"{i:05d}" for i in range(n)], store)
-    common = {"store": store, "batch": 64, "backbone": "efficientnet_lite0"}
-    bare = run_worker({"task": "embed-bare", **common})
-    pipe = run_worker({"task": "embed-pipeline", **common,
-                       "output": os.path.join(out_dir, "embed-pipeline")})
-    res = {"images": n, "bare_ips": n / bare["seconds"], "pipeline_ips": n / pipe["seconds"],
-           "bare_seconds": bare["seconds"], "pipeline_seconds": pipe["seconds"]}
-    res["bare_over_pipeline"] = res["bare_ips"] / res["pipeline_ips"]
-    print(f"(a) embedding {n} PNGs, efficientnet_lite0, batch 64, CPU: bare loop "
-          f"{res['bare_ips']:.1f} img/s, dn2 embed pipeline {res['pipeline_ips']:.1f} img/s "
-          f"(bare/pipeline {res['bare_over_pipeline']:.2f}x; both include model loading)",
-          flush=True)
-    return res
+    return embed_workloads.main([
+        "--photo-images", str(args.photo_images), "--fashion-images", str(args.embed_images),
+        "--out", os.path.join(out_dir, "embed"),
+        *(["--photos", args.photos] if args.photos else []),
+        *(["--baseline-repo", args.baseline_repo] if args.baseline_repo else [])])
 
 
 def main(argv=None) -> dict:
@@ -320,8 +289,14 @@ def main(argv=None) -> dict:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--exact-queries-1m", type=int, default=100,
                    help="queries for the exact searches at N >= 1M (each costs N x d)")
-    p.add_argument("--skip-embed", action="store_true", help="skip (a) (~4 min)")
-    p.add_argument("--embed-images", type=int, default=2000)
+    p.add_argument("--skip-embed", action="store_true", help="skip (a) (~15 min)")
+    p.add_argument("--embed-only", action="store_true", help="only (a)")
+    p.add_argument("--embed-images", type=int, default=2000, help="Fashion-MNIST PNGs for (a)")
+    p.add_argument("--photo-images", type=int, default=256, help="12 MP JPEGs for (a)")
+    p.add_argument("--photos", default=None, help="folder of the photos (made if missing; "
+                   "default OUT/embed/photos; 256 take ~850 MB)")
+    p.add_argument("--baseline-repo", default=None,
+                   help="also time dn2 embed of this checkout (with its own .venv)")
     p.add_argument("--sklearn-max", type=int, default=1_000_000)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -338,6 +313,10 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     if not args.skip_embed:
         results["embed"] = embed_part(args, out_dir)
+    if args.embed_only:
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=float)
+        return results
     sizes = [int(s) for s in args.sizes.split(",")]
     queries = os.path.join(out_dir, "queries.npy")
     np.save(queries, next(mixture(args.queries, seed=SEED + 999)))
@@ -509,10 +488,9 @@ def markdown(rows, sizes, results) -> str:
         lines.append(f"- N={n}: exact methods' mean 2-NN distance agree within "
                      f"{v['max_rel_diff']:.1e} (relative)")
     if "embed" in results:
-        e = results["embed"]
-        lines.append(f"- embedding: bare loop {e['bare_ips']:.1f} img/s, pipeline "
-                     f"{e['pipeline_ips']:.1f} img/s (bare/pipeline "
-                     f"{e['bare_over_pipeline']:.2f}x)")
+        from benchmarks import embed_workloads
+
+        lines += ["", embed_workloads.markdown(results["embed"])]
     return "\n".join(lines) + "\n"
 
 

@@ -141,19 +141,25 @@ def load_backbone(name: str, weights: str | None = None) -> nn.Module:
     """Builds backbone ``name`` in eval mode with its weights loaded.
 
     ``weights``: a local path or fsspec URI of a state dict; None takes the
-    offline default (EfficientNet-Lite); ``"random"`` keeps random weights.
+    offline default (EfficientNet-Lite); ``"random"`` keeps random weights (the same in
+    every process: seeded).
     """
     spec = get_spec(name)
+    if weights == RANDOM_WEIGHTS:
+        # Seeded, so that every process (and every engine's export of it) builds the
+        # same random model: features still compare across engines, exports cache.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return spec.build().eval()
     model = spec.build()
-    if weights != RANDOM_WEIGHTS:
-        uri = resolve_weights(spec, weights)
-        state = read_state_dict(os.fspath(uri))
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise WeightsError(f"{uri} does not fit {name}: {str(e).splitlines()[1:2]}") from None
-        if missing or unexpected:
-            raise WeightsError(
-                f"{uri} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    uri = resolve_weights(spec, weights)
+    state = read_state_dict(os.fspath(uri))
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"{uri} does not fit {name}: {str(e).splitlines()[1:2]}") from None
+    if missing or unexpected:
+        raise WeightsError(
+            f"{uri} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()

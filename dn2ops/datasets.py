@@ -8,8 +8,10 @@ Every path may be a local path or any fsspec URL (``memory://``, ``gs://``).
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
+import os
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +24,9 @@ from PIL import Image
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "load_fashion_mnist",
+    "phone_photo",
     "read_idx",
+    "write_photo_store",
     "write_manifest",
     "write_png_store",
 ]
@@ -297,3 +301,68 @@ def _encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# A phone camera's 12 MP frame (4:3), stored landscape; portrait shots carry EXIF
+# orientation 6 (rotate 90 degrees clockwise to display), as phones write them.
+PHONE_SIZE = (4032, 3024)
+_EXIF_ORIENTATION = 0x0112
+
+
+def phone_photo(index: int, *, size: tuple[int, int] = PHONE_SIZE, seed: int = 0
+                ) -> Image.Image:
+    """A phone-sized RGB photo made from scikit-learn's two sample photographs.
+
+    Image ``index`` takes a random crop (at least half of each side) of one of
+    the photos, mirrors it at random, scales it up to ``size`` (width, height)
+    with bicubic interpolation and adds Gaussian sensor noise (sigma 3 levels),
+    so that JPEG files of it cost what camera files cost to decode.
+    """
+    rng = np.random.default_rng([seed, index])
+    photos = _sample_photos()
+    src = photos[index % len(photos)]
+    h, w = src.shape[:2]
+    ch, cw = rng.integers(h // 2, h + 1), rng.integers(w // 2, w + 1)
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    crop = src[y:y + ch, x:x + cw]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    big = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.BICUBIC))
+    noisy = big + rng.normal(0.0, 3.0, big.shape).astype(np.float32)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=1)
+def _sample_photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)  # china.jpg, flower.jpg: 427 x 640 RGB
+
+
+def write_photo_store(root: str, n: int, *, size: tuple[int, int] = PHONE_SIZE,
+                      quality: int = 90, seed: int = 0, workers: int = 1) -> list[str]:
+    """Writes ``n`` phone-sized JPEGs ``photo-00000.jpg``... under local directory ``root``.
+
+    Every fourth photo is tagged EXIF orientation 6 (a portrait shot). Files
+    already there are kept (the photos are deterministic), so a rerun costs a
+    listing; ``workers`` threads make the missing ones. Returns the n paths in order.
+    """
+    import concurrent.futures
+
+    os.makedirs(root, exist_ok=True)
+    paths = [os.path.join(root, f"photo-{i:05d}.jpg") for i in range(n)]
+
+    def write(i: int) -> None:
+        if os.path.exists(paths[i]):
+            return
+        exif = Image.Exif()
+        if i % 4 == 3:
+            exif[_EXIF_ORIENTATION] = 6
+        tmp = paths[i] + ".part"
+        phone_photo(i, size=size, seed=seed).save(tmp, "JPEG", quality=quality,
+                                                  exif=exif.tobytes())
+        os.replace(tmp, paths[i])
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(write, range(n)))
+    return paths

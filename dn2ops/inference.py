@@ -1,16 +1,20 @@
 """Embedding stage: image rows -> feature rows, through Beam's RunInference.
 
 Per element (plain functions, testable without Beam): read the bytes, hash
-them, decode to RGB, resize and crop to uint8, on a small thread pool so that
-several images are read at once (PrepareImages). Batched: the model handler
-normalises and runs the backbone (one model per worker process, loaded in
-``load_model``). Anything that fails for one image becomes an error row with
-its stage and reason; it never fails the run.
+them, decode to RGB (only the pixels needed, see dn2ops.images), resize and
+crop to a uint8 array (3, crop, crop), on a small thread pool so that several
+images are read at once and decoding overlaps inference (PrepareImages).
+Batched: the model handler of the chosen engine (dn2ops.engines) normalises and
+runs the backbone (one model per worker process, loaded in ``load_model``).
+Anything that fails for one image becomes an error row with its stage and
+reason; it never fails the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from typing import Any, NamedTuple
@@ -29,10 +33,14 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from dn2ops.backbones import get_spec, load_backbone
 from dn2ops.embed import Embedder
+from dn2ops.engines import EngineConfig, make_handler, thread_plan
 from dn2ops.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, sha256_hex
 from dn2ops.preprocess import Preprocessing
 
 ERRORS = "errors"
+# draft: decode only the pixels the resize needs (JPEG DCT scaling, integer reduction);
+# full: every pixel, then resize (dn2's path before draft decoding; for comparisons).
+DECODES = ("draft", "full")
 
 
 class ImageKey(NamedTuple):
@@ -54,23 +62,36 @@ def read_bytes(uri: str) -> bytes:
 
 
 def prepare(row: dict[str, Any], preprocessing: Preprocessing,
-            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageKey, torch.Tensor]:
-    """Row -> (key, uint8 tensor (3, crop, crop)). Raises _StageError naming the stage."""
+            max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "draft",
+            cpu: threading.Semaphore | None = None) -> tuple[ImageKey, np.ndarray]:
+    """Row -> (key, uint8 array (3, crop, crop)). Raises _StageError naming the stage.
+
+    ``cpu``: held while decoding, cropping and hashing (not while reading), so that
+    threads waiting on storage do not count against the cores set aside for decoding.
+    """
     uri = row["uri"]
     try:
         data = read_bytes(uri)
     except Exception as e:  # every storage backend has its own errors
         raise _StageError("read", _read_reason(e)) from e
+    with cpu or contextlib.nullcontext():
+        pixels = _decode_and_crop(data, preprocessing, max_pixels, decode)
+        digest = sha256_hex(data)
+    extras = tuple((k, v) for k, v in row.items() if k != "uri")
+    return ImageKey(uri, digest, extras), pixels
+
+
+def _decode_and_crop(data: bytes, preprocessing: Preprocessing, max_pixels: int,
+                     decode: str) -> np.ndarray:
+    min_side = preprocessing.resize if decode == "draft" else None
     try:
-        image = load_image(data, max_pixels=max_pixels)
+        image = load_image(data, max_pixels=max_pixels, min_side=min_side)
     except ImageDecodeError as e:
         raise _StageError("decode", str(e)) from e
     try:
-        tensor = preprocessing.crop_image(image)
+        return preprocessing.crop_image(image)
     except Exception as e:
         raise _StageError("preprocess", f"{type(e).__name__}: {e}") from e
-    extras = tuple((k, v) for k, v in row.items() if k != "uri")
-    return ImageKey(uri, sha256_hex(data), extras), tensor
 
 
 def _read_reason(e: Exception) -> str:
@@ -96,11 +117,11 @@ class _StageError(Exception):
 DEFAULT_MAX_IN_FLIGHT = 16
 
 
-def _prepared(row: dict[str, Any], preprocessing: Preprocessing,
-              max_pixels: int) -> tuple[str | None, Any]:
-    """prepare() as an outcome that never raises: (None, (key, tensor)) or (ERRORS, row)."""
+def _prepared(row: dict[str, Any], preprocessing: Preprocessing, max_pixels: int,
+              decode: str, cpu: threading.Semaphore | None) -> tuple[str | None, Any]:
+    """prepare() as an outcome that never raises: (None, (key, array)) or (ERRORS, row)."""
     try:
-        return None, prepare(row, preprocessing, max_pixels)
+        return None, prepare(row, preprocessing, max_pixels, decode, cpu)
     except _StageError as e:
         return ERRORS, error_row(row["uri"], e.stage, str(e))
     except Exception as e:  # a bug or a surprise for one image: report it, go on
@@ -115,27 +136,37 @@ class PrepareImages(beam.DoFn):
     model's inference downstream in the same fused stage. ``process`` hands on whatever
     has finished and blocks only when ``max_in_flight`` rows are pending; ``finish_bundle``
     drains the rest. Outputs come in completion order, each in its own row's window.
-    ``max_in_flight=1`` reads one image at a time.
+    ``max_in_flight=1`` reads one image at a time. Of the rows in flight, only the
+    decode threads of ``engine``'s thread plan (dn2ops.engines.thread_plan) decode at
+    once, so decoding and the model's threads together fit the cores (None: no limit
+    beyond ``max_in_flight``). ``decode``: one of DECODES.
     """
 
     def __init__(self, preprocessing: Preprocessing, max_pixels: int, *,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, decode: str = "draft",
+                 engine: EngineConfig | None = None):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
         self.max_in_flight = max_in_flight
+        self.decode = decode
+        self.engine = engine
 
     def setup(self):
         self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dn2-prepare")
         self._pending: dict[Future, tuple[Any, Any]] = {}
+        # Planned here, on the worker: its cores and its GPU, not the launcher's.
+        self._cpu = (threading.BoundedSemaphore(thread_plan(self.engine)[1])
+                     if self.engine is not None else None)
 
     def start_bundle(self):
         self._pending = {}  # a failed bundle's leftovers are retried by the runner
 
     def process(self, row: dict[str, Any], timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam) -> Iterator[Any]:
-        future = self._pool.submit(_prepared, row, self.preprocessing, self.max_pixels)
+        future = self._pool.submit(_prepared, row, self.preprocessing, self.max_pixels,
+                                   self.decode, self._cpu)
         self._pending[future] = (timestamp, window)
         done = [f for f in self._pending if f.done()]
         if not done and len(self._pending) >= self.max_in_flight:
@@ -159,34 +190,33 @@ class PrepareImages(beam.DoFn):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-class BackboneModelHandler(ModelHandler[torch.Tensor, PredictionResult, Embedder]):
-    """Batches of uint8 image tensors -> pooled backbone features (dim,) float32."""
+class TorchModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
+    """``--engine torch``: uint8 batches (N, 3, crop, crop) -> pooled backbone features
+    (dim,) float32, normalised with torchvision and run by dn2ops.embed.Embedder."""
 
-    def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
-                 batch_size: int = 64, fast: bool = True, torch_threads: int | None = None):
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self.backbone = backbone
-        self.weights = weights
-        self.device = device
+    def __init__(self, config: EngineConfig, *, fast: bool = True):
+        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
+        self.config = config
         self.fast = fast
-        self.torch_threads = torch_threads
-        self.preprocessing = get_spec(backbone).preprocessing
+        self.preprocessing = get_spec(config.backbone).preprocessing
 
     def load_model(self) -> Embedder:
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        logging.getLogger("dn2").info("loading backbone %s on %s", self.backbone, self.device)
-        return Embedder(load_backbone(self.backbone, self.weights), device=self.device,
-                        fast=self.fast)
+        threads, _ = thread_plan(self.config)
+        torch.set_num_threads(threads)
+        logging.getLogger("dn2").info("engine torch %s: %s on %s, %d threads",
+                                      torch.__version__, self.config.backbone,
+                                      self.config.device, threads)
+        return Embedder(load_backbone(self.config.backbone, self.config.weights),
+                        device=self.config.device, fast=self.fast)
 
-    def run_inference(self, batch: Sequence[torch.Tensor], model: Embedder,
+    def run_inference(self, batch: Sequence[np.ndarray], model: Embedder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
-        features = model(self.preprocessing.normalize(torch.stack(list(batch))))
+        features = model(self.preprocessing.normalize(torch.from_numpy(np.stack(batch))))
         # The example is not kept: it would carry 150 KB per image downstream.
         return [PredictionResult(None, f) for f in features]
 
-    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in batch)
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(x.nbytes for x in batch)
 
     def get_metrics_namespace(self) -> str:
         return "dn2"
@@ -224,27 +254,47 @@ def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Any]):
 
 
 class EmbedImages(beam.PTransform):
-    """Rows {"uri", ...} -> (feature rows, error rows)."""
+    """Rows {"uri", ...} -> (feature rows, error rows).
+
+    ``engine``: auto | torch | openvino | onnxruntime (dn2ops.engines); ``decode``:
+    draft | full (DECODES); ``threads`` / ``decode_threads``: the engine's threads per
+    model call and the images decoded at once beside it (None: engines.thread_plan
+    splits the cores that ``workers``, the model calls running at once on a machine,
+    leave to each; None for one SDK process per core, as on Dataflow);
+    ``max_in_flight``: rows read at once (PrepareImages; None: a batch plus
+    DEFAULT_MAX_IN_FLIGHT, so that decoding goes on through a whole model call, which
+    blocks the thread that feeds PrepareImages).
+    """
 
     def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 torch_threads: int | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+                 engine: str = "auto", decode: str = "draft", threads: int | None = None,
+                 decode_threads: int | None = None, workers: int | None = 1,
+                 max_in_flight: int | None = None):
         super().__init__()
-        self.handler = BackboneModelHandler(backbone=backbone, weights=weights, device=device,
-                                            batch_size=batch_size, torch_threads=torch_threads)
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        self.backbone = backbone
+        self.config = EngineConfig(
+            backbone=backbone, engine=engine, weights=weights, device=device,
+            batch_size=batch_size, threads=threads, decode_threads=decode_threads,
+            workers=workers)
+        self.handler = make_handler(self.config)
+        self.preprocessing = get_spec(backbone).preprocessing
         self.max_pixels = max_pixels
-        self.max_in_flight = max_in_flight
+        self.decode = decode
+        self.max_in_flight = max_in_flight or batch_size + DEFAULT_MAX_IN_FLIGHT
 
     def expand(self, rows):
         prepared = rows | "Prepare" >> beam.ParDo(
-            PrepareImages(self.handler.preprocessing, self.max_pixels,
-                          max_in_flight=self.max_in_flight)).with_outputs(
+            PrepareImages(self.preprocessing, self.max_pixels, max_in_flight=self.max_in_flight,
+                          decode=self.decode, engine=self.config)).with_outputs(
                 ERRORS, main="images")
         inferred, failed = (prepared.images
                             | "Embed" >> RunInference(KeyedModelHandler(self.handler))
                             .with_exception_handling())
         features = inferred | "ToRow" >> beam.MapTuple(
-            lambda key, result, name=self.handler.backbone: feature_row(key, result.inference,
+            lambda key, result, name=self.backbone: feature_row(key, result.inference,
                                                                         name))
         embed_errors = failed.failed_inferences | "FailedBatch" >> beam.FlatMap(
             _failed_batch_rows)

@@ -6,9 +6,9 @@ import dataclasses
 import functools
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,16 +41,29 @@ class Preprocessing:
                    mean=tuple(float(v) for v in d["mean"]),
                    std=tuple(float(v) for v in d["std"]))
 
-    def geometry(self) -> v2.Compose:
-        """RGB PIL image -> uint8 tensor (3, crop, crop): resize, then center-crop."""
-        return v2.Compose([
-            v2.PILToTensor(),
-            v2.Resize(self.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.CenterCrop(self.crop),
-        ])
+    def crop_image(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 array (3, crop, crop): the short side resized to ``resize``
+        (bilinear, antialiased: PIL's resampling, which torchvision's Resize follows), the
+        long side to int(resize * long / short), then the center ``crop`` (torchvision's
+        rounding of the offsets).
 
-    def normalization(self) -> v2.Compose:
+        PIL rather than torchvision on a tensor: PrepareImages runs this on many threads,
+        and every thread that calls a torch operator gets its own OpenMP team, whose idle
+        threads spin on the cores the engine and the decoding need.
+        """
+        w, h = image.size
+        size = ((self.resize, int(self.resize * h / w)) if w <= h
+                else (int(self.resize * w / h), self.resize))
+        if size != image.size:
+            image = image.resize(size, Image.BILINEAR)
+        left, top = int(round((size[0] - self.crop) / 2.0)), int(round((size[1] - self.crop) / 2.0))
+        box = (left, top, left + self.crop, top + self.crop)
+        return np.ascontiguousarray(np.asarray(image.crop(box)).transpose(2, 0, 1))
+
+    def normalization(self):
         """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] then mean/std normalised."""
+        from torchvision.transforms import v2  # imported by the torch engine only
+
         return v2.Compose([
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(self.mean), std=list(self.std)),
@@ -59,13 +72,9 @@ class Preprocessing:
     # Geometry runs per image on the reading worker and ships uint8 (4x smaller
     # than float32); normalisation runs batched next to the model.
     @functools.cached_property
-    def crop_image(self) -> v2.Compose:
-        return self.geometry()
-
-    @functools.cached_property
-    def normalize(self) -> v2.Compose:
+    def normalize(self):
         return self.normalization()
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One RGB PIL image -> normalised float32 tensor (3, crop, crop)."""
-        return self.normalize(self.crop_image(image))
+        return self.normalize(torch.from_numpy(self.crop_image(image)))

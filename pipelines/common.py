@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from dn2ops.backbones import WeightsError
 from dn2ops.embed import DeviceError
+from dn2ops.engines import EngineError
 from dn2ops.features import MetadataMismatch
 from dn2ops.index import IndexError_
 from dn2ops.outputs import OutputError
@@ -15,8 +16,8 @@ from dn2ops.sources import SourceError
 from pipelines.jobs import JobError
 
 # Errors whose message is the whole story for the user: no traceback.
-USER_ERRORS = (WeightsError, DeviceError, MetadataMismatch, IndexError_, OutputError,
-               SourceError, JobError, ValueError)
+USER_ERRORS = (WeightsError, DeviceError, EngineError, MetadataMismatch, IndexError_,
+               OutputError, SourceError, JobError, ValueError)
 
 
 def guarded(job: Callable[[], object], command: str) -> int:

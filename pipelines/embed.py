@@ -13,6 +13,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> int:
     return guarded(lambda: jobs.embed(
         input=args.input, output=args.output, backbone=args.backbone, weights=args.weights,
         batch_size=args.batch_size, device=args.device, max_pixels=args.max_pixels,
-        torch_threads=args.torch_threads,
-        max_in_flight=args.reads_in_flight, options=options.beam_options(beam_args),
+        engine=args.engine, decode=args.decode, threads=args.threads,
+        decode_threads=args.decode_threads, max_in_flight=args.reads_in_flight,
+        options=options.beam_options(beam_args),
         test_pipeline=test_pipeline), "embed")

@@ -17,6 +17,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
+    DebugOptions,
     DirectOptions,
     GoogleCloudOptions,
     PipelineOptions,
@@ -26,10 +27,10 @@ from apache_beam.options.pipeline_options import (
 from dn2ops import features, outputs, sources
 from dn2ops.backbones import WeightsError, get_spec, load_backbone, resolve_weights
 from dn2ops.embed import resolve_device
+from dn2ops.engines import resolve_engine
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
-from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -42,12 +43,33 @@ def _workers(options: PipelineOptions) -> int:
 
 def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, **embed_kwargs):
     """Lists and embeds SRC on ``p``: (feature rows, error rows, count of listed images)."""
-    return graphs.embed(p, src, workers=_workers(options), embed_kwargs=embed_kwargs)
+    return graphs.embed(p, src, workers=_workers(options), embed_kwargs={
+        **embed_kwargs, "workers": _model_workers(options)})
+
+
+def _model_workers(options: PipelineOptions) -> int | None:
+    """Model calls that run at once on one machine, which share its cores
+    (dn2ops.engines.engine_threads): the local runner's workers (threads or processes);
+    None for a remote runner, which runs one SDK process per vCPU (Dataflow's default for
+    Python), unless told to run one process (no_use_multiple_sdk_containers)."""
+    if _runs_here(options):
+        return _workers(options)
+    experiments = options.view_as(DebugOptions).experiments or []
+    return 1 if "no_use_multiple_sdk_containers" in experiments else None
+
+
+def _finalize_features(count_in: int, *, engine: str, device: str, decode: str,
+                       metadata: dict[str, Any], **kwargs) -> dict[str, Any]:
+    """finalize.finalize_features, recording the engine that ``engine`` resolves to where
+    the pipeline's last step runs (beside the model: a Dataflow worker, GPU or not)."""
+    return finalize.finalize_features(count_in, metadata={
+        **metadata, "engine": resolve_engine(engine, device), "decode": decode}, **kwargs)
 
 
 def _preflight(backbone: str, weights: str | None, device: str,
-               options: PipelineOptions | None = None) -> None:
-    """Fails before any pipeline starts: unknown backbone, missing weights, missing GPU.
+               options: PipelineOptions | None = None, engine: str = "auto") -> None:
+    """Fails before any pipeline starts: unknown backbone, missing weights, missing GPU,
+    an engine that cannot run here.
 
     The GPU is checked here only when the pipeline runs in this process: a Dataflow job is
     launched from a machine without one, and its workers check ``--device cuda`` themselves.
@@ -60,6 +82,7 @@ def _preflight(backbone: str, weights: str | None, device: str,
         resolve_weights(spec, weights)
     if options is None or _runs_here(options):
         resolve_device(device)
+        resolve_engine(engine, device)
     if weights not in (None, "random"):
         try:
             load_backbone(backbone, weights)
@@ -172,14 +195,18 @@ def embed(
     batch_size: int = 64,
     device: str = "auto",
     max_pixels: int,
-    torch_threads: int | None = None,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    engine: str = "auto",
+    decode: str = "draft",
+    threads: int | None = None,
+    decode_threads: int | None = None,
+    max_in_flight: int | None = None,
     options: PipelineOptions,
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
-    """dn2 embed: SRC -> FEATURES_DIR. Returns the features marker."""
+    """dn2 embed: SRC -> FEATURES_DIR. Returns the features marker, which records the
+    engine (resolved) and the decode beside the backbone metadata."""
     started = time.time()
-    _preflight(backbone, weights, device, options)
+    _preflight(backbone, weights, device, options, engine)
     check_source(input)
     outputs.check_writable(output, features.KIND)
     extras = extra_columns(input)
@@ -187,14 +214,14 @@ def embed(
     p = test_pipeline or beam.Pipeline(options=options)
     feats, errors, count_in = _embed_graph(
         p, input, options, backbone=backbone, weights=weights, device=device,
-        batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads,
-        max_in_flight=max_in_flight)
+        batch_size=batch_size, max_pixels=max_pixels, engine=engine, decode=decode,
+        threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight)
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
-        finalize.finalize_features, staging=staging, output=output,
-        metadata=get_spec(backbone).metadata(), input=input, extra_columns=extras,
-        started=started), count_in=count_in, written=written)
+        _finalize_features, engine=engine, device=device, decode=decode, staging=staging,
+        output=output, metadata=get_spec(backbone).metadata(), input=input,
+        extra_columns=extras, started=started), count_in=count_in, written=written)
     try:
         if not _run(p):
             return {}
@@ -204,13 +231,8 @@ def embed(
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
     marker.pop(outputs.FILES, None)
-    LOG.info(
-        "embedded %s of %s images into %s (%s errors)",
-        marker["embedded"],
-        marker["count_in"],
-        output,
-        marker["errored"],
-    )
+    LOG.info("embedded %s of %s images into %s (%s errors; engine %s)", marker["embedded"],
+             marker["count_in"], output, marker["errored"], marker.get("engine"))
     return marker
 
 
@@ -295,8 +317,11 @@ def score(
     batch_size: int = 64,
     device: str = "auto",
     max_pixels: int,
-    torch_threads: int | None = None,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    engine: str = "auto",
+    decode: str = "draft",
+    threads: int | None = None,
+    decode_threads: int | None = None,
+    max_in_flight: int | None = None,
     group_by: str | None = None,
     pool: str | None = None,
     group_score: str | None = None,
@@ -341,7 +366,7 @@ def score(
                 loaded.metadata(), get_spec(backbone).metadata(), "--backbone and the index",
                 names=("index", "--backbone")
             )
-        _preflight(backbone, weights, device, options)
+        _preflight(backbone, weights, device, options, engine)
         check_source(input)
         extras = extra_columns(input)
     if group_by:
@@ -355,8 +380,8 @@ def score(
     else:
         feats, errors, count_in = _embed_graph(
             p, input, options, backbone=backbone, weights=weights, device=device,
-            batch_size=batch_size, max_pixels=max_pixels, torch_threads=torch_threads,
-            max_in_flight=max_in_flight)
+            batch_size=batch_size, max_pixels=max_pixels, engine=engine, decode=decode,
+            threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight)
     if group_by:
         written = graphs.score_groups(feats, errors, staging, group_by=group_by,
                                       method=group_score or "knn", pool=pool, index_dir=index,
@@ -417,15 +442,16 @@ def run(
                          "template; template-launch dn2 score (README: Run on Dataflow)")
     embed_kw = {
         key: score_kwargs[key]
-        for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "torch_threads",
-                    "max_in_flight")
+        for key in ("backbone", "weights", "batch_size", "device", "max_pixels", "engine",
+                    "decode", "threads", "decode_threads", "max_in_flight")
     }
     normal_features = outputs.join(output, "normal_features")
     index_dir = outputs.join(output, "index")
     input_features = outputs.join(output, "features")
     covtrace = bool(score_kwargs.get("group_by")) and score_kwargs.get("group_score") == "covtrace"
     # Everything that can be checked before hours of embedding: sources, outputs, backbone.
-    _preflight(embed_kw["backbone"], embed_kw["weights"], embed_kw["device"], options)
+    _preflight(embed_kw["backbone"], embed_kw["weights"], embed_kw["device"], options,
+               embed_kw["engine"])
     if not covtrace:
         check_source(normal, "--normal")
     check_source(input, "--input")

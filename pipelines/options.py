@@ -22,8 +22,9 @@ from apache_beam.options.pipeline_options import (
 
 from dn2ops.backbones import REGISTRY
 from dn2ops.embed import DEVICES
+from dn2ops.engines import ENGINES
 from dn2ops.images import DEFAULT_MAX_PIXELS
-from dn2ops.inference import DEFAULT_MAX_IN_FLIGHT
+from dn2ops.inference import DECODES, DEFAULT_MAX_IN_FLIGHT
 from dn2ops.transforms import TRANSFORMS
 
 # Beam's DirectRunner first tries to download and start the Prism runner; dn2
@@ -57,11 +58,23 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="auto: GPU when present; cuda: fail fast without one")
     g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help="images declaring more pixels are rejected as decompression bombs")
-    g.add_argument("--torch-threads", type=_positive, default=None,
-                   help="torch intra-op threads per worker process")
-    g.add_argument("--reads-in-flight", type=_positive, default=DEFAULT_MAX_IN_FLIGHT,
-                   metavar="N", help="images read and decoded at once per worker, hiding "
-                   f"object-store latency (default {DEFAULT_MAX_IN_FLIGHT}; 1: one at a time)")
+    g.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="what runs the backbone: auto (torch on a CUDA GPU, else onnxruntime), "
+                        "torch, openvino or onnxruntime; features are interchangeable")
+    g.add_argument("--decode", choices=DECODES, default="draft",
+                   help="draft (default): decode only the pixels the resize needs (JPEG DCT "
+                        "scaling, integer reduction); full: every pixel (dn2's earlier path)")
+    g.add_argument("--threads", "--torch-threads", dest="threads", type=_positive,
+                   default=None, metavar="N", help="the engine's threads per model call "
+                   "(default: the cores left by --decode-threads; see README, Threads)")
+    g.add_argument("--decode-threads", type=_positive, default=None, metavar="N",
+                   help="images decoded at once per model call (default: half of its share "
+                        "of the cores; all of it when a GPU runs the model)")
+    g.add_argument("--reads-in-flight", type=_positive, default=None,
+                   metavar="N", help="images read at once per worker, hiding object-store "
+                   f"latency; they wait for --decode-threads to decode (default: --batch-size"
+                   f" + {DEFAULT_MAX_IN_FLIGHT}, so decoding goes on during inference; 1: one "
+                   "at a time)")
 
 
 def add_index_args(p: argparse.ArgumentParser) -> None:

@@ -237,7 +237,7 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     feats, errors, count_in = graphs.embed(p, args.input, embed_kwargs=dict(
         backbone=args.backbone, weights=args.weights, device=args.device,
         batch_size=args.batch_size, max_pixels=args.max_pixels,
-        torch_threads=args.torch_threads))
+        engine=args.engine, decode=args.decode, threads=args.threads))
     staging = args.output + "_staging-test"
     written = graphs.score(feats, errors, staging, index_dir=args.index,
                            partition=args.partition, extra_columns=[])

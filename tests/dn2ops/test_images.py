@@ -324,3 +324,122 @@ def test_non_bytes_rejected() -> None:
 )
 def test_sha256_hex(data: bytes, digest: str) -> None:
     assert sha256_hex(data) == digest
+
+
+# --- decoding only the pixels needed (min_side) ---------------------------------------
+
+
+def _photo_jpeg(size: tuple[int, int], quality: int = 90, **kwargs) -> bytes:
+    """A real photograph (scikit-learn's), scaled to ``size``, as a JPEG."""
+    from dn2ops.datasets import phone_photo
+
+    return _encode(phone_photo(0, size=size), "JPEG", quality=quality, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("size", "min_side", "expected"),
+    [
+        # 4032x3024 / 256: 3024 // 256 = 11 -> the largest DCT scale, 1/8.
+        ((4032, 3024), 256, (504, 378)),
+        # 1000 // 256 = 3 -> 1/2; 1/4 would leave 250 < 256.
+        ((1333, 1000), 256, (667, 500)),
+        # Exactly 4x: 1/4 leaves the short side at the target.
+        ((1024, 1024), 256, (256, 256)),
+        # Below 2x the target: decoded in full.
+        ((500, 400), 256, (500, 400)),
+        # Portrait: the short side is the width.
+        ((1200, 1600), 300, (300, 400)),
+    ],
+)
+def test_jpeg_draft_takes_the_smallest_scale_keeping_the_short_side(size, min_side, expected):
+    img = load_image(_photo_jpeg(size), min_side=min_side)
+
+    assert img.mode == "RGB" and img.size == expected
+    assert min(img.size) >= min_side
+
+
+def test_draft_decoding_stays_close_to_full_decoding():
+    data = _photo_jpeg((2048, 1536))
+    full = load_image(data)
+    draft = load_image(data, min_side=256)
+    assert draft.size == (512, 384)  # 1536 // 256 = 6 -> 1/4
+
+    # Both brought to the draft's size: the DCT-domain scaling is a fair downscale.
+    diff = np.abs(np.asarray(full.resize(draft.size, Image.BILINEAR), float)
+                  - np.asarray(draft, float))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12
+
+
+@pytest.mark.parametrize("case", sorted(c for c in MODE_CASES if not c.endswith("jpeg")))
+def test_every_mode_is_converted_as_before_then_reduced(case: str) -> None:
+    # 7x5 with min_side 1: short side 5 // (2 x 1) = 2 -> reduced by 2, after the
+    # RGB conversion, so modes (16-bit, palette, alpha...) convert exactly as before.
+    data = MODE_CASES[case]()
+
+    reduced = load_image(data, min_side=1)
+
+    assert reduced.mode == "RGB" and reduced.size == (4, 3)
+    assert reduced.tobytes() == load_image(data).reduce(2).tobytes()
+
+
+@pytest.mark.parametrize("case", ["rgb-jpeg", "cmyk-jpeg"])
+def test_jpeg_modes_load_as_rgb_with_draft(case: str) -> None:
+    img = load_image(MODE_CASES[case](), min_side=2)
+
+    assert img.mode == "RGB" and min(img.size) >= 2
+
+
+def test_cmyk_jpeg_colours_with_draft() -> None:
+    data = _encode(Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG")
+
+    img = load_image(data, min_side=8)
+
+    assert img.size == (16, 12)  # 48 // 8 = 6 -> 1/4
+    assert np.abs(np.asarray(img).astype(int) - (255, 0, 0)).max() < 10
+
+
+def test_exif_orientation_with_draft() -> None:
+    # As test_exif_orientation_6_rotates_clockwise, decoded at 1/2 scale.
+    src = Image.new("RGB", (80, 40), (0, 0, 0))
+    src.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(src, "JPEG", quality=95, exif=exif.tobytes())
+
+    img = load_image(data, min_side=16)
+
+    assert img.size == (20, 40)  # stored 40x20 after 1/2, then rotated
+    pixels = np.asarray(img).astype(int)
+    assert np.abs(pixels[2, 17] - (255, 0, 0)).max() < 40  # top-right: red
+    assert np.abs(pixels[2, 2]).max() < 40  # top-left: black
+    assert np.abs(pixels[37, 17]).max() < 40  # bottom-right: black
+
+
+@pytest.mark.parametrize(("size", "expected"), [((1100, 700), (275, 175)), ((700, 150), None)])
+def test_png_is_reduced_by_an_integer_factor(size, expected) -> None:
+    data = _encode(_noise(size), "PNG")
+
+    img = load_image(data, min_side=80)
+
+    # 700 // (2 x 80) = 4; 150 // 160 = 0: left alone.
+    assert img.size == (expected or size)
+    assert img.tobytes() == (load_image(data).reduce(4) if expected else
+                             load_image(data)).tobytes()
+
+
+def test_small_images_are_untouched_by_min_side() -> None:
+    data = MODE_CASES["rgb-png"]()
+
+    assert load_image(data, min_side=256).tobytes() == load_image(data).tobytes()
+
+
+def test_bomb_check_uses_the_declared_size_even_with_draft() -> None:
+    data = _encode(_noise((40, 30)), "JPEG")
+
+    with pytest.raises(ImageDecodeError, match=r"declares 40x30 = 1200 pixels, limit is 1000"):
+        load_image(data, max_pixels=1000, min_side=4)
+
+
+def test_min_side_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="min_side must be positive"):
+        load_image(MODE_CASES["rgb-png"](), min_side=0)

@@ -24,8 +24,8 @@ PREP = get_spec("efficientnet_lite0").preprocessing
 
 def _digest(key_and_tensor) -> tuple[str, str, str]:
     """(uri, sha256 of the bytes, sha1 of the uint8 crop): comparable across processes."""
-    key, tensor = key_and_tensor
-    return key.uri, key.sha256, hashlib.sha1(tensor.numpy().tobytes()).hexdigest()
+    key, pixels = key_and_tensor
+    return key.uri, key.sha256, hashlib.sha1(pixels.tobytes()).hexdigest()
 
 
 def _prepared(rows: list[dict], max_in_flight: int):

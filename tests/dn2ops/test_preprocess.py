@@ -34,8 +34,8 @@ def test_geometry_is_uint8_and_normalisation_batched_matches_single():
     p = Preprocessing()
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
     crop = p.crop_image(im)
-    assert crop.dtype == torch.uint8 and crop.shape == (3, 224, 224)
-    batched = p.normalize(torch.stack([crop, crop]))
+    assert crop.dtype == np.uint8 and crop.shape == (3, 224, 224)
+    batched = p.normalize(torch.from_numpy(np.stack([crop, crop])))
     torch.testing.assert_close(batched[0], p(im))
 
 
@@ -44,3 +44,18 @@ def test_round_trip_to_dict_and_bad_crop():
     assert Preprocessing.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="crop"):
         Preprocessing(resize=200, crop=224)
+
+
+@pytest.mark.parametrize("size", [(640, 427), (427, 640), (28, 28), (300, 299)])
+def test_geometry_equals_torchvision_resize_and_center_crop_within_rounding(size):
+    from torchvision.transforms import v2
+
+    from dn2ops.datasets import phone_photo
+
+    image = phone_photo(0, size=size)
+    p = Preprocessing()
+    reference = v2.Compose([v2.PILToTensor(), v2.Resize(256, antialias=True),
+                            v2.CenterCrop(224)])(image).numpy().astype(int)
+    got = p.crop_image(image)
+    assert got.shape == reference.shape == (3, 224, 224)
+    assert np.abs(got - reference).max() <= 1 and (got != reference).mean() < 0.01

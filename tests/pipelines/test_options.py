@@ -74,7 +74,7 @@ def test_underscore_spellings_of_dn2_flags_are_accepted():
     args, beam_args = options.parse("score", _score(
         "--partition=2026-11-28", "--batch_size=8", "--max_pixels=1000", "--torch_threads=2",
         "--max_error_fraction=0.25", "--temp_location=gs://b/tmp", "--top=5"))
-    assert (args.batch_size, args.max_pixels, args.torch_threads) == (8, 1000, 2)
+    assert (args.batch_size, args.max_pixels, args.threads) == (8, 1000, 2)  # old name
     assert args.max_error_fraction == 0.25 and args.top == 5
     assert beam_args == ["--temp_location=gs://b/tmp"]  # Beam's own flag is left as it is
     args, _ = options.parse("score", _score("--partition", "p", "--batch_size", "16"))

@@ -618,12 +618,24 @@ def test_directory_named_like_an_image(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def test_worker_faults_become_error_rows(corpus_run, tmp_path, monkeypatch):
+def _compiled_backbone():
+    from dn2ops.openvino_engine import CompiledBackbone
+
+    return CompiledBackbone
+
+
+# The engine and what it calls with each batch (the backbone failure is simulated there).
+ENGINE_CALLS = {"torch": lambda: Embedder, "openvino": _compiled_backbone}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINE_CALLS))
+def test_worker_faults_become_error_rows(corpus_run, tmp_path, monkeypatch, engine):
     root, _, _, _ = corpus_run
     normal = sorted((root / "normal").glob("*.png"))
     victim = normal[5]
     victim_bytes = victim.read_bytes()
-    real_load, real_call = dn2ops.inference.load_image, Embedder.__call__
+    model_class = ENGINE_CALLS[engine]()
+    real_load, real_call = dn2ops.inference.load_image, model_class.__call__
     calls = []
 
     def load_image(data, **kwargs):  # a bug that bites one image only
@@ -638,10 +650,10 @@ def test_worker_faults_become_error_rows(corpus_run, tmp_path, monkeypatch):
         return real_call(self, batch)
 
     monkeypatch.setattr(dn2ops.inference, "load_image", load_image)
-    monkeypatch.setattr(Embedder, "__call__", call)
+    monkeypatch.setattr(model_class, "__call__", call)
     out = tmp_path / "f"
     assert main(["embed", "--input", str(root / "normal"), "--output", str(out),
-                 "--batch-size", "4"]) == 0
+                 "--batch-size", "4", "--engine", engine]) == 0
     errors = read_table(str(out), "errors").to_pylist()
     prepare = [e for e in errors if e["stage"] == "prepare"]
     assert [(e["uri"], e["error"]) for e in prepare] == [
