@@ -33,7 +33,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import logging
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -55,6 +57,7 @@ from dn2ops.knn import (
 from dn2ops.scorer import DN2Scorer
 
 KIND = "index"
+LOG = logging.getLogger("dn2")
 
 
 class IndexError_(ValueError):
@@ -236,9 +239,33 @@ def _shard_sizes(n: int, shards: int | None, per_feature_shard: list[int]) -> li
     return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+class Progress:
+    """Logs "WHAT: done of n, ETA" at most every ``every`` s; warns once if the ETA is long."""
+
+    def __init__(self, n: int, what: str, *, every: float = 30.0, warn_after: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.n, self.what, self.every, self.warn_after, self.clock = (
+            n, what, every, warn_after, clock)
+        self.start = self.last = clock()
+        self.warned = False
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        eta = (now - self.start) / max(done, 1) * (self.n - done)
+        if not self.warned and eta > self.warn_after:
+            self.warned = True
+            LOG.warning("%s: %d of %d done; about %.0f min more (the cost grows with the "
+                        "square of the normal set)", self.what, done, self.n, eta / 60)
+            self.last = now
+        elif now - self.last >= self.every or done == self.n:
+            LOG.info("%s: %d of %d done, ETA %.0f s", self.what, done, self.n, eta)
+            self.last = now
+
+
 def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
                       chunks: Callable[[], Iterator[np.ndarray]], n: int,
-                      ids: np.ndarray | None, xq: np.ndarray | None = None) -> np.ndarray:
+                      ids: np.ndarray | None, xq: np.ndarray | None = None,
+                      progress: Progress | None = None) -> np.ndarray:
     """Scores (n,) float64 of the rows ``ids`` (all when None; NaN elsewhere).
 
     ``score(xq, ids)`` scores query rows xq (m, d) whose global ids are ``ids``;
@@ -248,7 +275,12 @@ def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
     if ids is None:
         start = 0
         for x in chunks():
-            out[start:start + len(x)] = score(x, np.arange(start, start + len(x)))
+            for a in range(0, len(x), _QUERY_BLOCK):
+                xb = x[a:a + _QUERY_BLOCK]
+                at = start + a
+                out[at:at + len(xb)] = score(xb, np.arange(at, at + len(xb)))
+                if progress is not None:
+                    progress.update(at + len(xb))
             start += len(x)
         return out
     if xq is None:
@@ -284,7 +316,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
                 ivf_lists: int | None = None, pq_m: int | None = None,
                 nprobe: int | None = None, target_recall: float = 0.95, ondisk: bool = False,
                 hnsw_m: int | None = None, ef_search: int | None = None,
-                reference_sample: int | None = None, recall_queries: int = ivf.RECALL_QUERIES,
+                reference_sample: int | None = streams.REFERENCE_SAMPLE,
+                recall_queries: int = ivf.RECALL_QUERIES,
                 feature_transform: str = "none", device: str = "cpu", seed: int = 1234
                 ) -> dict[str, Any]:
     """Builds INDEX_DIR ``output`` from a committed features directory, streaming its shards.
@@ -309,8 +342,9 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
         per node instead; ef_search None picks the smallest of 16, 32, ...
         reaching target_recall.
       reference_sample: compute the percentile reference (leave-one-out
-        scores) on a uniform sample of this many kept rows instead of all
-        (exact leave-one-out over n rows costs n^2 d); other rows get NaN.
+        scores) on a uniform sample of this many kept rows (other rows get NaN;
+        the manifest records the sample and its percentile_error); None: every
+        row, exact leave-one-out over n rows, which costs n^2 d.
       recall_queries: sampled rows the IVF recall is measured on.
       feature_transform: dn2ops.transforms name, applied to the normal features here
         and to every scored feature by LoadedIndex.search (recorded in the manifest).
@@ -385,7 +419,9 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
                 fs, tmp, _chunks(features_dir, dim, transform=feature_transform), sizes))
             load = _shard_loader(fs, tmp, tmp_names, device)
             loo = _reference_scores(_flat_loo(load, k, device), lambda: _chunks(
-                features_dir, dim, transform=feature_transform), n, None)
+                features_dir, dim, transform=feature_transform), n, None,
+                progress=Progress(n, "--clean-fraction: leave-one-out scores of every normal "
+                                     "image"))
             fs.rm(tmp, recursive=True)
             # As DN2Scorer: the n_drop highest scores go, ties -> lower row first.
             kept[np.argsort(-loo, kind="stable")[:n_drop]] = False
@@ -484,6 +520,9 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
         "ivf": ivf_info, "hnsw": hnsw_info, "kmeans": kmeans_info,
         "reference": {"scores": int(np.isfinite(ref).sum()),
                       "sample": None if ref_ids is None else int(len(ref_ids)),
+                      "of": n_kept,
+                      "percentile_error": round(streams.percentile_error(
+                          None if ref_ids is None else len(ref_ids)), 3),
                       "how": ("distance to the nearest centre" if n_centroids is not None else
                               "leave-one-out, IVF (approximate)" if ivf_lists is not None else
                               "leave-one-out, HNSW (approximate)" if hnsw_m is not None else

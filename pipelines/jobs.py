@@ -31,6 +31,7 @@ from dn2ops.engines import resolve_engine
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
+from dn2ops.streams import REFERENCE_SAMPLE
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -253,12 +254,13 @@ def build(
     ondisk: bool = False,
     hnsw: int | None = None,
     ef_search: int | None = None,
-    reference_sample: int | None = None,
+    reference_sample: int | None = REFERENCE_SAMPLE,
     feature_transform: str = "none",
     device: str = "auto",
 ) -> dict:
     """dn2 build-index: FEATURES_DIR -> INDEX_DIR (of sets with group_by). Returns the manifest."""
-    if group_by and (ivf or hnsw or reference_sample or feature_transform != "none"):
+    if group_by and (ivf or hnsw or reference_sample != REFERENCE_SAMPLE
+                     or feature_transform != "none"):
         raise ValueError("--ivf, --hnsw, --reference-sample and --feature-transform are not "
                          "available with --group-by")
     if not ivf and (pq or nprobe or ondisk):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops import features, hnsw, ivf, outputs, streams
+from dn2ops import features, hnsw, index, ivf, outputs, streams
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
 from dn2ops.scorer import DN2Scorer
@@ -144,12 +144,40 @@ def test_reference_sample_scores_only_the_sample_exactly(data, tmp_path):
                     reference_sample=40)
     loo = normal_table(tmp_path / "i").column("loo_score").to_numpy()
     have = np.isfinite(loo)
+    # 95 % DKW bound, by hand: 100 * sqrt(ln(2 / 0.05) / (2 * 40)) = 21.473 points
     assert have.sum() == 40 and m["reference"] == {
-        "scores": 40, "sample": 40, "how": "leave-one-out, exact"}
+        "scores": 40, "sample": 40, "of": 300, "percentile_error": 21.473,
+        "how": "leave-one-out, exact"}
     D, _ = knn_leave_one_out(X, 2)
     np.testing.assert_allclose(loo[have], D.mean(axis=1)[have], rtol=1e-5)
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     np.testing.assert_allclose(loaded.train_scores, np.sort(D.mean(axis=1)[have]), rtol=1e-5)
+
+
+def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
+    root, X, _ = data
+    assert streams.REFERENCE_SAMPLE == 20_000
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2)  # 300 rows < 20k: all
+    assert m["reference"] == {"scores": 300, "sample": None, "of": 300,
+                              "percentile_error": 0.0, "how": "leave-one-out, exact"}
+    # 20k sampled: every percentile within 0.96 points at 95 % (by hand, as above)
+    assert round(streams.percentile_error(20_000), 2) == 0.96
+
+
+def test_cleaning_logs_progress_and_warns_once_when_it_will_be_long(caplog):
+    now = iter([0.0, 10.0, 20.0, 50.0, 60.0])
+    p = index.Progress(100, "cleaning", every=30.0, warn_after=60.0, clock=lambda: next(now))
+    with caplog.at_level("INFO", logger="dn2"):
+        p.update(10)  # 10 s for 10 rows: 90 s to go -> the one warning
+        p.update(20)  # 80 s to go, warned already, 10 s since the last line: quiet
+        p.update(50)  # 50 s to go, 40 s since the last line: a progress line
+        p.update(100)  # done: a last line
+    got = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert got == [
+        ("WARNING", "cleaning: 10 of 100 done; about 2 min more (the cost grows with the "
+                    "square of the normal set)"),
+        ("INFO", "cleaning: 50 of 100 done, ETA 50 s"),
+        ("INFO", "cleaning: 100 of 100 done, ETA 0 s")]
 
 
 def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
