@@ -33,9 +33,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
-import logging
 import struct
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -46,6 +44,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from dn2ops import features, gpu, hnsw, ivf, outputs, streams, transforms
+from dn2ops import progress as progress_log
 from dn2ops.knn import (
     FlatShard,
     as_float32,
@@ -57,7 +56,6 @@ from dn2ops.knn import (
 from dn2ops.scorer import DN2Scorer
 
 KIND = "index"
-LOG = logging.getLogger("dn2")
 
 
 class IndexError_(ValueError):
@@ -239,33 +237,10 @@ def _shard_sizes(n: int, shards: int | None, per_feature_shard: list[int]) -> li
     return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-class Progress:
-    """Logs "WHAT: done of n, ETA" at most every ``every`` s; warns once if the ETA is long."""
-
-    def __init__(self, n: int, what: str, *, every: float = 30.0, warn_after: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.n, self.what, self.every, self.warn_after, self.clock = (
-            n, what, every, warn_after, clock)
-        self.start = self.last = clock()
-        self.warned = False
-
-    def update(self, done: int) -> None:
-        now = self.clock()
-        eta = (now - self.start) / max(done, 1) * (self.n - done)
-        if not self.warned and eta > self.warn_after:
-            self.warned = True
-            LOG.warning("%s: %d of %d done; about %.0f min more (the cost grows with the "
-                        "square of the normal set)", self.what, done, self.n, eta / 60)
-            self.last = now
-        elif now - self.last >= self.every or done == self.n:
-            LOG.info("%s: %d of %d done, ETA %.0f s", self.what, done, self.n, eta)
-            self.last = now
-
-
 def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
                       chunks: Callable[[], Iterator[np.ndarray]], n: int,
                       ids: np.ndarray | None, xq: np.ndarray | None = None,
-                      progress: Progress | None = None) -> np.ndarray:
+                      progress: progress_log.Progress | None = None) -> np.ndarray:
     """Scores (n,) float64 of the rows ``ids`` (all when None; NaN elsewhere).
 
     ``score(xq, ids)`` scores query rows xq (m, d) whose global ids are ``ids``;
@@ -420,8 +395,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
             load = _shard_loader(fs, tmp, tmp_names, device)
             loo = _reference_scores(_flat_loo(load, k, device), lambda: _chunks(
                 features_dir, dim, transform=feature_transform), n, None,
-                progress=Progress(n, "--clean-fraction: leave-one-out scores of every normal "
-                                     "image"))
+                progress=progress_log.Progress(
+                    n, "--clean-fraction: leave-one-out scores of every normal image"))
             fs.rm(tmp, recursive=True)
             # As DN2Scorer: the n_drop highest scores go, ties -> lower row first.
             kept[np.argsort(-loo, kind="stable")[:n_drop]] = False

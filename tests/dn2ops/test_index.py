@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops import features, hnsw, index, ivf, outputs, streams
+from dn2ops import features, hnsw, ivf, outputs, streams
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
 from dn2ops.scorer import DN2Scorer
@@ -162,22 +162,6 @@ def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
                               "percentile_error": 0.0, "how": "leave-one-out, exact"}
     # 20k sampled: every percentile within 0.96 points at 95 % (by hand, as above)
     assert round(streams.percentile_error(20_000), 2) == 0.96
-
-
-def test_cleaning_logs_progress_and_warns_once_when_it_will_be_long(caplog):
-    now = iter([0.0, 10.0, 20.0, 50.0, 60.0])
-    p = index.Progress(100, "cleaning", every=30.0, warn_after=60.0, clock=lambda: next(now))
-    with caplog.at_level("INFO", logger="dn2"):
-        p.update(10)  # 10 s for 10 rows: 90 s to go -> the one warning
-        p.update(20)  # 80 s to go, warned already, 10 s since the last line: quiet
-        p.update(50)  # 50 s to go, 40 s since the last line: a progress line
-        p.update(100)  # done: a last line
-    got = [(r.levelname, r.getMessage()) for r in caplog.records]
-    assert got == [
-        ("WARNING", "cleaning: 10 of 100 done; about 2 min more (the cost grows with the "
-                    "square of the normal set)"),
-        ("INFO", "cleaning: 50 of 100 done, ETA 50 s"),
-        ("INFO", "cleaning: 100 of 100 done, ETA 0 s")]
 
 
 def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
