@@ -44,9 +44,8 @@ def extra_columns_of(schema: pa.Schema) -> list[str]:
 
 
 def _lists(values: pa.Array, n: int, k: int) -> pa.ListArray:
-    """n lists of k values each, from their k*n values flattened."""
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
-                                    values)
+    """n lists of k values each (k may be 0: K-means mode), from their n*k values."""
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), values)
 
 
 def score_batch(batch: pa.RecordBatch, index: LoadedIndex, partition: str) -> pa.RecordBatch:

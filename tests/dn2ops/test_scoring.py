@@ -22,6 +22,7 @@ from dn2ops.scoring import (
     rank_of,
     rank_shard,
     ranks,
+    score_batch,
 )
 from tests.dn2ops.test_index import brute_scores, clustered, write_features
 
@@ -144,3 +145,20 @@ def test_score_features_writes_ranked_shards_equal_to_brute_force(index, tmp_pat
     np.testing.assert_array_equal(got.column("rank").to_numpy(), brute_ranks(scores))
     assert len(set(got.column("rank").to_pylist()[30:35]) | {got["rank"][0].as_py()}) == 1
     assert got.column("partition").unique().to_pylist() == ["p1"]
+
+
+def test_kmeans_index_scores_are_distances_to_the_nearest_centre(index, tmp_path):
+    """K-means mode has no neighbours (k' = 0): empty lists, not an error."""
+    _, xb = index
+    write_features(tmp_path / "normal", xb, [300])
+    build_index(str(tmp_path / "normal"), str(tmp_path / "index"), k=2, n_centroids=4)
+    from dn2ops.index import LoadedIndex
+
+    loaded = LoadedIndex(str(tmp_path / "index"), device="cpu")
+    batch, xq = _queries(30)
+    got = score_batch(batch, loaded, "p")
+    centres = loaded.centroids.astype(np.float64)
+    expected = np.linalg.norm(xq[:, None].astype(np.float64) - centres[None], axis=2).min(1)
+    np.testing.assert_allclose(got.column("score").to_numpy(), expected, rtol=1e-5)
+    assert got.column("neighbor_uris").to_pylist() == [[]] * 30
+    assert got.column("neighbor_distances").to_pylist() == [[]] * 30
