@@ -48,12 +48,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="2000,20000")
     ap.add_argument("--scratch", default="bench-out/embed_memory")
+    ap.add_argument("--prepare-only", action="store_true", help="write the PNG stores only")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     os.makedirs(args.scratch, exist_ok=True)
+    manifests = {n: store(args.scratch, n) for n in sizes}
+    if args.prepare_only:
+        return {}
     results = {}
     for n in sizes:
-        manifest = store(args.scratch, n)
+        manifest = manifests[n]
         feats = os.path.join(args.scratch, f"features-{n}")
         r = run_one(["embed", "--input", manifest, "--device", "cpu"], feats)
         g = run_one(["score", "--features", feats, "--group-by", "lot",
