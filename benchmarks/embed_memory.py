@@ -51,6 +51,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prepare-only", action="store_true", help="write the PNG stores only")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    args.scratch = os.path.abspath(args.scratch)
     os.makedirs(args.scratch, exist_ok=True)
     manifests = {n: store(args.scratch, n) for n in sizes}
     if args.prepare_only:

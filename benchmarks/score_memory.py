@@ -110,8 +110,9 @@ def measure(cmd: list[str], pythonpath: str) -> dict:
     """Runs cmd under /usr/bin/time -v: wall seconds and peak RSS (bytes)."""
     env = {**os.environ, "PYTHONPATH": pythonpath}
     t0 = time.perf_counter()
+    # cwd too: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH
     res = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, capture_output=True,
-                         text=True)
+                         text=True, cwd=pythonpath)
     wall = time.perf_counter() - t0
     if res.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -173,6 +174,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prepare-only", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    args.scratch = os.path.abspath(args.scratch)
     os.makedirs(args.scratch, exist_ok=True)
     dn2 = [sys.executable, "-m", "pipelines.cli"]
     normal = os.path.join(args.scratch, "normal")
