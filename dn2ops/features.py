@@ -49,6 +49,49 @@ class WriteTable(beam.PTransform):
             shard_name_template="-SSSSS-of-NNNNN")
 
 
+# Rows a feature shard is read and scored in at once (1280-d: about 5 MB of vectors).
+READ_BATCH_ROWS = 1024
+
+
+def iter_batches(path: str, batch_size: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The record batches of one Parquet file, ``batch_size`` rows at a time (its columns
+    read in 4 MiB blocks: a shard may be one row group)."""
+    fs, p = outputs.fs_and_path(path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
+        yield from pf.iter_batches(batch_size=batch_size)
+
+
+class ReadBatches(beam.PTransform):
+    """Parquet paths -> their record batches (of ``batch_size`` rows or fewer)."""
+
+    def __init__(self, batch_size: int = READ_BATCH_ROWS):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def expand(self, paths):
+        return paths | beam.FlatMap(iter_batches, batch_size=self.batch_size)
+
+
+def batch_rows(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
+    """A feature record batch -> its rows as dicts, each ``embedding`` a float32 array."""
+    X = embeddings(batch)
+    rest = batch.drop_columns(["embedding"]).to_pylist()
+    for r, x in zip(rest, X, strict=True):
+        yield {**r, "embedding": x.copy()}  # a row, not a view that pins the whole batch
+
+
+def rows_batch(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    """Feature rows (dicts; embeddings lists or arrays) -> one record batch of ``schema``."""
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "embedding"}
+    X = np.asarray([r["embedding"] for r in rows], np.float32).reshape(len(rows), -1)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), X.shape[1])
+    cols["embedding"] = emb.cast(pa.list_(pa.float32()))
+    arrays = [cols[f.name] if f.name == "embedding" else pa.array(cols[f.name], f.type)
+              for f in schema]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
 def shard_paths(directory: str, prefix: str) -> list[str]:
     """The ``prefix-*.parquet`` shards of a directory, sorted, spelled like ``directory``.
 

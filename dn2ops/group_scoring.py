@@ -191,7 +191,10 @@ class _KeyRows(beam.DoFn):
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         try:
-            yield group_key(row, self.key), row
+            # Grouping holds every row until its set is complete: a float32 array is
+            # 4 bytes a value, a list of Python floats about 32 (issue 19).
+            yield group_key(row, self.key), {
+                **row, "embedding": np.asarray(row["embedding"], np.float32)}
         except GroupKeyError as e:
             yield beam.pvalue.TaggedOutput(ERRORS, {"uri": row["uri"], "stage": KEY_STAGE,
                                                     "error": str(e)})

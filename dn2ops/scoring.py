@@ -1,8 +1,11 @@
-"""Scoring stage: feature rows -> ranked anomaly rows.
+"""Scoring stage: feature record batches -> anomaly record batches, ranked afterwards.
 
-Rows are scored in batches against the index (loaded once per worker process
-and shared between its threads), then ranked against the sorted scores of
-the whole partition (a side input of n floats): rank = 1 + the number of
+Feature rows travel as Arrow record batches (an embedding column of float32, never
+Python lists), are scored a batch at a time through Beam's RunInference with an
+index model handler (the index loaded once per worker process, in load_model) and
+written unranked. The global rank is a second pass over the written shards: its
+only global state is the sorted array of every score (8 bytes an image), so no
+scored row is held until the whole partition is scored. rank = 1 + the number of
 strictly higher scores, so ties share the better rank.
 """
 
@@ -14,12 +17,17 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.utils import shared
+import pyarrow.parquet as pq
+from apache_beam.ml.inference.base import ModelHandler, RunInference
 
+from dn2ops import features, outputs
 from dn2ops.index import LoadedIndex
 from dn2ops.knn import set_faiss_threads
 
 FEATURE_COLUMNS = ("uri", "sha256", "backbone", "dim", "embedding")
+# Rows of an unranked shard ranked and rewritten at once (about 200 bytes a row
+# without neighbours).
+_RANK_BATCH = 65_536
 
 
 def anomaly_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
@@ -30,21 +38,73 @@ def anomaly_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
     return pa.schema(fields + [(c, pa.string()) for c in extra_columns])
 
 
-def score_batch(rows: Sequence[dict[str, Any]], index: LoadedIndex,
-                partition: str) -> list[dict[str, Any]]:
-    """Feature rows -> unranked anomaly rows (``rank`` still None)."""
-    xq = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+def extra_columns_of(schema: pa.Schema) -> list[str]:
+    """The manifest columns a feature batch carries beside FEATURE_COLUMNS."""
+    return [c for c in schema.names if c not in FEATURE_COLUMNS]
+
+
+def _lists(values: pa.Array, n: int, k: int) -> pa.ListArray:
+    """n lists of k values each (k may be 0: K-means mode), from their n*k values."""
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), values)
+
+
+def score_batch(batch: pa.RecordBatch, index: LoadedIndex, partition: str) -> pa.RecordBatch:
+    """A feature record batch (features.feature_schema) -> unranked anomaly rows
+    (anomaly_schema; ``rank`` null), in the same order. Higher score = more anomalous."""
+    xq = features.embeddings(batch)
+    if not len(xq):
+        xq = np.zeros((0, index.manifest["dim"]), np.float32)
     scores, D, I = index.search(xq)
-    pct = index.percentile(scores)
-    out = []
-    for r, s, p, d, i in zip(rows, scores, pct, D, I, strict=True):
-        extras = {k: v for k, v in r.items() if k not in FEATURE_COLUMNS}
-        out.append({"uri": r["uri"], "score": float(s), "rank": None, "percentile": float(p),
-                    "neighbor_uris": [index.uris[j] for j in i],
-                    "neighbor_distances": [float(x) for x in d], "partition": partition,
-                    "backbone": index.manifest["backbone"], "index_id": index.index_id,
-                    "sha256": r["sha256"], **extras})
-    return out
+    n, k = I.shape
+    extras = extra_columns_of(batch.schema)
+    columns = {
+        "uri": batch.column("uri"), "score": pa.array(scores, pa.float64()),
+        "rank": pa.nulls(n, pa.int64()),
+        "percentile": pa.array(index.percentile(scores), pa.float64()),
+        "neighbor_uris": _lists(pa.array([index.uris[j] for j in I.ravel()], pa.string()),
+                                n, k),
+        "neighbor_distances": _lists(pa.array(D.ravel().astype(np.float64)), n, k),
+        "partition": pa.array([partition] * n, pa.string()),
+        "backbone": pa.array([index.manifest["backbone"]] * n, pa.string()),
+        "index_id": pa.array([index.index_id] * n, pa.string()),
+        "sha256": batch.column("sha256"),
+        **{c: batch.column(c).cast(pa.string()) for c in extras},
+    }
+    schema = anomaly_schema(extras)
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+class IndexModelHandler(ModelHandler[pa.RecordBatch, pa.RecordBatch, LoadedIndex]):
+    """RunInference's view of a dn2 index: feature record batch -> unranked anomaly batch.
+
+    The index is loaded only in load_model(), once per worker process, and shared by
+    its threads (RunInference's shared model). ``index_options``: LoadedIndex's
+    ``stream_shards`` and ``device``; ``faiss_threads``: faiss's OpenMP threads, kept
+    low because faiss's pool beside the other stages' threads oversubscribes the cores.
+    """
+
+    def __init__(self, index_dir: str, *, partition: str = "", faiss_threads: int = 1,
+                 index_options: dict[str, Any] | None = None):
+        # Each element is already a batch of rows: RunInference passes one at a time.
+        super().__init__(min_batch_size=1, max_batch_size=1)
+        self.index_dir = index_dir
+        self.partition = partition
+        self.faiss_threads = faiss_threads
+        self.index_options = index_options or {}
+
+    def load_model(self) -> LoadedIndex:
+        set_faiss_threads(self.faiss_threads)
+        return LoadedIndex(self.index_dir, **self.index_options)
+
+    def run_inference(self, batch: Sequence[pa.RecordBatch], model: LoadedIndex,
+                      inference_args: dict[str, Any] | None = None) -> list[pa.RecordBatch]:
+        return [score_batch(b, model, self.partition) for b in batch]
+
+    def get_num_bytes(self, batch: Sequence[pa.RecordBatch]) -> int:
+        return sum(b.nbytes for b in batch)  # the default pickles the batch to measure it
+
+    def get_metrics_namespace(self) -> str:
+        return "dn2_score"
 
 
 def rank_of(score: float, sorted_scores: np.ndarray) -> int:
@@ -52,60 +112,106 @@ def rank_of(score: float, sorted_scores: np.ndarray) -> int:
     return int(len(sorted_scores) - np.searchsorted(sorted_scores, score, side="right") + 1)
 
 
-class _ScoreDoFn(beam.DoFn):
-    def __init__(self, index_dir: str, partition: str, faiss_threads: int,
+def ranks(scores: np.ndarray, sorted_scores: np.ndarray) -> np.ndarray:
+    """rank_of for each of ``scores`` (n,), as int64 (n,); ``sorted_scores`` ascending."""
+    right = np.searchsorted(sorted_scores, scores, side="right")
+    return (len(sorted_scores) - right + 1).astype(np.int64)
+
+
+class SortedScores(beam.CombineFn):
+    """Score arrays -> all of them in one ascending float64 array (8 bytes a score)."""
+
+    def create_accumulator(self) -> list[np.ndarray]:
+        return []
+
+    def add_input(self, acc: list[np.ndarray], scores: np.ndarray) -> list[np.ndarray]:
+        acc.append(np.asarray(scores, np.float64))
+        if len(acc) > 64:  # one array, not thousands of small ones
+            acc[:] = [np.concatenate(acc)]
+        return acc
+
+    def merge_accumulators(self, accs: Sequence[list[np.ndarray]]) -> list[np.ndarray]:
+        merged = [a for acc in accs for a in acc]
+        return [np.concatenate(merged)] if merged else []
+
+    def extract_output(self, acc: list[np.ndarray]) -> np.ndarray:
+        return np.sort(np.concatenate(acc)) if acc else np.zeros(0, np.float64)
+
+
+def rank_shard(src: str, dst: str, sorted_scores: np.ndarray, *,
+               batch_size: int = _RANK_BATCH) -> str:
+    """Rewrites the unranked anomaly shard ``src`` to ``dst`` with its ``rank`` column
+    filled in (see ranks), a slice of rows at a time. Returns ``dst``.
+
+    Writing ``dst`` whole again is harmless, so a retried step gives the same file.
+    """
+    fs, src_path = outputs.fs_and_path(src)
+    dst_fs, dst_path = outputs.fs_and_path(dst)
+    with fs.open(src_path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        at = schema.get_field_index("rank")
+        with dst_fs.open(dst_path, "wb") as out, pq.ParquetWriter(
+                out, schema, compression="none") as writer:
+            for batch in pf.iter_batches(batch_size=batch_size):
+                rank = ranks(batch.column("score").to_numpy(), sorted_scores)
+                writer.write_batch(batch.set_column(at, schema.field(at), pa.array(rank)))
+    return dst
+
+
+class _RankShards(beam.DoFn):
+    """An unranked shard's path -> the path of its ranked copy in ``directory``."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def process(self, src: str, sorted_scores: np.ndarray) -> Iterator[str]:
+        name = src.rstrip("/").rsplit("/", 1)[-1]
+        yield rank_shard(src, outputs.join(self.directory, name), sorted_scores)
+
+
+class ScoreFeatures(beam.PTransform):
+    """Feature record batches -> ranked anomaly shards ``anomalies-*.parquet`` in
+    ``directory``; returns the PCollection of their paths (for finalize).
+
+    Pass 1 scores each batch and writes it unranked under ``directory/.unranked/``
+    (a name the commit never copies: dn2ops.outputs) while the scores are combined
+    into one sorted array; pass 2, once both are complete, rewrites each unranked
+    shard ranked against that array. Both passes are parallel over batches / shards.
+    """
+
+    def __init__(self, index_dir: str, directory: str, *, extra_columns: Sequence[str] = (),
+                 partition: str = "", faiss_threads: int = 1,
                  index_options: dict[str, Any] | None = None):
-        self.index_dir = index_dir
-        self.partition = partition
-        self.faiss_threads = faiss_threads
-        self.index_options = index_options or {}  # LoadedIndex(stream_shards=, device=)
-        self._shared = shared.Shared()
+        super().__init__()
+        self.directory = directory
+        self.schema = anomaly_schema(extra_columns)
+        self.handler = IndexModelHandler(index_dir, partition=partition,
+                                         faiss_threads=faiss_threads,
+                                         index_options=index_options)
 
-    def setup(self):
-        # faiss's OpenMP pool next to torch's oversubscribes the worker's cores.
-        set_faiss_threads(self.faiss_threads)
-        self.index = self._shared.acquire(
-            lambda: _Holder(LoadedIndex(self.index_dir, **self.index_options)))
-
-    def process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        yield from score_batch(batch, self.index.value, self.partition)
-
-
-class _Holder:
-    """shared.Shared needs a weak-referenceable object."""
-
-    def __init__(self, value):
-        self.value = value
+    def expand(self, batches):
+        scored = batches | "Score" >> RunInference(self.handler)
+        unranked = (scored
+                    | "AsTables" >> beam.Map(lambda b: pa.Table.from_batches([b]))
+                    | "WriteUnranked" >> beam.io.WriteToParquetBatched(
+                        outputs.join(self.directory, ".unranked", "anomalies"), self.schema,
+                        file_name_suffix=".parquet", shard_name_template="-SSSSS-of-NNNNN"))
+        sorted_scores = (scored
+                         | "Scores" >> beam.Map(lambda b: b.column("score").to_numpy())
+                         | "SortedScores" >> beam.CombineGlobally(SortedScores()))
+        return unranked | "Rank" >> beam.ParDo(
+            _RankShards(self.directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores))
 
 
 def _sorted(scores: list[float]) -> np.ndarray:
     return np.sort(np.asarray(scores, dtype=np.float64))
 
 
-class ScoreFeatures(beam.PTransform):
-    """Feature rows -> ranked anomaly rows (see anomaly_schema)."""
-
-    def __init__(self, index_dir: str, *, partition: str = "", batch_size: int = 256,
-                 faiss_threads: int = 1, index_options: dict[str, Any] | None = None):
-        super().__init__()
-        self.index_dir = index_dir
-        self.partition = partition
-        self.batch_size = batch_size
-        self.faiss_threads = faiss_threads
-        self.index_options = index_options
-
-    def expand(self, rows):
-        scored = (rows
-                  | "Batch" >> beam.BatchElements(min_batch_size=1,
-                                                  max_batch_size=self.batch_size)
-                  | "Score" >> beam.ParDo(_ScoreDoFn(self.index_dir, self.partition,
-                                                     self.faiss_threads, self.index_options)))
-        return scored | "Rank" >> RankByScore()
-
-
 class RankByScore(beam.PTransform):
     """Rows with a ``score`` -> the same rows with ``rank`` (see rank_of), over the whole
-    PCollection: its sorted scores (n floats) are a side input."""
+    PCollection: its sorted scores (n floats) are a side input, and every row is held
+    until they are complete. Used for group rows (one a set, not one an image)."""
 
     def expand(self, scored):
         sorted_scores = (scored

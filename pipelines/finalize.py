@@ -23,6 +23,8 @@ import posixpath
 import time
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dn2ops import features, outputs
@@ -183,8 +185,9 @@ def results_summary(staging: str, *, count_in: int | None, partition: str, sourc
     """summary.json of a results directory (image mode; group mode adds group_summary)."""
     errors = features.read_table(staging, "errors", columns=["stage"])
     by_stage: dict[str, int] = {}
-    for stage in errors.column("stage").to_pylist() if errors is not None else []:
-        by_stage[stage] = by_stage.get(stage, 0) + 1
+    if errors is not None:  # counted by Arrow: one entry a stage, not one an error
+        for entry in pc.value_counts(errors.column("stage")).to_pylist():
+            by_stage[entry["values"]] = entry["counts"]
     return {
         "count_in": count_in,
         "scored": rows(staging, "anomalies"),
@@ -200,24 +203,38 @@ def results_summary(staging: str, *, count_in: int | None, partition: str, sourc
     }
 
 
+def _top_rows(results_dir: str, n: int, columns: list[str]) -> list[dict[str, Any]]:
+    """The n anomaly rows first by (rank, uri), read a shard at a time: only about
+    n rows are held beside the shard being read (plus its rank and uri columns)."""
+    fs, _ = outputs.fs_and_path(results_dir)
+    keys = [("rank", "ascending"), ("uri", "ascending")]
+    best = None
+    for p in features.shard_paths(results_dir, "anomalies"):
+        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=65_536, columns=columns):
+                part = pa.Table.from_batches([batch], schema=batch.schema)
+                part = part.take(pc.sort_indices(part, sort_keys=keys)[:n])
+                best = part if best is None else pa.concat_tables([best, part])
+                best = best.take(pc.sort_indices(best, sort_keys=keys)[:n])
+    return best.to_pylist() if best is not None else []
+
+
 def top_csv(results_dir: str, n: int) -> bytes:
-    table = features.read_table(
-        results_dir, "anomalies", columns=["rank", "score", "percentile", "uri", "neighbor_uris"]
-    )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rank", "score", "percentile", "uri", "neighbor_uris"])
-    if table is not None:
-        for r in sorted(table.to_pylist(), key=lambda r: (r["rank"], r["uri"]))[:n]:
-            w.writerow(
-                [
-                    r["rank"],
-                    f"{r['score']:.6f}",
-                    f"{r['percentile']:.2f}",
-                    r["uri"],
-                    " ".join(r["neighbor_uris"]),
-                ]
-            )
+    for r in _top_rows(results_dir, n,
+                       ["rank", "score", "percentile", "uri", "neighbor_uris"]):
+        w.writerow(
+            [
+                r["rank"],
+                f"{r['score']:.6f}",
+                f"{r['percentile']:.2f}",
+                r["uri"],
+                " ".join(r["neighbor_uris"]),
+            ]
+        )
     return buf.getvalue().encode()
 
 

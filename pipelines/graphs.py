@@ -10,7 +10,7 @@ from dn2ops import features, sources
 from dn2ops.group_scoring import ScoreGroups, group_schema
 from dn2ops.inference import EmbedImages
 from dn2ops.progress import LogProgress
-from dn2ops.scoring import ScoreFeatures, anomaly_schema
+from dn2ops.scoring import ScoreFeatures
 
 COUNTERS = "dn2"
 
@@ -49,29 +49,56 @@ def write_features(feats, errors, staging: str, extra_columns: Sequence[str]) ->
     ]
 
 
+def _count_rows(name: str):
+    counter = beam.metrics.Metrics.counter(COUNTERS, name)
+
+    def inc(batch):
+        counter.inc(batch.num_rows)
+        return batch
+
+    return inc
+
+
 def read_features(p: beam.Pipeline, features_dir: str):
-    """(feature rows, error rows, their count) of a committed features directory."""
-    pattern = features.shard_paths(features_dir, "features")
-    errs = features.shard_paths(features_dir, "errors")
+    """(feature record batches, error rows, their count) of a committed features directory.
+
+    The feature shards are read in record batches (features.READ_BATCH_ROWS rows), never
+    as one Python object per row: the embeddings stay float32 arrays.
+    """
     feats = (
         p
-        | "FeatureFiles" >> beam.Create(pattern)
-        | "ReadFeatures" >> beam.io.ReadAllFromParquet()
-        | "CountFeatures" >> beam.Map(_count("listed"))
+        | "FeatureFiles" >> beam.Create(features.shard_paths(features_dir, "features"))
+        | "ReadFeatures" >> features.ReadBatches()
+        | "CountFeatures" >> beam.Map(_count_rows("listed"))
     )
     errors = (
         p
-        | "ErrorFiles" >> beam.Create(errs)
+        | "ErrorFiles" >> beam.Create(features.shard_paths(features_dir, "errors"))
         | "ReadErrors" >> beam.io.ReadAllFromParquet()
         | "CountErrors" >> beam.Map(_count("listed"))
     )
-    total = ((feats, errors) | "AllRows" >> beam.Flatten()
-             | "Total" >> beam.combiners.Count.Globally())
+    counts = ((feats | "FeatureRows" >> beam.Map(lambda b: b.num_rows),
+               errors | "ErrorRows" >> beam.Map(lambda _: 1))
+              | "AllRows" >> beam.Flatten())
+    total = counts | "Total" >> beam.CombineGlobally(sum)
     return feats, errors, total
 
 
+def as_batches(rows, extra_columns: Sequence[str], batch_size: int = 256):
+    """Feature rows (dicts, as dn2 embed's stage yields them) -> feature record batches."""
+    schema = features.feature_schema(extra_columns)
+    return (rows
+            | "BatchRows" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
+            | "AsRecordBatch" >> beam.Map(features.rows_batch, schema))
+
+
+def as_rows(batches):
+    """Feature record batches -> feature rows (dicts, embeddings float32 arrays)."""
+    return batches | "AsRows" >> beam.FlatMap(features.batch_rows)
+
+
 def score(
-    feats,
+    batches,
     errors,
     staging: str,
     *,
@@ -81,14 +108,12 @@ def score(
     faiss_threads: int = 1,
     index_options: dict | None = None,
 ) -> list:
-    """Writes anomalies-*.parquet and errors-*.parquet; returns the PCollections of the file
+    """Scores feature record batches (read_features, as_batches) into ranked
+    anomalies-*.parquet and writes errors-*.parquet; returns the PCollections of the file
     names written (for finalize)."""
-    ranked = feats | "Score" >> ScoreFeatures(
-        index_dir, partition=partition, faiss_threads=faiss_threads, index_options=index_options
-    )
-    written = ranked | "WriteAnomalies" >> features.WriteTable(
-        staging, "anomalies", anomaly_schema(extra_columns)
-    )
+    written = batches | "Score" >> ScoreFeatures(
+        index_dir, staging, extra_columns=extra_columns, partition=partition,
+        faiss_threads=faiss_threads, index_options=index_options)
     errors = errors | "Partition" >> beam.Map(
         lambda e: {
             "uri": e["uri"],

@@ -384,6 +384,10 @@ def score(
             p, input, options, backbone=backbone, weights=weights, device=device,
             batch_size=batch_size, max_pixels=max_pixels, engine=engine, decode=decode,
             threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight)
+    if features_dir and group_by:
+        feats = graphs.as_rows(feats)
+    elif not features_dir and not group_by:
+        feats = graphs.as_batches(feats, extras)
     if group_by:
         written = graphs.score_groups(feats, errors, staging, group_by=group_by,
                                       method=group_score or "knn", pool=pool, index_dir=index,

@@ -239,7 +239,7 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
         batch_size=args.batch_size, max_pixels=args.max_pixels,
         engine=args.engine, decode=args.decode, threads=args.threads))
     staging = args.output + "_staging-test"
-    written = graphs.score(feats, errors, staging, index_dir=args.index,
+    written = graphs.score(graphs.as_batches(feats, []), errors, staging, index_dir=args.index,
                            partition=args.partition, extra_columns=[])
     graphs.finalize(p, functools.partial(
         finalize.finalize_results, staging=staging, output=args.output,
@@ -249,7 +249,8 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     p.run().wait_until_finish()  # dry run: translated, pickled, not submitted
     proto = p.runner.proto_pipeline
     names = {t.unique_name for t in proto.components.transforms.values()}
-    for step in ("List", "Embed", "Score", "WriteAnomalies", "WriteErrors", "Finalize"):
+    for step in ("List", "Embed", "Score", "Score/WriteUnranked", "Score/Rank", "WriteErrors",
+                 "Finalize"):
         assert step in names, step
     images = {beam_runner_api_pb2.DockerPayload.FromString(e.payload).container_image
               for e in proto.components.environments.values()
