@@ -375,7 +375,7 @@ def table_few_shot(tr: Treatment, prot: Protocol, k: int,
 
 # Cleaning rules: (name, neighbours of the leave-one-out score). dn2's rule until issue 16
 # was k=2 (the scoring k). All come from one leave-one-out search per normal set.
-CLEAN_RULES = (("dn2 before (k=2)", 2), ("k=10", 10), ("k=50 (dn2 now)", 50))
+CLEAN_RULES = (("dn2 before (k=2)", 2), ("k=50", 50), ("k=200 (dn2 now)", 200))
 # Neighbours searched once per test image against the impure normal set; the k nearest
 # KEPT ones are read from this list (rows that run out are searched again, exactly).
 DEEP = 64

@@ -24,7 +24,7 @@ __all__ = ["CLEAN_K", "DN2Scorer", "NotFittedError", "cleaning_k"]
 # from another class sit next to each other, so a score over 2 neighbours finds only
 # part of them; on Fashion-MNIST with 5-20 % impurities (benchmarks/accuracy.py, README)
 # a wider neighbourhood removes more of them and recovers more ROC-AUC.
-CLEAN_K = 50
+CLEAN_K = 200
 
 
 def cleaning_k(k: int, clean_k: int | None, n: int) -> int:
@@ -61,7 +61,7 @@ class DN2Scorer:
         (centroid mode) are kept.  Rounding rather than ceil so that e.g.
         0.05 * 500 drops exactly 25 despite float error.
     clean_k : int or None, default None
-        Neighbours of the cleaning score; None: max(k, CLEAN_K) (50), at most
+        Neighbours of the cleaning score; None: max(k, CLEAN_K) (200), at most
         n - 1. Impurities of one other class are each other's neighbours, so
         the scoring k (2) leaves many of them in place.
     kmeans_niter : int, default 20

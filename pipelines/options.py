@@ -86,7 +86,7 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clean-fraction", type=_fraction, default=0.0, metavar="F",
                    help="drop this fraction of normal images with the highest own kNN score")
     g.add_argument("--clean-k", type=_positive, default=None, metavar="K",
-                   help="neighbours of the cleaning score (default: max(--k, 50); 2 removed "
+                   help="neighbours of the cleaning score (default: max(--k, 200); 2 removed "
                         "fewer impurities on Fashion-MNIST, see README)")
     g.add_argument("--feature-transform", choices=TRANSFORMS, default=None,
                    help=f"applied to normal and scored features alike: none (the paper's DN2), "
