@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from dn2ops import features, gpu, hnsw, ivf, outputs, streams, transforms
+from dn2ops import progress as progress_log
 from dn2ops.knn import (
     FlatShard,
     as_float32,
@@ -238,7 +239,8 @@ def _shard_sizes(n: int, shards: int | None, per_feature_shard: list[int]) -> li
 
 def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
                       chunks: Callable[[], Iterator[np.ndarray]], n: int,
-                      ids: np.ndarray | None, xq: np.ndarray | None = None) -> np.ndarray:
+                      ids: np.ndarray | None, xq: np.ndarray | None = None,
+                      progress: progress_log.Progress | None = None) -> np.ndarray:
     """Scores (n,) float64 of the rows ``ids`` (all when None; NaN elsewhere).
 
     ``score(xq, ids)`` scores query rows xq (m, d) whose global ids are ``ids``;
@@ -248,7 +250,12 @@ def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
     if ids is None:
         start = 0
         for x in chunks():
-            out[start:start + len(x)] = score(x, np.arange(start, start + len(x)))
+            for a in range(0, len(x), _QUERY_BLOCK):
+                xb = x[a:a + _QUERY_BLOCK]
+                at = start + a
+                out[at:at + len(xb)] = score(xb, np.arange(at, at + len(xb)))
+                if progress is not None:
+                    progress.update(at + len(xb))
             start += len(x)
         return out
     if xq is None:
@@ -284,7 +291,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
                 shards: int | None = 1, ivf_lists: int | None = None, pq_m: int | None = None,
                 nprobe: int | None = None, target_recall: float = 0.95, ondisk: bool = False,
                 hnsw_m: int | None = None, ef_search: int | None = None,
-                reference_sample: int | None = None, recall_queries: int = ivf.RECALL_QUERIES,
+                reference_sample: int | None = streams.REFERENCE_SAMPLE,
+                recall_queries: int = ivf.RECALL_QUERIES,
                 feature_transform: str = "none", device: str = "cpu", seed: int = 1234
                 ) -> dict[str, Any]:
     """Builds INDEX_DIR ``output`` from a committed features directory, streaming its shards.
@@ -310,8 +318,9 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
         per node instead; ef_search None picks the smallest of 16, 32, ...
         reaching target_recall.
       reference_sample: compute the percentile reference (leave-one-out
-        scores) on a uniform sample of this many kept rows instead of all
-        (exact leave-one-out over n rows costs n^2 d); other rows get NaN.
+        scores) on a uniform sample of this many kept rows (other rows get NaN;
+        the manifest records the sample and its percentile_error); None: every
+        row, exact leave-one-out over n rows, which costs n^2 d.
       recall_queries: sampled rows the IVF recall is measured on.
       feature_transform: dn2ops.transforms name, applied to the normal features here
         and to every scored feature by LoadedIndex.search (recorded in the manifest).
@@ -389,7 +398,9 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
             load = _shard_loader(fs, tmp, tmp_names, device)
             loo = _reference_scores(
                 _flat_loo(load, cleaning_k(k, clean_k, n), device),
-                lambda: _chunks(features_dir, dim, transform=feature_transform), n, None)
+                lambda: _chunks(features_dir, dim, transform=feature_transform), n, None,
+                progress=progress_log.Progress(
+                    n, "--clean-fraction: leave-one-out scores of every normal image"))
             fs.rm(tmp, recursive=True)
             # As DN2Scorer: the n_drop highest scores go, ties -> lower row first.
             kept[np.argsort(-loo, kind="stable")[:n_drop]] = False
@@ -490,6 +501,9 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
         "ivf": ivf_info, "hnsw": hnsw_info, "kmeans": kmeans_info,
         "reference": {"scores": int(np.isfinite(ref).sum()),
                       "sample": None if ref_ids is None else int(len(ref_ids)),
+                      "of": n_kept,
+                      "percentile_error": round(streams.percentile_error(
+                          None if ref_ids is None else len(ref_ids)), 3),
                       "how": ("distance to the nearest centre" if n_centroids is not None else
                               "leave-one-out, IVF (approximate)" if ivf_lists is not None else
                               "leave-one-out, HNSW (approximate)" if hnsw_m is not None else

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import apache_beam as beam
+
+LOG = logging.getLogger("dn2")
 
 
 class LogProgress(beam.DoFn):
@@ -38,3 +41,26 @@ class LogProgress(beam.DoFn):
                         f"~{remaining / (rate * self.workers):.0f}s to go")
             logging.getLogger("dn2").info(msg)
         yield element
+
+
+class Progress:
+    """Logs "WHAT: done of n, ETA" at most every ``every`` s; warns once if the ETA is long."""
+
+    def __init__(self, n: int, what: str, *, every: float = 30.0, warn_after: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.n, self.what, self.every, self.warn_after, self.clock = (
+            n, what, every, warn_after, clock)
+        self.start = self.last = clock()
+        self.warned = False
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        eta = (now - self.start) / max(done, 1) * (self.n - done)
+        if not self.warned and eta > self.warn_after:
+            self.warned = True
+            LOG.warning("%s: %d of %d done; about %.0f min more (the cost grows with the "
+                        "square of the normal set)", self.what, done, self.n, eta / 60)
+            self.last = now
+        elif now - self.last >= self.every or done == self.n:
+            LOG.info("%s: %d of %d done, ETA %.0f s", self.what, done, self.n, eta)
+            self.last = now

@@ -31,6 +31,7 @@ from dn2ops.engines import resolve_engine
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
+from dn2ops.streams import REFERENCE_SAMPLE
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -253,7 +254,7 @@ def build(
     ondisk: bool = False,
     hnsw: int | None = None,
     ef_search: int | None = None,
-    reference_sample: int | None = None,
+    reference_sample: int | None = REFERENCE_SAMPLE,
     feature_transform: str | None = None,
     clean_k: int | None = None,
     device: str = "auto",
@@ -265,8 +266,8 @@ def build(
     """
     if feature_transform is None:
         feature_transform = "none" if group_by else transforms.DEFAULT
-    if group_by and (ivf or hnsw or reference_sample or feature_transform != "none"
-                     or clean_k is not None):
+    if group_by and (ivf or hnsw or reference_sample != REFERENCE_SAMPLE
+                     or feature_transform != "none" or clean_k is not None):
         raise ValueError("--ivf, --hnsw, --reference-sample, --feature-transform and "
                          "--clean-k are not available with --group-by")
     if not ivf and (pq or nprobe or ondisk):

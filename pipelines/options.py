@@ -25,6 +25,7 @@ from dn2ops.embed import DEVICES
 from dn2ops.engines import ENGINES
 from dn2ops.images import DEFAULT_MAX_PIXELS
 from dn2ops.inference import DECODES, DEFAULT_MAX_IN_FLIGHT
+from dn2ops.streams import REFERENCE_SAMPLE
 from dn2ops.transforms import DEFAULT as DEFAULT_TRANSFORM
 from dn2ops.transforms import TRANSFORMS
 
@@ -32,6 +33,11 @@ from dn2ops.transforms import TRANSFORMS
 # must never reach for the network, so local runs use the FnApiRunner, the
 # in-process runner the DirectRunner itself falls back to.
 LOCAL_RUNNER = "FnApiRunner"
+
+
+def _sample_size(value: str) -> int | None:
+    """A positive count, or 'all' (None)."""
+    return None if value == "all" else _positive(value)
 
 
 def _positive(value: str) -> int:
@@ -112,9 +118,12 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                         "to reach (default 0.95)")
     g.add_argument("--ondisk", action="store_true",
                    help="with --ivf: inverted lists on disk, memory-mapped (local --output)")
-    g.add_argument("--reference-sample", type=_positive, default=None, metavar="S",
-                   help="percentile reference from S sampled normal images (default: all; "
-                        "exact leave-one-out over all costs n^2)")
+    g.add_argument("--reference-sample", type=_sample_size, default=REFERENCE_SAMPLE,
+                   metavar="S|all",
+                   help="percentile reference from the leave-one-out scores of S sampled "
+                        f"normal images (default {REFERENCE_SAMPLE:,}: every percentile "
+                        "within about a point, a build linear in n); 'all' scores every "
+                        "image, which costs n^2")
 
 
 def add_score_args(p: argparse.ArgumentParser) -> None:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from dn2ops import backbones
-from dn2ops.backbones import REGISTRY, WeightsError, get_spec, load_backbone, read_state_dict
+from dn2ops.backbones import (
+    REGISTRY,
+    WeightsError,
+    get_spec,
+    load_backbone,
+    read_state_dict,
+    resolve_weights,
+)
 from dn2ops.embed import Embedder
 
 OFFLINE = [n for n, s in REGISTRY.items() if s.default_weights is not None]
@@ -106,8 +113,28 @@ def test_metadata_records_name_dim_and_preprocessing():
 
 
 def test_no_backbone_downloads(monkeypatch):
+    """With every network route refused, the default backbone still loads, from the
+    installed package's weights file, and embeds; nothing tried to download."""
+    import socket
+    import urllib.request
+
+    tried = []
+
     def refuse(*a, **k):
+        tried.append(a[:1])
         raise AssertionError("a download was attempted")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(backbones, "fsspec", backbones.fsspec)
-    Embedder(load_backbone("efficientnet_lite0"), device="cpu")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    spec = get_spec("efficientnet_lite0")
+    path = resolve_weights(spec, None)
+    assert not path.startswith(("http:", "https:")) and os.path.isfile(path)
+    model = load_backbone("efficientnet_lite0")
+    on_disk = read_state_dict(path)
+    got = model.state_dict()
+    assert set(on_disk) <= set(got)
+    assert all(torch.equal(got[k], v) for k, v in on_disk.items())
+    feats = Embedder(model, device="cpu")(np.zeros((1, 3, 224, 224), np.float32))
+    assert feats.shape == (1, 1280) and np.isfinite(feats).all()
+    assert tried == []

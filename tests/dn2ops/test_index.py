@@ -146,12 +146,24 @@ def test_reference_sample_scores_only_the_sample_exactly(data, tmp_path):
                     reference_sample=40)
     loo = normal_table(tmp_path / "i").column("loo_score").to_numpy()
     have = np.isfinite(loo)
+    # 95 % DKW bound, by hand: 100 * sqrt(ln(2 / 0.05) / (2 * 40)) = 21.473 points
     assert have.sum() == 40 and m["reference"] == {
-        "scores": 40, "sample": 40, "how": "leave-one-out, exact"}
+        "scores": 40, "sample": 40, "of": 300, "percentile_error": 21.473,
+        "how": "leave-one-out, exact"}
     D, _ = knn_leave_one_out(X, 2)
     np.testing.assert_allclose(loo[have], D.mean(axis=1)[have], rtol=1e-5)
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     np.testing.assert_allclose(loaded.train_scores, np.sort(D.mean(axis=1)[have]), rtol=1e-5)
+
+
+def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
+    root, X, _ = data
+    assert streams.REFERENCE_SAMPLE == 20_000
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2)  # 300 rows < 20k: all
+    assert m["reference"] == {"scores": 300, "sample": None, "of": 300,
+                              "percentile_error": 0.0, "how": "leave-one-out, exact"}
+    # 20k sampled: every percentile within 0.96 points at 95 % (by hand, as above)
+    assert round(streams.percentile_error(20_000), 2) == 0.96
 
 
 def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):

@@ -99,3 +99,14 @@ def test_an_s3_endpoint_only_beam_would_use_is_refused(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")  # the same for both
     assert options.beam_options(flag).view_as(options.S3Options).s3_endpoint_url == flag[1]
     assert options.beam_options([]).view_as(options.S3Options).s3_endpoint_url is None
+
+
+def test_reference_sample_defaults_to_a_bounded_sample_and_all_means_every_image():
+    build = ["--features", "/f", "--output", "/i"]
+    assert options.parse("build-index", build)[0].reference_sample == 20_000
+    assert options.parse("build-index", [*build, "--reference-sample", "all"])[0] \
+        .reference_sample is None
+    assert options.parse("build-index", [*build, "--reference-sample", "500"])[0] \
+        .reference_sample == 500
+    with pytest.raises(SystemExit):
+        options.parse("build-index", [*build, "--reference-sample", "0"])
