@@ -53,7 +53,7 @@ from dn2ops.knn import (
     knn,
     knn_sharded,
 )
-from dn2ops.scorer import DN2Scorer
+from dn2ops.scorer import DN2Scorer, cleaning_k
 
 KIND = "index"
 
@@ -287,8 +287,8 @@ def _approx_loo(search: Callable[..., tuple[np.ndarray, np.ndarray]], index: fai
 
 
 def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int | None = None,
-                clean_fraction: float = 0.0, shards: int | None = 1,
-                ivf_lists: int | None = None, pq_m: int | None = None,
+                clean_fraction: float = 0.0, clean_k: int | None = None,
+                shards: int | None = 1, ivf_lists: int | None = None, pq_m: int | None = None,
                 nprobe: int | None = None, target_recall: float = 0.95, ondisk: bool = False,
                 hnsw_m: int | None = None, ef_search: int | None = None,
                 reference_sample: int | None = streams.REFERENCE_SAMPLE,
@@ -309,6 +309,7 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
       clean_fraction: needs every row's exact leave-one-out score first
         (quadratic in n): pass 1 writes provisional shards of all rows and
         scores them, pass 2 rebuilds without the dropped rows.
+      clean_k: neighbours of the cleaning score (DN2Scorer's; None: max(k, CLEAN_K)).
       ivf_lists, pq_m, nprobe, target_recall, ondisk: an IVF index instead of
         flat shards (see dn2ops.ivf); nprobe None picks the smallest power of
         two whose measured recall@k reaches target_recall. ondisk needs a
@@ -350,7 +351,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
             f"the normal set is empty: none of the {f'{listed} ' if listed else ''}images of "
             f"{fmeta.get('input', features_dir)} could be embedded (see "
             f"{outputs.join(features_dir, 'errors-*.parquet')} for why)")
-    DN2Scorer(k=k, n_centroids=n_centroids, clean_fraction=clean_fraction)._validate_params(n)
+    DN2Scorer(k=k, n_centroids=n_centroids, clean_fraction=clean_fraction,
+              clean_k=clean_k)._validate_params(n)
     fs, out_path = outputs.fs_and_path(output)
     if ondisk and (ivf_lists is None or not isinstance(fs, LocalFileSystem)):
         raise ValueError("--ondisk needs --ivf NLIST and a local --output directory "
@@ -362,9 +364,9 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
     try:
         manifest = _build_staged(
             fs, stage_path, features_dir, fmeta, names, per_shard, k=k,
-            n_centroids=n_centroids, clean_fraction=clean_fraction, shards=shards,
-            ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe, target_recall=target_recall,
-            ondisk=ondisk, hnsw_m=hnsw_m, ef_search=ef_search,
+            n_centroids=n_centroids, clean_fraction=clean_fraction, clean_k=clean_k,
+            shards=shards, ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe,
+            target_recall=target_recall, ondisk=ondisk, hnsw_m=hnsw_m, ef_search=ef_search,
             reference_sample=reference_sample, recall_queries=recall_queries,
             feature_transform=feature_transform, device=device, seed=seed)
     except BaseException:
@@ -376,7 +378,8 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
 
 def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], names: pa.Table,
                   per_shard: list[int], *, k: int, n_centroids: int | None,
-                  clean_fraction: float, shards: int | None, ivf_lists: int | None,
+                  clean_fraction: float, clean_k: int | None, shards: int | None,
+                  ivf_lists: int | None,
                   pq_m: int | None, nprobe: int | None, target_recall: float, ondisk: bool,
                   hnsw_m: int | None, ef_search: int | None,
                   reference_sample: int | None, recall_queries: int, feature_transform: str,
@@ -393,8 +396,9 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
             tmp_names = list(_write_flat_shards(
                 fs, tmp, _chunks(features_dir, dim, transform=feature_transform), sizes))
             load = _shard_loader(fs, tmp, tmp_names, device)
-            loo = _reference_scores(_flat_loo(load, k, device), lambda: _chunks(
-                features_dir, dim, transform=feature_transform), n, None,
+            loo = _reference_scores(
+                _flat_loo(load, cleaning_k(k, clean_k, n), device),
+                lambda: _chunks(features_dir, dim, transform=feature_transform), n, None,
                 progress=progress_log.Progress(
                     n, "--clean-fraction: leave-one-out scores of every normal image"))
             fs.rm(tmp, recursive=True)
@@ -489,7 +493,9 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
     return {
         "kind": KIND, "backbone": fmeta["backbone"], "dim": fmeta["dim"],
         "preprocessing": fmeta["preprocessing"], "k": k, "n_centroids": n_centroids,
-        "clean_fraction": clean_fraction, "feature_transform": feature_transform,
+        "clean_fraction": clean_fraction,
+        "clean_k": cleaning_k(k, clean_k, n) if clean_fraction > 0 else None,
+        "feature_transform": feature_transform,
         "shards": n_flat,
         "counts": {"normal_in": n, "kept": n_kept, "dropped": n - n_kept},
         "ivf": ivf_info, "hnsw": hnsw_info, "kmeans": kmeans_info,

@@ -18,7 +18,18 @@ from dn2ops.knn import (
     knn_leave_one_out,
 )
 
-__all__ = ["DN2Scorer", "NotFittedError"]
+__all__ = ["CLEAN_K", "DN2Scorer", "NotFittedError", "cleaning_k"]
+
+# Neighbours of the cleaning pass's leave-one-out score (``clean_k=None``). Impurities
+# from another class sit next to each other, so a score over 2 neighbours finds only
+# part of them; on Fashion-MNIST with 5-20 % impurities (benchmarks/accuracy.py, README)
+# a wider neighbourhood removes more of them and recovers more ROC-AUC.
+CLEAN_K = 200
+
+
+def cleaning_k(k: int, clean_k: int | None, n: int) -> int:
+    """Neighbours of the cleaning score: ``clean_k`` (None: max(k, CLEAN_K)), at most n - 1."""
+    return min(max(k, CLEAN_K) if clean_k is None else clean_k, n - 1)
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -44,10 +55,15 @@ class DN2Scorer:
     clean_fraction : float in [0, 1), default 0.0
         Fraction of training points to discard as presumed impurities before
         fitting: the ``round(clean_fraction * n)`` points with the highest
-        leave-one-out kNN score (ties broken by lower index first), capped so
+        leave-one-out kNN score over ``clean_k`` neighbours (ties broken by
+        lower index first), capped so
         that at least ``k + 1`` points (kNN mode) or ``n_centroids`` points
         (centroid mode) are kept.  Rounding rather than ceil so that e.g.
         0.05 * 500 drops exactly 25 despite float error.
+    clean_k : int or None, default None
+        Neighbours of the cleaning score; None: max(k, CLEAN_K) (200), at most
+        n - 1. Impurities of one other class are each other's neighbours, so
+        the scoring k (2) leaves many of them in place.
     kmeans_niter : int, default 20
     seed : int, default 1234
         K-means iterations and seed.
@@ -77,19 +93,21 @@ class DN2Scorer:
         k: int = 2,
         n_centroids: int | None = None,
         clean_fraction: float = 0.0,
+        clean_k: int | None = None,
         kmeans_niter: int = 20,
         seed: int = 1234,
     ) -> None:
         self.k = k
         self.n_centroids = n_centroids
         self.clean_fraction = clean_fraction
+        self.clean_k = clean_k
         self.kmeans_niter = kmeans_niter
         self.seed = seed
 
     def __repr__(self) -> str:
         return (
             f"DN2Scorer(k={self.k!r}, n_centroids={self.n_centroids!r}, "
-            f"clean_fraction={self.clean_fraction!r}, "
+            f"clean_fraction={self.clean_fraction!r}, clean_k={self.clean_k!r}, "
             f"kmeans_niter={self.kmeans_niter!r}, seed={self.seed!r})"
         )
 
@@ -111,6 +129,8 @@ class DN2Scorer:
             or not 0.0 <= cf < 1.0
         ):
             raise ValueError(f"clean_fraction must be a float in [0, 1), got {cf!r}")
+        if self.clean_k is not None and (not _is_int(self.clean_k) or self.clean_k < 1):
+            raise ValueError(f"clean_k must be None or a positive integer, got {self.clean_k!r}")
         if not _is_int(self.kmeans_niter) or self.kmeans_niter < 1:
             raise ValueError(
                 f"kmeans_niter must be a positive integer, got {self.kmeans_niter!r}"
@@ -164,7 +184,7 @@ class DN2Scorer:
             min_keep = k + 1 if self.n_centroids is None else int(self.n_centroids)
             n_drop = min(round(float(self.clean_fraction) * n), n - min_keep)
             if n_drop > 0:
-                D, _ = knn_leave_one_out(X, k)
+                D, _ = knn_leave_one_out(X, cleaning_k(k, self.clean_k, n))
                 loo = D.mean(axis=1, dtype=np.float64)
                 # Stable sort on the negated score: among equal scores the
                 # lower index is dropped first, so cleaning is deterministic.

@@ -17,4 +17,4 @@ def run(argv: Sequence[str] | None = None) -> int:
         target_recall=args.target_recall, ondisk=args.ondisk, hnsw=args.hnsw,
         ef_search=args.ef_search,
         reference_sample=args.reference_sample, feature_transform=args.feature_transform,
-        device=args.device), "build-index")
+        clean_k=args.clean_k, device=args.device), "build-index")

@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from dn2ops import features, outputs, sources
+from dn2ops import features, outputs, sources, transforms
 from dn2ops.backbones import WeightsError, get_spec, load_backbone, resolve_weights
 from dn2ops.embed import resolve_device
 from dn2ops.engines import resolve_engine
@@ -255,14 +255,21 @@ def build(
     hnsw: int | None = None,
     ef_search: int | None = None,
     reference_sample: int | None = REFERENCE_SAMPLE,
-    feature_transform: str = "none",
+    feature_transform: str | None = None,
+    clean_k: int | None = None,
     device: str = "auto",
 ) -> dict:
-    """dn2 build-index: FEATURES_DIR -> INDEX_DIR (of sets with group_by). Returns the manifest."""
+    """dn2 build-index: FEATURES_DIR -> INDEX_DIR (of sets with group_by). Returns the manifest.
+
+    ``feature_transform`` None: dn2ops.transforms.DEFAULT for an index of images, none for
+    an index of sets (their pooled features are not transformed).
+    """
+    if feature_transform is None:
+        feature_transform = "none" if group_by else transforms.DEFAULT
     if group_by and (ivf or hnsw or reference_sample != REFERENCE_SAMPLE
-                     or feature_transform != "none"):
-        raise ValueError("--ivf, --hnsw, --reference-sample and --feature-transform are not "
-                         "available with --group-by")
+                     or feature_transform != "none" or clean_k is not None):
+        raise ValueError("--ivf, --hnsw, --reference-sample, --feature-transform and "
+                         "--clean-k are not available with --group-by")
     if not ivf and (pq or nprobe or ondisk):
         raise ValueError("--pq, --nprobe and --ondisk need --ivf NLIST")
     if not hnsw and ef_search:
@@ -280,7 +287,7 @@ def build(
         features_dir, output, k=k, n_centroids=kmeans, clean_fraction=clean_fraction,
         shards=shards, ivf_lists=ivf, pq_m=pq, nprobe=nprobe, target_recall=target_recall,
         ondisk=ondisk, hnsw_m=hnsw, ef_search=ef_search, reference_sample=reference_sample,
-        feature_transform=feature_transform, device=device,
+        feature_transform=feature_transform, clean_k=clean_k, device=device,
     )
     for mode, effort in (("ivf", "nprobe"), ("hnsw", "ef_search")):
         if manifest.get(mode):

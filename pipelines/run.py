@@ -28,5 +28,6 @@ def run(argv: Sequence[str] | None = None) -> int:
                           target_recall=args.target_recall, ondisk=args.ondisk,
                           hnsw=args.hnsw, ef_search=args.ef_search,
                           reference_sample=args.reference_sample,
-                          feature_transform=args.feature_transform),
+                          feature_transform=args.feature_transform,
+                          clean_k=args.clean_k),
         options=options.beam_options(beam_args)), "run")

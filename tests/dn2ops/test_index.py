@@ -18,7 +18,7 @@ import pytest
 from dn2ops import features, hnsw, ivf, outputs, streams
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
-from dn2ops.scorer import DN2Scorer
+from dn2ops.scorer import CLEAN_K, DN2Scorer
 
 META = {"backbone": "toy", "dim": 8,
         "preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}}
@@ -96,8 +96,10 @@ def test_leave_one_out_by_streaming_equals_knn_leave_one_out(data, tmp_path):
 
 def test_cleaning_in_two_passes_equals_in_memory_cleaning(data, tmp_path):
     root, X, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, clean_fraction=0.1, shards=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, clean_fraction=0.1,
+                    shards=2)
     ref = DN2Scorer(k=2, clean_fraction=0.1).fit(X)
+    assert m["clean_k"] == CLEAN_K  # the default cleaning score's neighbours, recorded
     t = normal_table(tmp_path / "i")
     np.testing.assert_array_equal(t.column("kept").to_numpy(), ref.kept_mask_)
     assert (~ref.kept_mask_).sum() == 30

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from dn2ops.scorer import DN2Scorer, NotFittedError
+from dn2ops.scorer import CLEAN_K, DN2Scorer, NotFittedError
 
 
 def brute_dists(xq, xb):
@@ -51,6 +51,7 @@ def test_init_only_stores_params():
         "k": 3,
         "n_centroids": 4,
         "clean_fraction": 0.1,
+        "clean_k": None,
         "kmeans_niter": 5,
         "seed": 7,
     }
@@ -162,6 +163,39 @@ def test_cleaning_removes_planted_impurities_and_unmasks_anomalies():
     auc_clean = roc_auc_score(y, clean.score_samples(X))
     assert auc_dirty < 0.1
     assert auc_clean == 1.0
+
+
+def test_default_cleaning_finds_impurities_that_sit_together():
+    """Impurities of one kind are each other's nearest neighbours (as images of another
+    class are): their leave-one-out score over 2 neighbours is LOWER than a normal point's,
+    so cleaning with k=2 keeps them; the default cleaning score (CLEAN_K neighbours)
+    drops exactly them, as the brute-force leave-one-out score over CLEAN_K says."""
+    rng = np.random.default_rng(5)
+    d = 16
+    normal = rng.standard_normal((380, d))
+    centres = 10.0 * np.eye(d)[:2]  # two tight clusters of 10 impurities, far away
+    impurities = np.vstack([c + 0.3 * rng.standard_normal((10, d)) for c in centres])
+    train = np.vstack([normal, impurities]).astype(np.float32)  # 400 rows, 5% impure
+    is_impurity = np.r_[np.zeros(380, bool), np.ones(20, bool)]
+
+    old_rule = DN2Scorer(k=2, clean_fraction=0.05, clean_k=2).fit(train)
+    assert old_rule.kept_mask_[is_impurity].all()  # k=2 finds none of them
+    default = DN2Scorer(k=2, clean_fraction=0.05).fit(train)
+    np.testing.assert_array_equal(default.kept_mask_, ~is_impurity)
+    worst = np.argsort(-brute_loo_scores(train, CLEAN_K), kind="stable")[:20]
+    np.testing.assert_array_equal(np.sort(worst), np.flatnonzero(is_impurity))
+    # The scores of the kept set stay the scoring k's (2), not the cleaning's.
+    np.testing.assert_allclose(default.train_scores_, brute_loo_scores(normal, 2), rtol=1e-5)
+
+
+def test_cleaning_k_is_capped_at_the_other_points():
+    X = gaussian(12, 3, seed=2)
+    X[0] += 20.0
+    s = DN2Scorer(k=2, clean_fraction=0.1).fit(X)  # CLEAN_K > n - 1: every other point
+    worst = np.argmax(brute_loo_scores(X, 11))
+    assert not s.kept_mask_[worst] and s.kept_mask_.sum() == 11
+    with pytest.raises(ValueError, match="clean_k"):
+        DN2Scorer(clean_k=0, clean_fraction=0.1).fit(X)
 
 
 def test_cleaning_keeps_at_least_k_plus_one():

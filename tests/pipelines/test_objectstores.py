@@ -99,6 +99,9 @@ def test_kmeans_scores_equal_brute_force_over_the_stores_centres(store_runs):
     _, out, _ = store_runs
     centres = LoadedIndex(f"{out}/kmeans", device="cpu").centroids  # (2, 1280)
     table, X, _ = features.load_features(f"{out}/run/features")
+    # The centres are of the default feature transform's features: sqrt-l2, by hand.
+    X = np.sqrt(X.astype(np.float64))  # pooled activations are non-negative
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
     d = np.sqrt(((X[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1)).min(1)
     want = {_relative(u): s for u, s in zip(table.column("uri").to_pylist(), d, strict=True)}
     got = scores(f"{out}/kmeans-results", "anomalies")
