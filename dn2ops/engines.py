@@ -102,17 +102,21 @@ def thread_plan(config: EngineConfig) -> tuple[int, int]:
     """(engine threads, decode threads) of one model call, from this machine's cores.
 
     A model call's share of the cores is cores // ``workers`` (1 with one SDK process
-    per core). Decoding runs beside inference (PrepareImages' thread pool), so the share
-    is split between them rather than given to both: on a CPU engine half (at least 1)
-    decodes and the rest runs the engine; when torch runs the model on a GPU, the whole
-    share decodes and the engine keeps 1 thread for its host-side work. Explicit
-    ``threads`` / ``decode_threads`` replace either part.
+    per core, as Dataflow runs Python). The model and the decoding take turns on the
+    share rather than run side by side: PrepareImages decodes while the engine is idle
+    between calls, and a CPU engine's threads sleep rather than spin when it is idle
+    (onnx_engine.session_options, OpenVINO's latency mode). So a CPU engine gets the
+    whole share, and half of it (at least 1 thread) decodes beside it: the cores never
+    idle while decoded images wait (1 + 1 left the engine at half speed: see README,
+    Threads). When torch runs the model on a GPU, the whole share decodes and the engine
+    keeps 1 thread for its host-side work. Explicit ``threads`` / ``decode_threads``
+    replace either part.
     """
     share = 1 if config.workers is None else max(1, usable_cores() // max(1, config.workers))
     gpu = (resolve_engine(config.engine, config.device) == "torch"
            and resolve_device(config.device).type == "cuda")
     decode = config.decode_threads or (share if gpu else max(1, share // 2))
-    threads = config.threads or (1 if gpu else max(1, share - decode))
+    threads = config.threads or (1 if gpu else share)
     return threads, decode
 
 
