@@ -3,8 +3,9 @@
 ``--engine torch`` runs the torch module (dn2ops.embed.Embedder, CPU or CUDA);
 ``onnxruntime`` and ``openvino`` run the same backbone exported to ONNX
 (dn2ops.export) on the CPU. Each is a Beam ``ModelHandler``:
-``inference.TorchModelHandler``, ``onnx_engine.OnnxBackboneModelHandler``
-(Beam's own ONNX Runtime handler) and ``openvino_engine.OpenVinoModelHandler``.
+``inference.TorchModelHandler``, ``onnx_engine.OnnxBackboneModelHandler`` and
+``openvino_engine.OpenVinoModelHandler`` (dn2's own, not Beam's ONNX handler, whose
+``onnx`` import slows every worker's start: see dn2ops.onnx_engine).
 Their features are interchangeable: the exported graph computes the same
 function in float32 (max |difference| ~1e-5 of features of scale ~5, tested in
 tests/dn2ops/test_engines.py), so an index accepts features from any engine.
@@ -104,8 +105,8 @@ def thread_plan(config: EngineConfig) -> tuple[int, int]:
     A model call's share of the cores is cores // ``workers`` (1 with one SDK process
     per core, as Dataflow runs Python). The model and the decoding take turns on the
     share rather than run side by side: PrepareImages decodes while the engine is idle
-    between calls, and a CPU engine's threads sleep rather than spin when it is idle
-    (onnx_engine.session_options, OpenVINO's latency mode). So a CPU engine gets the
+    between calls, and the engine's threads sleep rather than spin when it is idle
+    (onnx_engine.session_options). So a CPU engine gets the
     whole share, and half of it (at least 1 thread) decodes beside it: the cores never
     idle while decoded images wait (1 + 1 left the engine at half speed: see README,
     Threads). When torch runs the model on a GPU, the whole share decodes and the engine
