@@ -103,22 +103,20 @@ def thread_plan(config: EngineConfig) -> tuple[int, int]:
     """(engine threads, decode threads) of one model call, from this machine's cores.
 
     A model call's share of the cores is cores // ``workers`` (1 with one SDK process
-    per core, as Dataflow runs Python). The model and the decoding take turns on the
-    share rather than run side by side: PrepareImages decodes while the engine is idle
-    between calls, and the engine's threads sleep rather than spin when it is idle
-    (onnx_engine.session_options). So a CPU engine gets the
-    whole share, and half of it (at least 1 thread) decodes beside it: the cores never
-    idle while decoded images wait (1 + 1 left the engine at half speed: see README,
-    Threads). When torch runs the model on a GPU, the whole share decodes and the engine
-    keeps 1 thread for its host-side work. Explicit ``threads`` / ``decode_threads``
-    replace either part.
+    per core, as Dataflow runs Python). Decoding runs on the whole share, and so does a
+    CPU engine: the two take turns rather than compete, since the engine's threads
+    sleep between model calls (onnx_engine.session_options) and PIL releases the GIL
+    while it decodes, so decoding fills the cores while the engine waits for a batch.
+    A split share idled cores: with 1 + 1 on 2 cores ONNX Runtime ran on one core, and
+    a single decode thread capped 12 MP JPEGs at ~44 images/s (README, Threads).
+    When torch runs the model on a GPU, the engine keeps 1 thread for its host-side
+    work. Explicit ``threads`` / ``decode_threads`` replace either part.
     """
     share = 1 if config.workers is None else max(1, usable_cores() // max(1, config.workers))
     gpu = (resolve_engine(config.engine, config.device) == "torch"
            and resolve_device(config.device).type == "cuda")
-    decode = config.decode_threads or (share if gpu else max(1, share // 2))
     threads = config.threads or (1 if gpu else share)
-    return threads, decode
+    return threads, config.decode_threads or share
 
 
 def make_handler(config: EngineConfig) -> ModelHandler:

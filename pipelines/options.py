@@ -68,8 +68,8 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    default=None, metavar="N", help="the engine's threads per model call "
                    "(default: every core of a model call's share; see README, Threads)")
     g.add_argument("--decode-threads", type=_positive, default=None, metavar="N",
-                   help="images decoded at once per model call (default: half of its share "
-                        "of the cores; all of it when a GPU runs the model)")
+                   help="images decoded at once per model call (default: its share "
+                        "of the cores, as the engine's --threads; see README, Threads)")
     g.add_argument("--reads-in-flight", type=_positive, default=None,
                    metavar="N", help="images read at once per worker, hiding object-store "
                    f"latency; they wait for --decode-threads to decode (default: --batch-size"
