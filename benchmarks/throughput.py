@@ -294,7 +294,7 @@ def main(argv=None) -> dict:
     p.add_argument("--embed-images", type=int, default=2000, help="Fashion-MNIST PNGs for (a)")
     p.add_argument("--photo-images", type=int, default=256, help="12 MP JPEGs for (a)")
     p.add_argument("--photos", default=None, help="folder of the photos (made if missing; "
-                   "default OUT/embed/photos; 256 take ~850 MB)")
+                   "default OUT/embed/photos; 512 take ~850 MB)")
     p.add_argument("--baseline-repo", default=None,
                    help="also time dn2 embed of this checkout (with its own .venv)")
     p.add_argument("--sklearn-max", type=int, default=1_000_000)

@@ -3,8 +3,9 @@
 ``--engine torch`` runs the torch module (dn2ops.embed.Embedder, CPU or CUDA);
 ``onnxruntime`` and ``openvino`` run the same backbone exported to ONNX
 (dn2ops.export) on the CPU. Each is a Beam ``ModelHandler``:
-``inference.TorchModelHandler``, ``onnx_engine.OnnxBackboneModelHandler``
-(Beam's own ONNX Runtime handler) and ``openvino_engine.OpenVinoModelHandler``.
+``inference.TorchModelHandler``, ``onnx_engine.OnnxBackboneModelHandler`` and
+``openvino_engine.OpenVinoModelHandler`` (dn2's own, not Beam's ONNX handler, whose
+``onnx`` import slows every worker's start: see dn2ops.onnx_engine).
 Their features are interchangeable: the exported graph computes the same
 function in float32 (max |difference| ~1e-5 of features of scale ~5, tested in
 tests/dn2ops/test_engines.py), so an index accepts features from any engine.
@@ -102,18 +103,20 @@ def thread_plan(config: EngineConfig) -> tuple[int, int]:
     """(engine threads, decode threads) of one model call, from this machine's cores.
 
     A model call's share of the cores is cores // ``workers`` (1 with one SDK process
-    per core). Decoding runs beside inference (PrepareImages' thread pool), so the share
-    is split between them rather than given to both: on a CPU engine half (at least 1)
-    decodes and the rest runs the engine; when torch runs the model on a GPU, the whole
-    share decodes and the engine keeps 1 thread for its host-side work. Explicit
-    ``threads`` / ``decode_threads`` replace either part.
+    per core, as Dataflow runs Python). Decoding runs on the whole share, and so does a
+    CPU engine: the two take turns rather than compete, since the engine's threads
+    sleep between model calls (onnx_engine.session_options) and PIL releases the GIL
+    while it decodes, so decoding fills the cores while the engine waits for a batch.
+    A split share idled cores: with 1 + 1 on 2 cores ONNX Runtime ran on one core, and
+    a single decode thread capped 12 MP JPEGs at ~44 images/s (README, Threads).
+    When torch runs the model on a GPU, the engine keeps 1 thread for its host-side
+    work. Explicit ``threads`` / ``decode_threads`` replace either part.
     """
     share = 1 if config.workers is None else max(1, usable_cores() // max(1, config.workers))
     gpu = (resolve_engine(config.engine, config.device) == "torch"
            and resolve_device(config.device).type == "cuda")
-    decode = config.decode_threads or (share if gpu else max(1, share // 2))
-    threads = config.threads or (1 if gpu else max(1, share - decode))
-    return threads, decode
+    threads = config.threads or (1 if gpu else share)
+    return threads, config.decode_threads or share
 
 
 def make_handler(config: EngineConfig) -> ModelHandler:

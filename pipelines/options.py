@@ -73,10 +73,10 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                         "scaling, integer reduction); full: every pixel (dn2's earlier path)")
     g.add_argument("--threads", "--torch-threads", dest="threads", type=_positive,
                    default=None, metavar="N", help="the engine's threads per model call "
-                   "(default: the cores left by --decode-threads; see README, Threads)")
+                   "(default: every core of a model call's share; see README, Threads)")
     g.add_argument("--decode-threads", type=_positive, default=None, metavar="N",
-                   help="images decoded at once per model call (default: half of its share "
-                        "of the cores; all of it when a GPU runs the model)")
+                   help="images decoded at once per model call (default: its share "
+                        "of the cores, as the engine's --threads; see README, Threads)")
     g.add_argument("--reads-in-flight", type=_positive, default=None,
                    metavar="N", help="images read at once per worker, hiding object-store "
                    f"latency; they wait for --decode-threads to decode (default: --batch-size"

@@ -115,29 +115,33 @@ def test_engines_that_cannot_run_here_fail_with_a_reason(monkeypatch):
 @pytest.mark.parametrize(
     ("cores", "config", "expected"),
     [
-        (2, {}, (1, 1)),  # this project's machine: one thread infers while one decodes
-        (8, {}, (4, 4)),
-        (8, {"workers": 2}, (2, 2)),  # two model calls at once share the 8 cores
+        (2, {}, (2, 2)),  # this project's machine: engine and decoding on both cores
+        (1, {}, (1, 1)),
+        (3, {}, (3, 3)),
+        (8, {"workers": 2}, (4, 4)),  # two model calls at once share the 8 cores
         (8, {"workers": None}, (1, 1)),  # one SDK process per core (Dataflow)
-        (3, {}, (2, 1)),
-        (8, {"threads": 6}, (6, 4)),
-        (8, {"decode_threads": 2}, (6, 2)),
+        (2, {"workers": 4}, (1, 1)),  # more workers than cores: still one thread each
+        (8, {"threads": 6}, (6, 8)),
+        (8, {"decode_threads": 2}, (8, 2)),
     ],
 )
-def test_thread_plan_splits_the_cores_between_decoding_and_the_engine(
+def test_thread_plan_gives_the_engine_and_decoding_the_share_of_the_cores(
         monkeypatch, cores, config, expected):
     monkeypatch.setattr(dn2ops.engines, "usable_cores", lambda: cores)
     monkeypatch.setattr(dn2ops.engines, "resolve_device", lambda d: torch.device("cpu"))
-    plan = thread_plan(EngineConfig(backbone=BACKBONE, engine="torch", **config))
-    assert plan == expected
-    if not config.get("threads") and config.get("workers", 1):
-        assert sum(plan) <= max(2, cores // (config.get("workers") or 1))  # no oversubscribing
+    threads, decode = thread_plan(EngineConfig(backbone=BACKBONE, engine="torch", **config))
+    assert (threads, decode) == expected
+    workers = config.get("workers", 1)
+    share = 1 if workers is None else max(1, cores // workers)
+    if "threads" not in config and "decode_threads" not in config:
+        # never more threads of either kind than the cores a model call may use
+        assert threads == decode == share
 
 
 def test_with_a_gpu_every_core_of_the_share_decodes(monkeypatch):
     monkeypatch.setattr(dn2ops.engines, "usable_cores", lambda: 8)
     monkeypatch.setattr(dn2ops.engines, "resolve_device", lambda d: torch.device("cuda"))
     assert thread_plan(EngineConfig(backbone=BACKBONE, engine="auto")) == (1, 8)
-    # openvino on a GPU machine still runs on the CPU: the cores are split
+    # openvino on a GPU machine still runs on the CPU: on every core, beside decoding
     monkeypatch.setattr(dn2ops.engines, "installed", lambda e: True)
-    assert thread_plan(EngineConfig(backbone=BACKBONE, engine="openvino")) == (4, 4)
+    assert thread_plan(EngineConfig(backbone=BACKBONE, engine="openvino")) == (8, 8)

@@ -11,9 +11,11 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+import dn2ops.engines
 import dn2ops.inference
 from dn2ops.backbones import get_spec
 from dn2ops.datasets import write_png_store
+from dn2ops.engines import EngineConfig
 from dn2ops.images import DEFAULT_MAX_PIXELS
 from dn2ops.inference import ERRORS, PrepareImages, prepare
 from pipelines.options import LOCAL_RUNNER
@@ -115,3 +117,45 @@ def test_reads_run_concurrently_up_to_the_bound(rows, monkeypatch, max_in_flight
 def test_max_in_flight_must_be_positive():
     with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
         PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=0)
+
+
+class _CountedDecodes:
+    """dn2ops.inference._decode_and_crop, slowed down, counting the decodes running at once."""
+
+    def __init__(self, delay_s: float):
+        self.real = dn2ops.inference._decode_and_crop
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.now = self.peak = 0
+
+    def __call__(self, *args):
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            time.sleep(self.delay_s)
+            return self.real(*args)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+@pytest.mark.parametrize(("cores", "workers", "decodes"), [(2, 1, 2), (4, 1, 4), (4, 2, 2),
+                                                          (4, None, 1)])
+def test_decodes_at_once_follow_the_cores_of_the_thread_plan(rows, monkeypatch, cores,
+                                                              workers, decodes):
+    """With 16 reads in flight, PrepareImages decodes as many images at once as the plan's
+    share of the cores (cores // workers; 1 per SDK process on Dataflow), never more."""
+    monkeypatch.setattr(dn2ops.engines, "usable_cores", lambda: cores)
+    counted = _CountedDecodes(0.05)
+    monkeypatch.setattr(dn2ops.inference, "_decode_and_crop", counted)
+    engine = EngineConfig(backbone="efficientnet_lite0", engine="onnxruntime", device="cpu",
+                          workers=workers)
+    fn = PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=16, engine=engine)
+    fn.setup()
+    fn.start_bundle()
+    good = rows[:14]
+    out = [v for row in good for v in fn.process(row, 0, None)] + list(fn.finish_bundle())
+    fn.teardown()
+    assert sorted(v.value[0].uri for v in out) == sorted(r["uri"] for r in good)
+    assert counted.peak == decodes
