@@ -50,6 +50,8 @@ if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
 from benchmarks import array_features  # noqa: E402
+from benchmarks.markdown import fmt as _f  # noqa: E402
+from benchmarks.markdown import table as _table  # noqa: E402
 
 LOG = logging.getLogger("dn2.bench")
 DEFAULT_CACHE = os.path.join("bench-out", "accuracy", "features")
@@ -505,18 +507,7 @@ def _embedding(cache: str, dataset: str) -> dict[str, Any]:
     return got
 
 
-
 # -- report -------------------------------------------------------------------------
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def render(res: dict[str, Any]) -> str:

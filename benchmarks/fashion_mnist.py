@@ -72,6 +72,8 @@ if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
 from benchmarks.baselines import render_markdown, run_baselines  # noqa: E402
+from benchmarks.markdown import fmt as _f  # noqa: E402
+from benchmarks.markdown import table as _table  # noqa: E402
 from dn2ops import features as features_mod  # noqa: E402
 from dn2ops import outputs, transforms  # noqa: E402
 from dn2ops.datasets import (  # noqa: E402
@@ -586,16 +588,6 @@ def write_plots(out: str, res: dict[str, Any], classes: Sequence[str]) -> list[s
                                        [r["mean"] for r in t7]),
                        "Feature treatments"))
     return files
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def render_tables(res: dict[str, Any], classes: Sequence[str]) -> str:
