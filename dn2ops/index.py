@@ -240,50 +240,79 @@ def _shard_sizes(n: int, shards: int | None, per_feature_shard: list[int]) -> li
 def _reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
                       chunks: Callable[[], Iterator[np.ndarray]], n: int,
                       ids: np.ndarray | None, xq: np.ndarray | None = None,
-                      progress: progress_log.Progress | None = None) -> np.ndarray:
+                      progress: progress_log.Progress | None = None, keep: int = 0
+                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scores (n,) float64 of the rows ``ids`` (all when None; NaN elsewhere).
 
-    ``score(xq, ids)`` scores query rows xq (m, d) whose global ids are ``ids``;
-    ``xq``: the rows ``ids``, when already gathered (else read from ``chunks()``).
+    ``score(xq, ids)`` gives the neighbour distances (m, k') of query rows xq (m, d) whose
+    global ids are ``ids``; a row's score is their mean. ``xq``: the rows ``ids``, when
+    already gathered (else read from ``chunks()``). ``keep`` = k': also return the
+    distances, (n, k') float32 (NaN rows elsewhere), which ``--add`` merges with the
+    distances to the added images (dn2ops.index_add).
     """
     out = np.full(n, np.nan)
+    kept = np.full((n, keep), np.nan, np.float32) if keep else None
+
+    def put(at: np.ndarray | slice, xb: np.ndarray, row_ids: np.ndarray) -> None:
+        D = score(xb, row_ids)
+        out[at] = D.mean(axis=1, dtype=np.float64)
+        if kept is not None:
+            kept[at] = D
+
     if ids is None:
         start = 0
         for x in chunks():
             for a in range(0, len(x), _QUERY_BLOCK):
                 xb = x[a:a + _QUERY_BLOCK]
                 at = start + a
-                out[at:at + len(xb)] = score(xb, np.arange(at, at + len(xb)))
+                put(slice(at, at + len(xb)), xb, np.arange(at, at + len(xb)))
                 if progress is not None:
                     progress.update(at + len(xb))
             start += len(x)
-        return out
-    if xq is None:
-        xq = streams.gather_rows(chunks(), ids)
-    for a in range(0, len(ids), _QUERY_BLOCK):
-        out[ids[a:a + _QUERY_BLOCK]] = score(xq[a:a + _QUERY_BLOCK], ids[a:a + _QUERY_BLOCK])
-    return out
+    else:
+        if xq is None:
+            xq = streams.gather_rows(chunks(), ids)
+        for a in range(0, len(ids), _QUERY_BLOCK):
+            put(ids[a:a + _QUERY_BLOCK], xq[a:a + _QUERY_BLOCK], ids[a:a + _QUERY_BLOCK])
+    return out if kept is None else (out, kept)
 
 
 def _flat_loo(load: Callable[[], Iterator[FlatShard | np.ndarray]], k: int, device: str
               ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Leave-one-out kNN score of query rows against the shards ``load()`` yields: exact."""
+    """Leave-one-out neighbour distances (m, k) of query rows against the shards ``load()``
+    yields: exact."""
     def score(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
         search = gpu.knn_sharded_gpu if device == "cuda" else knn_sharded
         D, I = search(xq, load(), k + 1)
-        D, _ = streams.drop_self(D, I, ids)
-        return D.mean(axis=1, dtype=np.float64)
+        return streams.drop_self(D, I, ids)[0]
     return score
 
 
 def _approx_loo(search: Callable[..., tuple[np.ndarray, np.ndarray]], index: faiss.Index,
                 k: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Leave-one-out score of query rows with an approximate index's ``search``."""
+    """Leave-one-out neighbour distances (m, k) of query rows with an approximate index's
+    ``search``."""
     def score(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
         D, I = search(index, xq, k + 1)
-        D, _ = streams.drop_self(D, I, ids)
-        return D.mean(axis=1, dtype=np.float64)
+        return streams.drop_self(D, I, ids)[0]
     return score
+
+
+def _nearest_centre(centroids: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """K-means mode's reference: the distance (m, 1) to the nearest centre (in-sample)."""
+    def score(xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return knn(xq, centroids, 1)[0]
+    return score
+
+
+def distances_column(D: np.ndarray) -> pa.Array:
+    """Reference distances (n, k') -> list<float32> column, null where a row was not
+    sampled (normal.parquet ``loo_distances``)."""
+    n, k = D.shape
+    values = pa.array(np.nan_to_num(D).ravel(), pa.float32())
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    mask = pa.array(np.isnan(D).any(axis=1) if k else np.ones(n, bool))
+    return pa.ListArray.from_arrays(offsets, values, mask=mask)
 
 
 def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int | None = None,
@@ -442,8 +471,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
             checksums[ivf.INDEX_FILE] = _write_index(fs, outputs.join(stage, ivf.INDEX_FILE),
                                                      index)
 
-        ref = _reference_scores(_approx_loo(ivf.search, index, k), chunks, n_kept, ref_ids,
-                                ref_x)
+        ref, ref_d = _reference_scores(_approx_loo(ivf.search, index, k), chunks, n_kept,
+                                       ref_ids, ref_x, keep=k)
         del index
     elif hnsw_m is not None:
         q_ids = streams.sample_ids(n_kept, recall_queries, seed + 1)
@@ -457,8 +486,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
         del tap
         checksums[hnsw.INDEX_FILE] = _write_index(fs, outputs.join(stage, hnsw.INDEX_FILE),
                                                   index)
-        ref = _reference_scores(_approx_loo(hnsw.search, index, k), chunks, n_kept, ref_ids,
-                                ref_x)
+        ref, ref_d = _reference_scores(_approx_loo(hnsw.search, index, k), chunks, n_kept,
+                                       ref_ids, ref_x, keep=k)
         del index
     else:
         sizes = _shard_sizes(n_kept, shards, kept_per_shard)
@@ -469,22 +498,26 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
         n_flat = len(sizes)
         load = _shard_loader(fs, stage, sorted(checksums), device)
         if n_centroids is None:
-            ref = _reference_scores(_flat_loo(load, k, device), chunks, n_kept, ref_ids, ref_x)
+            ref, ref_d = _reference_scores(_flat_loo(load, k, device), chunks, n_kept,
+                                           ref_ids, ref_x, keep=k)
     kmeans_info = None
     if n_centroids is not None:
         centroids = kmeans_centroids(km_x, int(n_centroids), seed=seed)
         checksums["kmeans.faiss"] = _write_index(fs, outputs.join(stage, "kmeans.faiss"),
                                                  _flat_of(centroids))
         # In-sample distance to the nearest centre, as DN2Scorer (biased low).
-        ref = _reference_scores(lambda xq, ids: knn(xq, centroids, 1)[0][:, 0].astype(
-            np.float64), chunks, n_kept, ref_ids, ref_x)
+        ref, ref_d = _reference_scores(_nearest_centre(centroids), chunks, n_kept, ref_ids,
+                                       ref_x, keep=1)
         kmeans_info = {"trained_on": int(len(km_x))}
     ids = np.full(n, -1, np.int64)
     ids[kept] = np.arange(n_kept)
     loo = np.full(n, np.nan)
     loo[kept] = ref
+    loo_d = np.full((n, ref_d.shape[1]), np.nan, np.float32)
+    loo_d[kept] = ref_d
     normal = pa.table({"uri": names.column("uri"), "sha256": names.column("sha256"),
-                       "kept": pa.array(kept), "id": pa.array(ids), "loo_score": pa.array(loo)})
+                       "kept": pa.array(kept), "id": pa.array(ids), "loo_score": pa.array(loo),
+                       "loo_distances": distances_column(loo_d)})
     buf = io.BytesIO()
     pq.write_table(normal, buf)
     checksums["normal.parquet"] = _put(fs, outputs.join(stage, "normal.parquet"),
@@ -492,8 +525,8 @@ def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], name
     checksums = dict(sorted(checksums.items()))
     return {
         "kind": KIND, "backbone": fmeta["backbone"], "dim": fmeta["dim"],
-        "preprocessing": fmeta["preprocessing"], "k": k, "n_centroids": n_centroids,
-        "clean_fraction": clean_fraction,
+        "preprocessing": fmeta["preprocessing"], "weights_sha256": fmeta.get("weights_sha256"),
+        "k": k, "n_centroids": n_centroids, "clean_fraction": clean_fraction,
         "clean_k": cleaning_k(k, clean_k, n) if clean_fraction > 0 else None,
         "feature_transform": feature_transform,
         "shards": n_flat,
@@ -551,8 +584,9 @@ def build_index_from_arrays(uris: list[str], sha256s: list[str], X: np.ndarray,
     checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
     manifest = {
         "kind": KIND, "backbone": fmeta["backbone"], "dim": fmeta["dim"],
-        "preprocessing": fmeta["preprocessing"], "k": k, "n_centroids": n_centroids,
-        "clean_fraction": clean_fraction, "shards": len(bounds) - 1,
+        "preprocessing": fmeta["preprocessing"], "weights_sha256": fmeta.get("weights_sha256"),
+        "k": k, "n_centroids": n_centroids, "clean_fraction": clean_fraction,
+        "shards": len(bounds) - 1,
         "counts": {"normal_in": int(len(X)), "kept": int(kept.sum()),
                    "dropped": int((~kept).sum())},
         "files": checksums, "features_dir": features_dir,

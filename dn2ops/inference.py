@@ -29,6 +29,7 @@ from apache_beam.ml.inference.base import (
     PredictionResult,
     RunInference,
 )
+from apache_beam.utils.shared import Shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from dn2ops.backbones import get_spec, load_backbone
@@ -36,8 +37,10 @@ from dn2ops.embed import Embedder
 from dn2ops.engines import EngineConfig, make_handler, thread_plan
 from dn2ops.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, sha256_hex
 from dn2ops.preprocess import Preprocessing
+from dn2ops.reuse import CopyFeatures, Known, Location
 
 ERRORS = "errors"
+REUSED = "reused"  # images whose features --reuse copies (PrepareImages' third output)
 # draft: decode only the pixels the resize needs (JPEG DCT scaling, integer reduction);
 # full: every pixel, then resize (dn2's path before draft decoding; for comparisons).
 DECODES = ("draft", "full")
@@ -63,22 +66,27 @@ def read_bytes(uri: str) -> bytes:
 
 def prepare(row: dict[str, Any], preprocessing: Preprocessing,
             max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "draft",
-            cpu: threading.Semaphore | None = None) -> tuple[ImageKey, np.ndarray]:
+            cpu: threading.Semaphore | None = None, known: Known | None = None
+            ) -> tuple[ImageKey, np.ndarray | Location]:
     """Row -> (key, uint8 array (3, crop, crop)). Raises _StageError naming the stage.
 
-    ``cpu``: held while decoding, cropping and hashing (not while reading), so that
+    ``cpu``: held while hashing, decoding and cropping (not while reading), so that
     threads waiting on storage do not count against the cores set aside for decoding.
+    ``known`` (``--reuse``): an image whose sha256 it holds is not decoded; its key
+    comes with the Location of its earlier features instead of pixels.
     """
     uri = row["uri"]
     try:
         data = read_bytes(uri)
     except Exception as e:  # every storage backend has its own errors
         raise _StageError("read", _read_reason(e)) from e
-    with cpu or contextlib.nullcontext():
-        pixels = _decode_and_crop(data, preprocessing, max_pixels, decode)
-        digest = sha256_hex(data)
     extras = tuple((k, v) for k, v in row.items() if k != "uri")
-    return ImageKey(uri, digest, extras), pixels
+    with cpu or contextlib.nullcontext():
+        key = ImageKey(uri, sha256_hex(data), extras)
+        found = known.find(key.sha256) if known is not None else None
+        if found is not None:
+            return key, found
+        return key, _decode_and_crop(data, preprocessing, max_pixels, decode)
 
 
 def _decode_and_crop(data: bytes, preprocessing: Preprocessing, max_pixels: int,
@@ -118,10 +126,13 @@ DEFAULT_MAX_IN_FLIGHT = 16
 
 
 def _prepared(row: dict[str, Any], preprocessing: Preprocessing, max_pixels: int,
-              decode: str, cpu: threading.Semaphore | None) -> tuple[str | None, Any]:
-    """prepare() as an outcome that never raises: (None, (key, array)) or (ERRORS, row)."""
+              decode: str, cpu: threading.Semaphore | None, known: Known | None
+              ) -> tuple[str | None, Any]:
+    """prepare() as an outcome that never raises: (None, (key, array)),
+    (REUSED, (key, Location)) or (ERRORS, row)."""
     try:
-        return None, prepare(row, preprocessing, max_pixels, decode, cpu)
+        key, value = prepare(row, preprocessing, max_pixels, decode, cpu, known)
+        return (REUSED if isinstance(value, Location) else None), (key, value)
     except _StageError as e:
         return ERRORS, error_row(row["uri"], e.stage, str(e))
     except Exception as e:  # a bug or a surprise for one image: report it, go on
@@ -129,7 +140,9 @@ def _prepared(row: dict[str, Any], preprocessing: Preprocessing, max_pixels: int
 
 
 class PrepareImages(beam.DoFn):
-    """Row -> (ImageKey, uint8 tensor); failures to the ``errors`` output.
+    """Row -> (ImageKey, uint8 tensor); failures to the ``errors`` output; with
+    ``reuse`` (an earlier features directory), images it holds to the ``reused`` output
+    as (ImageKey, Location), not decoded.
 
     Each row's read, decode and crop (``prepare``) runs on a thread pool, at most
     ``max_in_flight`` rows at once: storage latency is hidden, and decoding overlaps the
@@ -144,7 +157,7 @@ class PrepareImages(beam.DoFn):
 
     def __init__(self, preprocessing: Preprocessing, max_pixels: int, *,
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, decode: str = "draft",
-                 engine: EngineConfig | None = None):
+                 engine: EngineConfig | None = None, reuse: str | None = None):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.preprocessing = preprocessing
@@ -152,6 +165,8 @@ class PrepareImages(beam.DoFn):
         self.max_in_flight = max_in_flight
         self.decode = decode
         self.engine = engine
+        self.reuse = reuse
+        self._shared = Shared()  # one Known per worker process, whatever its threads
 
     def setup(self):
         self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dn2-prepare")
@@ -159,6 +174,8 @@ class PrepareImages(beam.DoFn):
         # Planned here, on the worker: its cores and its GPU, not the launcher's.
         self._cpu = (threading.BoundedSemaphore(thread_plan(self.engine)[1])
                      if self.engine is not None else None)
+        self._known = (self._shared.acquire(lambda: Known.load(self.reuse), tag=self.reuse)
+                       if self.reuse else None)
 
     def start_bundle(self):
         self._pending = {}  # a failed bundle's leftovers are retried by the runner
@@ -166,7 +183,7 @@ class PrepareImages(beam.DoFn):
     def process(self, row: dict[str, Any], timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam) -> Iterator[Any]:
         future = self._pool.submit(_prepared, row, self.preprocessing, self.max_pixels,
-                                   self.decode, self._cpu)
+                                   self.decode, self._cpu, self._known)
         self._pending[future] = (timestamp, window)
         done = [f for f in self._pending if f.done()]
         if not done and len(self._pending) >= self.max_in_flight:
@@ -254,7 +271,11 @@ def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Any]):
 
 
 class EmbedImages(beam.PTransform):
-    """Rows {"uri", ...} -> (feature rows, error rows).
+    """Rows {"uri", ...} -> (feature rows, error rows, reused keys).
+
+    ``reuse``: an earlier features directory (checked by reuse.check_reusable); images
+    it holds are not decoded or embedded, their rows are copied (reuse.CopyFeatures) and
+    their (ImageKey, Location) pairs are the third output (empty without ``reuse``).
 
     ``engine``: auto | torch | openvino | onnxruntime (dn2ops.engines); ``decode``:
     draft | full (DECODES); ``threads`` / ``decode_threads``: the engine's threads per
@@ -270,7 +291,7 @@ class EmbedImages(beam.PTransform):
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
                  engine: str = "auto", decode: str = "draft", threads: int | None = None,
                  decode_threads: int | None = None, workers: int | None = 1,
-                 max_in_flight: int | None = None):
+                 max_in_flight: int | None = None, reuse: str | None = None):
         super().__init__()
         if decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
@@ -284,12 +305,13 @@ class EmbedImages(beam.PTransform):
         self.max_pixels = max_pixels
         self.decode = decode
         self.max_in_flight = max_in_flight or batch_size + DEFAULT_MAX_IN_FLIGHT
+        self.reuse = reuse
 
     def expand(self, rows):
         prepared = rows | "Prepare" >> beam.ParDo(
             PrepareImages(self.preprocessing, self.max_pixels, max_in_flight=self.max_in_flight,
-                          decode=self.decode, engine=self.config)).with_outputs(
-                ERRORS, main="images")
+                          decode=self.decode, engine=self.config, reuse=self.reuse)
+        ).with_outputs(ERRORS, REUSED, main="images")
         inferred, failed = (prepared.images
                             | "Embed" >> RunInference(KeyedModelHandler(self.handler))
                             .with_exception_handling())
@@ -299,4 +321,7 @@ class EmbedImages(beam.PTransform):
         embed_errors = failed.failed_inferences | "FailedBatch" >> beam.FlatMap(
             _failed_batch_rows)
         errors = (prepared[ERRORS], embed_errors) | "AllErrors" >> beam.Flatten()
-        return features, errors
+        if self.reuse:
+            copied = prepared[REUSED] | "CopyReused" >> CopyFeatures(self.reuse, self.backbone)
+            features = (features, copied) | "AllFeatures" >> beam.Flatten()
+        return features, errors, prepared[REUSED]

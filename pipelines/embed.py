@@ -15,5 +15,6 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> int:
         batch_size=args.batch_size, device=args.device, max_pixels=args.max_pixels,
         engine=args.engine, decode=args.decode, threads=args.threads,
         decode_threads=args.decode_threads, max_in_flight=args.reads_in_flight,
+        reuse=args.reuse,
         options=options.beam_options(beam_args),
         test_pipeline=test_pipeline), "embed")

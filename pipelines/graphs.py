@@ -26,17 +26,18 @@ def _count(name: str):
 
 
 def embed(p: beam.Pipeline, src: str, *, embed_kwargs: dict, workers: int = 1):
-    """Lists SRC and embeds it. Returns (feature rows, error rows, count of listed images).
+    """Lists SRC and embeds it. Returns (feature rows, error rows, count of listed images,
+    count of images whose features were copied by ``--reuse``).
 
-    The count (a singleton PCollection) is what finalize checks the outputs against.
+    The counts (singleton PCollections) are what finalize checks and records.
     """
     rows = p | "List" >> sources.ListImages(src) | "CountIn" >> beam.Map(_count("listed"))
     total = rows | "Total" >> beam.combiners.Count.Globally()
     rows = rows | "Progress" >> beam.ParDo(
         LogProgress("embedding", workers=workers), total=beam.pvalue.AsSingleton(total)
     )
-    feats, errors = rows | "Embed" >> EmbedImages(**embed_kwargs)
-    return feats, errors, total
+    feats, errors, reused = rows | "Embed" >> EmbedImages(**embed_kwargs)
+    return feats, errors, total, reused | "Reused" >> beam.combiners.Count.Globally()
 
 
 def write_features(feats, errors, staging: str, extra_columns: Sequence[str]) -> list:
@@ -162,23 +163,29 @@ def score_groups(
     )]
 
 
-def finalize(p: beam.Pipeline, step, *, count_in, written: Sequence) -> beam.PCollection:
-    """The pipeline's last step: ``step(count_in)`` once, after every write has finished.
+def finalize(p: beam.Pipeline, step, *, count_in, written: Sequence,
+             counts: dict | None = None) -> beam.PCollection:
+    """The pipeline's last step: ``step(count_in, **counts)`` once, after every write has
+    finished.
 
     ``step`` is a picklable callable (a functools.partial of a pipelines.finalize
     function) that counts, checks and commits the staged files; ``count_in`` a singleton
-    PCollection of the inputs listed; ``written`` the PCollections of file names the
-    WriteTable steps return. Those names are side inputs, so the step runs only once every
-    write's FinalizeWrite has renamed its files into place, wherever the pipeline runs
-    (this process, Dataflow workers, a template launch). The step reads the staged files
+    PCollection of the inputs listed; ``counts`` more singleton PCollections, passed to
+    ``step`` by name; ``written`` the PCollections of file names the WriteTable steps
+    return. Those names are side inputs, so the step runs only once every write's
+    FinalizeWrite has renamed its files into place, wherever the pipeline runs (this
+    process, Dataflow workers, a template launch). The step reads the staged files
     itself: a FinalizeWrite that Dataflow retries yields only the files it renamed.
     """
     side = {f"written_{i}": beam.pvalue.AsList(w) for i, w in enumerate(written)}
+    side.update({f"count_{name}": beam.pvalue.AsSingleton(c)
+                 for name, c in (counts or {}).items()})
     return (p
             | "FinalizeOnce" >> beam.Create([None])
             | "Finalize" >> beam.Map(_finalize_after, step,
                                      count_in=beam.pvalue.AsSingleton(count_in), **side))
 
 
-def _finalize_after(_, step, count_in: int, **written_files):
-    return step(count_in)
+def _finalize_after(_, step, count_in: int, **side):
+    return step(count_in, **{k[len("count_"):]: v for k, v in side.items()
+                             if k.startswith("count_")})

@@ -28,9 +28,12 @@ from dn2ops import features, outputs, sources, transforms
 from dn2ops.backbones import WeightsError, get_spec, load_backbone, resolve_weights
 from dn2ops.embed import resolve_device
 from dn2ops.engines import resolve_engine
+from dn2ops.export import weights_sha256
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.group_scoring import build_group_index, check_index_mode, check_key
 from dn2ops.index import LoadedIndex, build_index
+from dn2ops.index_add import add_to_index
+from dn2ops.reuse import check_reusable
 from dn2ops.streams import REFERENCE_SAMPLE
 from pipelines import finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
@@ -43,7 +46,8 @@ def _workers(options: PipelineOptions) -> int:
 
 
 def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, **embed_kwargs):
-    """Lists and embeds SRC on ``p``: (feature rows, error rows, count of listed images)."""
+    """Lists and embeds SRC on ``p``: (feature rows, error rows, count of listed images,
+    count of images copied by ``reuse``)."""
     return graphs.embed(p, src, workers=_workers(options), embed_kwargs={
         **embed_kwargs, "workers": _model_workers(options)})
 
@@ -60,11 +64,15 @@ def _model_workers(options: PipelineOptions) -> int | None:
 
 
 def _finalize_features(count_in: int, *, engine: str, device: str, decode: str,
-                       metadata: dict[str, Any], **kwargs) -> dict[str, Any]:
+                       metadata: dict[str, Any], reuse: str | None = None,
+                       reused: int = 0, **kwargs) -> dict[str, Any]:
     """finalize.finalize_features, recording the engine that ``engine`` resolves to where
-    the pipeline's last step runs (beside the model: a Dataflow worker, GPU or not)."""
-    return finalize.finalize_features(count_in, metadata={
-        **metadata, "engine": resolve_engine(engine, device), "decode": decode}, **kwargs)
+    the pipeline's last step runs (beside the model: a Dataflow worker, GPU or not), and
+    with ``reuse``, the images whose features were copied from it."""
+    metadata = {**metadata, "engine": resolve_engine(engine, device), "decode": decode}
+    if reuse:
+        metadata["reused"] = {"from": reuse, "images": reused}
+    return finalize.finalize_features(count_in, metadata=metadata, **kwargs)
 
 
 def _preflight(backbone: str, weights: str | None, device: str,
@@ -201,28 +209,37 @@ def embed(
     threads: int | None = None,
     decode_threads: int | None = None,
     max_in_flight: int | None = None,
+    reuse: str | None = None,
     options: PipelineOptions,
     test_pipeline: beam.Pipeline | None = None,
 ) -> dict:
     """dn2 embed: SRC -> FEATURES_DIR. Returns the features marker, which records the
-    engine (resolved) and the decode beside the backbone metadata."""
+    engine (resolved), the decode and the weights' sha256 beside the backbone metadata,
+    and with ``reuse`` (an earlier FEATURES_DIR) how many images were copied from it."""
     started = time.time()
     _preflight(backbone, weights, device, options, engine)
     check_source(input)
     outputs.check_writable(output, features.KIND)
+    metadata = {**get_spec(backbone).metadata(),
+                "weights_sha256": weights_sha256(load_backbone(backbone, weights))}
+    if reuse:
+        check_source(reuse, "--reuse")
+        check_reusable(reuse, metadata, metadata["weights_sha256"])
     extras = extra_columns(input)
     staging = outputs.new_staging(output)
     p = test_pipeline or beam.Pipeline(options=options)
-    feats, errors, count_in = _embed_graph(
+    feats, errors, count_in, reused = _embed_graph(
         p, input, options, backbone=backbone, weights=weights, device=device,
         batch_size=batch_size, max_pixels=max_pixels, engine=engine, decode=decode,
-        threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight)
+        threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight,
+        reuse=reuse)
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
         _finalize_features, engine=engine, device=device, decode=decode, staging=staging,
-        output=output, metadata=get_spec(backbone).metadata(), input=input,
-        extra_columns=extras, started=started), count_in=count_in, written=written)
+        output=output, metadata=metadata, input=input, reuse=reuse,
+        extra_columns=extras, started=started), count_in=count_in, written=written,
+        counts={"reused": reused})
     try:
         if not _run(p):
             return {}
@@ -232,8 +249,9 @@ def embed(
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
     marker.pop(outputs.FILES, None)
-    LOG.info("embedded %s of %s images into %s (%s errors; engine %s)", marker["embedded"],
-             marker["count_in"], output, marker["errored"], marker.get("engine"))
+    LOG.info("embedded %s of %s images into %s (%s errors; engine %s%s)", marker["embedded"],
+             marker["count_in"], output, marker["errored"], marker.get("engine"),
+             f"; {marker['reused']['images']} copied from {reuse}" if reuse else "")
     return marker
 
 
@@ -289,6 +307,23 @@ def build(
         ondisk=ondisk, hnsw_m=hnsw, ef_search=ef_search, reference_sample=reference_sample,
         feature_transform=feature_transform, clean_k=clean_k, device=device,
     )
+    _log_built(manifest, k)
+    return manifest
+
+
+def add(*, features_dir: str, index: str, output: str, retrain: bool = False,
+        reference_sample: int | None = REFERENCE_SAMPLE, device: str = "auto") -> dict:
+    """dn2 build-index --add: INDEX_DIR + FEATURES_DIR -> NEW_INDEX_DIR. Returns the manifest."""
+    manifest = add_to_index(features_dir, index, output, retrain=retrain,
+                            reference_sample=reference_sample,
+                            device=resolve_faiss_device(device))
+    LOG.info("added %s images to index %s: index %s", manifest["added"]["images"],
+             manifest["parent_index_id"], manifest["index_id"])
+    _log_built(manifest, manifest["k"])
+    return manifest
+
+
+def _log_built(manifest: dict, k: int) -> None:
     for mode, effort in (("ivf", "nprobe"), ("hnsw", "ef_search")):
         if manifest.get(mode):
             info = manifest[mode]
@@ -307,7 +342,6 @@ def build(
         manifest["counts"]["normal_in"],
         manifest["shards"],
     )
-    return manifest
 
 
 def score(
@@ -387,7 +421,7 @@ def score(
     if features_dir:
         feats, errors, count_in = graphs.read_features(p, features_dir)
     else:
-        feats, errors, count_in = _embed_graph(
+        feats, errors, count_in, _ = _embed_graph(
             p, input, options, backbone=backbone, weights=weights, device=device,
             batch_size=batch_size, max_pixels=max_pixels, engine=engine, decode=decode,
             threads=threads, decode_threads=decode_threads, max_in_flight=max_in_flight)

@@ -157,9 +157,19 @@ def parser(command: str) -> argparse.ArgumentParser:
     if command == "embed":
         p.add_argument("--input", required=True, help="directory, glob or manifest (csv/parquet)")
         p.add_argument("--output", required=True, help="FEATURES_DIR")
+        p.add_argument("--reuse", default=None, metavar="FEATURES_DIR",
+                       help="an earlier FEATURES_DIR (same backbone, preprocessing and "
+                            "weights): images whose sha256 it holds are copied, not embedded")
         add_embed_args(p)
     elif command == "build-index":
-        p.add_argument("--features", required=True, help="FEATURES_DIR of the normal set")
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--features", help="FEATURES_DIR of the normal set")
+        src.add_argument("--add", metavar="FEATURES_DIR",
+                         help="new normal images to append to --index (dn2ops.index_add)")
+        p.add_argument("--index", help="with --add: the committed INDEX_DIR to grow (left "
+                                       "as it is)")
+        p.add_argument("--retrain", action="store_true",
+                       help="with --add to a K-means index: train new centres on the union")
         p.add_argument("--output", required=True, help="INDEX_DIR")
         p.add_argument("--device", choices=DEVICES, default="auto",
                        help="faiss searches: auto (GPU when faiss sees one), cpu, cuda")
@@ -206,6 +216,8 @@ def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     _check_group_args(p, command, args)
+    if command == "build-index":
+        _check_add_args(p, args)
     return args, beam_args
 
 
@@ -260,6 +272,25 @@ def _check_group_args(p: argparse.ArgumentParser, command: str, args: argparse.N
     if command == "run" and not args.normal and not covtrace:
         p.error("--normal is required (only --group-by KEY --group-score covtrace scores "
                 "without normal images)")
+
+
+# What an index built with --add takes from its parent (the flags that shape an index).
+_PARENT_SHAPES = ("k", "kmeans", "clean_fraction", "clean_k", "feature_transform", "shards",
+                  "ivf", "pq", "nprobe", "hnsw", "ef_search", "ondisk", "target_recall",
+                  "group_by", "pool")
+
+
+def _check_add_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.add:
+        if args.index or args.retrain:
+            p.error("--index and --retrain go with --add FEATURES_DIR")
+        return
+    if not args.index:
+        p.error("--add needs --index INDEX_DIR (the index to grow)")
+    shaped = [name for name in _PARENT_SHAPES if getattr(args, name) != p.get_default(name)]
+    if shaped:
+        flags = ", ".join("--" + n.replace("_", "-") for n in shaped)
+        p.error(f"--add keeps the parent index's {flags}; drop them (or build anew)")
 
 
 def _is_beam_flag(arg: str) -> bool:

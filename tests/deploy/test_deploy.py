@@ -234,7 +234,7 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     assert opts.view_as(GoogleCloudOptions).dataflow_service_options == [gpu]
     p = beam.Pipeline(options=opts)
     assert type(p.runner).__name__ == "DataflowRunner"
-    feats, errors, count_in = graphs.embed(p, args.input, embed_kwargs=dict(
+    feats, errors, count_in, _ = graphs.embed(p, args.input, embed_kwargs=dict(
         backbone=args.backbone, weights=args.weights, device=args.device,
         batch_size=args.batch_size, max_pixels=args.max_pixels,
         engine=args.engine, decode=args.decode, threads=args.threads))

@@ -24,22 +24,25 @@ META = {"backbone": "toy", "dim": 8,
         "preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}}
 
 
-def write_features(directory, X: np.ndarray, rows_per_shard: list[int]) -> list[str]:
-    """A committed features directory holding X (n, d) split into shards; returns the uris."""
+def write_features(directory, X: np.ndarray, rows_per_shard: list[int], start: int = 0,
+                   meta: dict | None = None) -> list[str]:
+    """A committed features directory holding X (n, d) split into shards; returns the uris.
+    Row i is image ``start + i`` (uri and sha256); ``meta`` replaces META in its marker."""
     assert sum(rows_per_shard) == len(X)
-    uris = [f"mem://img/{i:05d}.png" for i in range(len(X))]
+    uris = [f"mem://img/{i:05d}.png" for i in range(start, start + len(X))]
     staging = outputs.new_staging(str(directory))
     fs, path = outputs.fs_and_path(staging)
     fs.makedirs(path, exist_ok=True)
     bounds = np.cumsum([0] + rows_per_shard)
     for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         emb = pa.FixedSizeListArray.from_arrays(pa.array(X[a:b].ravel()), X.shape[1])
-        table = pa.table({"uri": uris[a:b], "sha256": [f"h{i}" for i in range(a, b)],
+        table = pa.table({"uri": uris[a:b], "sha256": [f"h{start + i}" for i in range(a, b)],
                           "backbone": ["toy"] * (b - a), "dim": [X.shape[1]] * (b - a),
                           "embedding": emb.cast(pa.list_(pa.float32()))},
                          schema=features.feature_schema())
         pq.write_table(table, f"{path}/features-{s:05d}-of-{len(rows_per_shard):05d}.parquet")
-    outputs.commit(staging, str(directory), {"kind": features.KIND, **META, "dim": X.shape[1]})
+    outputs.commit(staging, str(directory),
+                   {"kind": features.KIND, **(meta or META), "dim": X.shape[1]})
     return uris
 
 
