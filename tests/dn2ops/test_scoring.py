@@ -24,7 +24,7 @@ from dn2ops.scoring import (
     ranks,
     score_batch,
 )
-from tests.dn2ops.test_index import brute_scores, clustered, write_features
+from tests.conftest import brute_scores, clustered, write_features
 
 
 def _fail(what):

@@ -27,7 +27,7 @@ from dn2ops.group_scoring import group_schema
 from dn2ops.scoring import anomaly_schema
 from pipelines import finalize, graphs, options
 from pipelines.cli import main
-from tests.conftest import digit_images
+from tests.conftest import brute_scores, digit_images, sqrt_l2
 
 SUMMARY_KEYS = ["count_in", "scored", "errored", "errors_by_stage", "partition", "backbone",
                 "index_id", "index_dir", "input", "timings", "created_at"]
@@ -219,17 +219,6 @@ def store(tmp_path_factory):
     return root, root / "normal_features", root / "incoming_features", root / "index"
 
 
-def _sqrt_l2(x: np.ndarray) -> np.ndarray:
-    """The default index's feature transform, by hand: signed square root, unit length."""
-    x = np.sign(x) * np.sqrt(np.abs(x.astype(np.float64)))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _brute_force_scores(xq: np.ndarray, xb: np.ndarray, k: int = 2) -> np.ndarray:
-    """Scores of the default index: mean distance between sqrt-l2 features."""
-    xq, xb = _sqrt_l2(xq), _sqrt_l2(xb)
-    d = np.sqrt(((xq[:, None, :] - xb[None, :, :]) ** 2).sum(-1))
-    return np.sort(d, axis=1)[:, :k].mean(axis=1)
 
 
 def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
@@ -261,8 +250,9 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
     assert summary["count_in"] == table.num_rows + 1 == 13  # 12 images + broken.png
     assert (summary["scored"], summary["errored"]) == (12, 1)
     assert list(summary["errors_by_stage"].values()) == [1]
-    expected = sorted(zip(_brute_force_scores(xq, xb), table.column("uri").to_pylist(),
-                          strict=True), reverse=True)[:5]
+    scores = brute_scores(sqrt_l2(xq), sqrt_l2(xb), 2)
+    expected = sorted(zip(scores, table.column("uri").to_pylist(), strict=True),
+                      reverse=True)[:5]
     top = list(csv.DictReader(io.StringIO((out / "top_anomalies.csv").read_text())))
     assert [r["uri"] for r in top] == [u for _, u in expected]
     np.testing.assert_allclose([float(r["score"]) for r in top], [s for s, _ in expected],
