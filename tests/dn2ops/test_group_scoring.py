@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from dn2ops import features, outputs
 from dn2ops.group_scoring import (
@@ -38,9 +39,10 @@ def _rows(groups: dict[str, np.ndarray], key: str = "lot") -> list[dict]:
 
 
 def _run_groups(rows: list[dict], tmp_path, **kwargs) -> tuple[list[dict], list[dict]]:
-    """Runs ScoreGroups on the FnApiRunner; returns (group rows, error rows) read back."""
+    """Runs ScoreGroups in a TestPipeline (the FnApiRunner, as dn2 runs locally); returns
+    (group rows, error rows) read back."""
     out, err = str(tmp_path / "groups"), str(tmp_path / "errors")
-    with beam.Pipeline(options=beam_options([])) as p:
+    with BeamTestPipeline(options=beam_options([])) as p:
         groups, errors = p | beam.Create(rows) | ScoreGroups(**kwargs)
         groups | "G" >> beam.Map(json.dumps) | "WG" >> beam.io.WriteToText(out)
         errors | "E" >> beam.Map(json.dumps) | "WE" >> beam.io.WriteToText(err)
