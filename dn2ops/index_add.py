@@ -54,7 +54,6 @@ from dn2ops.index import (
     _shard_loader,
     _shard_name,
     _shard_sizes,
-    _write_flat_shards,
     _write_index,
     distances_column,
 )
@@ -260,12 +259,11 @@ class _Grow:
         renamed = [_shard_name(i, total) for i in range(total)]
         for src, dst in zip(old, renamed, strict=False):
             self._copy(src, dst)
-        staged = _write_flat_shards(self.fs, outputs.join(self.stage, "_new"),
-                                    self.new_chunks(), sizes)
-        for src, dst in zip(sorted(staged), renamed[len(old):], strict=True):
-            self.fs.mv(outputs.join(self.stage, "_new", src), outputs.join(self.stage, dst))
-            self.files[dst] = staged[src]
-        self.fs.rm(outputs.join(self.stage, "_new"), recursive=True)
+        # Written under their final names: an object store has no cheap rename.
+        for name, xb in zip(renamed[len(old):], streams.rechunk(self.new_chunks(), sizes),
+                            strict=True):
+            self.files[name] = _write_index(self.fs, outputs.join(self.stage, name),
+                                            _flat_of(xb))
         self.flat_names = renamed
         load = _shard_loader(self.fs, self.stage, renamed, self.device)
         return _flat_loo(load, self.k, self.device), total
