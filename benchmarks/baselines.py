@@ -51,7 +51,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
-from dn2ops.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from benchmarks.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dn2ops.scorer import DN2Scorer
 
 NU_GRID: tuple[float, ...] = (0.01, 0.1, 0.5)

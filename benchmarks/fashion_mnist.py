@@ -11,7 +11,7 @@ Sizes:
 Few-shot "all" = every embedded training image of the class (500 in quick mode).
 
 What goes through the pipeline and what does not:
-  * The images are written as PNG files (dn2ops.datasets.write_png_store) with
+  * The images are written as PNG files (benchmarks.datasets.write_png_store) with
     CSV manifests carrying ``id``, ``label`` and ``class`` columns, and embedded
     ONCE per (split, backbone, treatment) with ``dn2 embed`` (pipelines.cli.main).
   * Table 1 (exact kNN, the headline) runs ``dn2 build-index`` and
@@ -72,16 +72,16 @@ if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
 from benchmarks.baselines import render_markdown, run_baselines  # noqa: E402
-from benchmarks.markdown import fmt as _f  # noqa: E402
-from benchmarks.markdown import table as _table  # noqa: E402
-from dn2ops import features as features_mod  # noqa: E402
-from dn2ops import outputs, transforms  # noqa: E402
-from dn2ops.datasets import (  # noqa: E402
+from benchmarks.datasets import (  # noqa: E402
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     write_manifest,
     write_png_store,
 )
+from benchmarks.markdown import fmt as _f  # noqa: E402
+from benchmarks.markdown import table as _table  # noqa: E402
+from dn2ops import features as features_mod  # noqa: E402
+from dn2ops import outputs, transforms  # noqa: E402
 from dn2ops.knn import knn  # noqa: E402
 from dn2ops.scorer import DN2Scorer  # noqa: E402
 

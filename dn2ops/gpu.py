@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from dn2ops.knn import _exact_distances, as_float32
+from dn2ops.knn import as_float32, exact_distances
 
 # The same choices as dn2ops.embed.DEVICES (the embedding side of --device).
 DEVICES = ("auto", "cpu", "cuda")
@@ -82,7 +82,7 @@ class GpuFlat:
         """
         k = min(int(k), len(self.xb))
         _, I = self.index.search(xq - self.shift, k)
-        D = _exact_distances(xq, self.xb, I)
+        D = exact_distances(xq, self.xb, I)
         order = np.argsort(D, axis=1, kind="stable")
         return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 

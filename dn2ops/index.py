@@ -45,6 +45,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dn2ops import features, gpu, hnsw, ivf, outputs, streams, transforms
 from dn2ops import progress as progress_log
+from dn2ops.config import IndexConfig
 from dn2ops.knn import (
     FlatShard,
     as_float32,
@@ -53,7 +54,7 @@ from dn2ops.knn import (
     knn,
     knn_sharded,
 )
-from dn2ops.scorer import DN2Scorer, cleaning_k
+from dn2ops.scorer import DN2Scorer, check_fit_size, cleaning_k
 
 KIND = "index"
 
@@ -315,22 +316,15 @@ def distances_column(D: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values, mask=mask)
 
 
-def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int | None = None,
-                clean_fraction: float = 0.0, clean_k: int | None = None,
-                shards: int | None = 1, ivf_lists: int | None = None, pq_m: int | None = None,
-                nprobe: int | None = None, target_recall: float = 0.95, ondisk: bool = False,
-                hnsw_m: int | None = None, ef_search: int | None = None,
-                reference_sample: int | None = streams.REFERENCE_SAMPLE,
-                recall_queries: int = ivf.RECALL_QUERIES,
-                feature_transform: str = "none", device: str = "cpu", seed: int = 1234
-                ) -> dict[str, Any]:
+def build_index(features_dir: str, output: str, config: IndexConfig = IndexConfig(), *,
+                device: str = "cpu") -> dict[str, Any]:
     """Builds INDEX_DIR ``output`` from a committed features directory, streaming its shards.
 
     Equals DN2Scorer(k, n_centroids, clean_fraction).fit on all the features
     (tested), without holding them: the features are read shard by shard in
     several passes, and each index shard is written as soon as it is full.
 
-    Args:
+    ``config`` (dn2ops.config.IndexConfig, validated when built):
       shards: split the kept set into this many equal flat shards (peak memory
         ~ one shard); None: one index shard per feature shard.
       n_centroids: K-means mode; trains on a uniform sample of
@@ -353,20 +347,9 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
       recall_queries: sampled rows the IVF recall is measured on.
       feature_transform: dn2ops.transforms name, applied to the normal features here
         and to every scored feature by LoadedIndex.search (recorded in the manifest).
-      device: 'cpu' | 'cuda' | 'auto' for the exact searches (dn2ops.gpu).
+    ``device``: 'cpu' | 'cuda' | 'auto' for the exact searches (dn2ops.gpu).
     Returns the manifest.
     """
-    if shards is not None and shards < 1:
-        raise ValueError(f"--shards must be >= 1, got {shards}")
-    modes = [f for f, v in (("--ivf", ivf_lists), ("--kmeans", n_centroids), ("--hnsw", hnsw_m))
-             if v is not None]
-    if len(modes) > 1:
-        raise ValueError(f"{' and '.join(modes)} are different index modes; choose one")
-    if ef_search is not None and hnsw_m is None:
-        raise ValueError("--ef-search needs --hnsw M")
-    transforms.check(feature_transform)
-    if reference_sample is not None and reference_sample < 1:
-        raise ValueError(f"--reference-sample must be >= 1, got {reference_sample}")
     device = gpu.resolve_faiss_device(device)
     outputs.check_writable(output, KIND)
     fmeta = outputs.require_complete(features_dir, features.KIND)
@@ -380,24 +363,19 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
             f"the normal set is empty: none of the {f'{listed} ' if listed else ''}images of "
             f"{fmeta.get('input', features_dir)} could be embedded (see "
             f"{outputs.join(features_dir, 'errors-*.parquet')} for why)")
-    DN2Scorer(k=k, n_centroids=n_centroids, clean_fraction=clean_fraction,
-              clean_k=clean_k)._validate_params(n)
+    check_fit_size(k=config.k, n_centroids=config.n_centroids,
+                   clean_fraction=config.clean_fraction, n=n)
     fs, out_path = outputs.fs_and_path(output)
-    if ondisk and (ivf_lists is None or not isinstance(fs, LocalFileSystem)):
-        raise ValueError("--ondisk needs --ivf NLIST and a local --output directory "
-                         "(faiss memory-maps the inverted lists)")
+    if config.ondisk and not isinstance(fs, LocalFileSystem):
+        raise ValueError("--ondisk needs a local --output directory (faiss memory-maps the "
+                         "inverted lists)")
     names = features.read_table(features_dir, "features", columns=["uri", "sha256"])
     staging = outputs.new_staging(output)
     _, stage_path = outputs.fs_and_path(staging)
     fs.makedirs(stage_path, exist_ok=True)
     try:
-        manifest = _build_staged(
-            fs, stage_path, features_dir, fmeta, names, per_shard, k=k,
-            n_centroids=n_centroids, clean_fraction=clean_fraction, clean_k=clean_k,
-            shards=shards, ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe,
-            target_recall=target_recall, ondisk=ondisk, hnsw_m=hnsw_m, ef_search=ef_search,
-            reference_sample=reference_sample, recall_queries=recall_queries,
-            feature_transform=feature_transform, device=device, seed=seed)
+        manifest = _build_staged(fs, stage_path, features_dir, fmeta, names, per_shard,
+                                 config, device)
     except BaseException:
         outputs.discard(staging)
         raise
@@ -406,13 +384,15 @@ def build_index(features_dir: str, output: str, *, k: int = 2, n_centroids: int 
 
 
 def _build_staged(fs, stage: str, features_dir: str, fmeta: dict[str, Any], names: pa.Table,
-                  per_shard: list[int], *, k: int, n_centroids: int | None,
-                  clean_fraction: float, clean_k: int | None, shards: int | None,
-                  ivf_lists: int | None,
-                  pq_m: int | None, nprobe: int | None, target_recall: float, ondisk: bool,
-                  hnsw_m: int | None, ef_search: int | None,
-                  reference_sample: int | None, recall_queries: int, feature_transform: str,
-                  device: str, seed: int) -> dict[str, Any]:
+                  per_shard: list[int], config: IndexConfig, device: str) -> dict[str, Any]:
+    c = config
+    k, n_centroids, clean_fraction, clean_k, shards = (
+        c.k, c.n_centroids, c.clean_fraction, c.clean_k, c.shards)
+    ivf_lists, pq_m, nprobe, target_recall, ondisk = (
+        c.ivf_lists, c.pq_m, c.nprobe, c.target_recall, c.ondisk)
+    hnsw_m, ef_search, reference_sample, recall_queries, feature_transform, seed = (
+        c.hnsw_m, c.ef_search, c.reference_sample, c.recall_queries, c.feature_transform,
+        c.seed)
     dim = int(fmeta["dim"])
     n = int(sum(per_shard))
     kept = np.ones(n, bool)

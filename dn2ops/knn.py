@@ -158,12 +158,12 @@ class FlatShard:
         for a in range(0, len(xq), _QUERY_BLOCK):
             xs_q = xq[a:a + _QUERY_BLOCK] - self.shift
             _, I[a:a + len(xs_q)] = self.index.search(xs_q, k)
-            D[a:a + len(xs_q)] = _exact_distances(xs_q, xb, I[a:a + len(xs_q)])
+            D[a:a + len(xs_q)] = exact_distances(xs_q, xb, I[a:a + len(xs_q)])
         order = np.argsort(D, axis=1, kind="stable")
         return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
-def _exact_distances(xq: np.ndarray, xb: np.ndarray, I: np.ndarray) -> np.ndarray:
+def exact_distances(xq: np.ndarray, xb: np.ndarray, I: np.ndarray) -> np.ndarray:
     """Euclidean distances (nq, k) float32 between xq[i] and xb[I[i, j]]."""
     nq, k = I.shape
     D = np.empty((nq, k), dtype=np.float32)

@@ -24,8 +24,8 @@ from sklearn.datasets import load_digits
 # gRPC, which an emulator lacks (60 s a call). Tests never reach the real GCS.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+from benchmarks.datasets import write_manifest, write_png_store  # noqa: E402
 from dn2ops import outputs  # noqa: E402
-from dn2ops.datasets import write_manifest, write_png_store  # noqa: E402
 from tests.objectstores import FakeGcs, MotoS3, fake_gcs_compatible  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks import accuracy as bench
 from benchmarks import array_features
-from dn2ops.datasets import write_manifest, write_png_store
+from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main as dn2
 

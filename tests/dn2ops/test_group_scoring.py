@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dn2ops import features, outputs
+from dn2ops.config import GroupConfig, IndexConfig
 from dn2ops.group_scoring import (
     GroupKeyError,
     ScoreGroups,
@@ -37,11 +38,13 @@ def _rows(groups: dict[str, np.ndarray], key: str = "lot") -> list[dict]:
     return rows
 
 
-def _run_groups(rows: list[dict], tmp_path, **kwargs) -> tuple[list[dict], list[dict]]:
+def _run_groups(rows: list[dict], tmp_path, *, key: str, method: str, pool: str | None,
+                **kwargs) -> tuple[list[dict], list[dict]]:
     """Runs ScoreGroups on the FnApiRunner; returns (group rows, error rows) read back."""
     out, err = str(tmp_path / "groups"), str(tmp_path / "errors")
+    group = GroupConfig(group_by=key, method=method, pool=pool)
     with beam.Pipeline(options=beam_options([])) as p:
-        groups, errors = p | beam.Create(rows) | ScoreGroups(**kwargs)
+        groups, errors = p | beam.Create(rows) | ScoreGroups(group, **kwargs)
         groups | "G" >> beam.Map(json.dumps) | "WG" >> beam.io.WriteToText(out)
         errors | "E" >> beam.Map(json.dumps) | "WE" >> beam.io.WriteToText(err)
 
@@ -169,7 +172,8 @@ def test_build_group_index_pools_sets_and_drops_small_ones(tmp_path):
     groups = {f"lot{i}": rng.normal(size=(3 + i, 3)) for i in range(4)}
     groups["tiny"] = rng.normal(size=(1, 3))
     fdir = _features_dir(tmp_path / "f", _rows(groups))
-    manifest = build_group_index(fdir, str(tmp_path / "idx"), group_by="lot", pool="max")
+    manifest = build_group_index(fdir, str(tmp_path / "idx"), IndexConfig(),
+                                 GroupConfig(group_by="lot", pool="max"))
     assert manifest["group_by"] == "lot" and manifest["pool"] == "max"
     assert manifest["group_counts"] == {"images": 19, "sets": 5, "sets_indexed": 4,
                                         "sets_too_small": 1, "images_in_indexed_sets": 18}
@@ -178,7 +182,8 @@ def test_build_group_index_pools_sets_and_drops_small_ones(tmp_path):
     expected = np.stack([groups[n].astype(np.float32).max(axis=0) for n in loaded.uris])
     np.testing.assert_allclose(np.concatenate(list(loaded.iter_shards())), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="not a manifest column"):
-        build_group_index(fdir, str(tmp_path / "idx2"), group_by="camera")
+        build_group_index(fdir, str(tmp_path / "idx2"), IndexConfig(),
+                          GroupConfig(group_by="camera"))
 
 
 def test_index_mode_is_checked_both_ways():

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dn2ops import features, hnsw, ivf, outputs, streams
+from dn2ops.config import IndexConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
 from dn2ops.scorer import CLEAN_K, DN2Scorer
@@ -74,7 +75,7 @@ def normal_table(index_dir):
 @pytest.mark.parametrize("shards", [1, 3, None])
 def test_streaming_build_equals_in_memory_scorer(data, tmp_path, shards):
     root, X, uris = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=shards)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=shards))
     ref = DN2Scorer(k=2).fit(X)
     t = normal_table(tmp_path / "i")
     assert t.column("uri").to_pylist() == uris
@@ -91,7 +92,7 @@ def test_streaming_build_equals_in_memory_scorer(data, tmp_path, shards):
 
 def test_leave_one_out_by_streaming_equals_knn_leave_one_out(data, tmp_path):
     root, X, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=3, shards=4)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=3, shards=4))
     D, _ = knn_leave_one_out(X, 3)
     np.testing.assert_allclose(normal_table(tmp_path / "i").column("loo_score").to_numpy(),
                                D.mean(axis=1), rtol=1e-5)
@@ -99,8 +100,8 @@ def test_leave_one_out_by_streaming_equals_knn_leave_one_out(data, tmp_path):
 
 def test_cleaning_in_two_passes_equals_in_memory_cleaning(data, tmp_path):
     root, X, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, clean_fraction=0.1,
-                    shards=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, clean_fraction=0.1, shards=2))
     ref = DN2Scorer(k=2, clean_fraction=0.1).fit(X)
     assert m["clean_k"] == CLEAN_K  # the default cleaning score's neighbours, recorded
     t = normal_table(tmp_path / "i")
@@ -118,7 +119,7 @@ def test_cleaning_in_two_passes_equals_in_memory_cleaning(data, tmp_path):
 
 def test_shard_at_a_time_scoring_equals_in_memory(data, tmp_path):
     root, X, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=5)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=5))
     xq = clustered(50, seed=9)
     held = LoadedIndex(str(tmp_path / "i"), device="cpu")
     streamed = LoadedIndex(str(tmp_path / "i"), device="cpu", stream_shards=True)
@@ -131,7 +132,7 @@ def test_shard_at_a_time_scoring_equals_in_memory(data, tmp_path):
 
 def test_streamed_shard_changed_after_opening_is_refused(data, tmp_path):
     root, _, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=2))
     streamed = LoadedIndex(str(tmp_path / "i"), device="cpu", stream_shards=True)
     other = tmp_path / "i" / "shard-00001-of-00002.faiss"
     idx = faiss.IndexFlatL2(8)
@@ -145,8 +146,8 @@ def test_streamed_shard_changed_after_opening_is_refused(data, tmp_path):
 
 def test_reference_sample_scores_only_the_sample_exactly(data, tmp_path):
     root, X, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2,
-                    reference_sample=40)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, shards=2, reference_sample=40))
     loo = normal_table(tmp_path / "i").column("loo_score").to_numpy()
     have = np.isfinite(loo)
     # 95 % DKW bound, by hand: 100 * sqrt(ln(2 / 0.05) / (2 * 40)) = 21.473 points
@@ -162,7 +163,8 @@ def test_reference_sample_scores_only_the_sample_exactly(data, tmp_path):
 def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
     root, X, _ = data
     assert streams.REFERENCE_SAMPLE == 20_000
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2)  # 300 rows < 20k: all
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2))  # 300 rows < 20k: all
     assert m["reference"] == {"scores": 300, "sample": None, "of": 300,
                               "percentile_error": 0.0, "how": "leave-one-out, exact"}
     # 20k sampled: every percentile within 0.96 points at 95 % (by hand, as above)
@@ -171,7 +173,8 @@ def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
 
 def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
     root, X, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, n_centroids=4, shards=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, n_centroids=4, shards=2))
     # 300 rows < 1024 * 4: trained on every row, in order, as DN2Scorer.
     assert m["n_centroids"] == 4 and m["kmeans"] == {"trained_on": 300}
     assert "kmeans.faiss" in m["files"]
@@ -198,8 +201,8 @@ def big(tmp_path_factory):
 @pytest.mark.parametrize("ondisk", [False, True])
 def test_ivf_records_recall_and_scores_are_upper_bounds(big, tmp_path, ondisk):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, ivf_lists=32,
-                    target_recall=0.95, ondisk=ondisk)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, ivf_lists=32, target_recall=0.95, ondisk=ondisk))
     info = m["ivf"]
     assert info["nlist"] == 32 and info["ondisk"] is ondisk and m["shards"] == 0
     assert info["recall"]["recall_at_k"] >= 0.95
@@ -226,7 +229,8 @@ def test_ivf_records_recall_and_scores_are_upper_bounds(big, tmp_path, ondisk):
 
 def test_ivf_with_small_nprobe_is_recorded_and_lower(big, tmp_path):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, ivf_lists=64, nprobe=1)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, ivf_lists=64, nprobe=1))
     assert m["ivf"]["nprobe"] == 1 and list(m["ivf"]["recall"]["at_nprobe"]) == ["1"]
     assert 0 < m["ivf"]["recall"]["recall_at_k"] < 0.95
     assert m["ivf"]["recall"]["target_reached"] is False
@@ -234,8 +238,8 @@ def test_ivf_with_small_nprobe_is_recorded_and_lower(big, tmp_path):
 
 def test_ivf_pq_builds_and_searches(big, tmp_path):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, ivf_lists=16, pq_m=4,
-                    nprobe=16)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, ivf_lists=16, pq_m=4, nprobe=16))
     assert m["ivf"]["pq"] == 4
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     s, D, I = loaded.search(X[:20])
@@ -245,8 +249,8 @@ def test_ivf_pq_builds_and_searches(big, tmp_path):
 
 def test_hnsw_records_recall_and_scores_are_upper_bounds(big, tmp_path):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, hnsw_m=8,
-                    target_recall=0.95)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, hnsw_m=8, target_recall=0.95))
     info = m["hnsw"]
     assert info["m"] == 8 and m["shards"] == 0 and m["ivf"] is None
     assert set(m["files"]) == {"hnsw.faiss", "normal.parquet"}
@@ -274,28 +278,18 @@ def test_hnsw_records_recall_and_scores_are_upper_bounds(big, tmp_path):
 
 def test_hnsw_with_a_given_ef_search_measures_only_that(big, tmp_path):
     root, X, _ = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, hnsw_m=4, ef_search=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, hnsw_m=4, ef_search=2))
     assert m["hnsw"]["ef_search"] == 2 and list(m["hnsw"]["recall"]["at_ef_search"]) == ["2"]
     r2 = m["hnsw"]["recall"]["recall_at_k"]
-    m = build_index(str(root / "feats"), str(tmp_path / "j"), k=2, hnsw_m=4, ef_search=256)
+    m = build_index(str(root / "feats"), str(tmp_path / "j"),
+                    IndexConfig(k=2, hnsw_m=4, ef_search=256))
     assert 0 < r2 < m["hnsw"]["recall"]["recall_at_k"]
-
-
-def test_ondisk_needs_ivf_and_modes_exclude_each_other(data, tmp_path):
-    root, _, _ = data
-    with pytest.raises(ValueError, match="--ondisk needs --ivf"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ondisk=True)
-    with pytest.raises(ValueError, match="different index modes"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ivf_lists=4, n_centroids=2)
-    with pytest.raises(ValueError, match="--ivf and --hnsw are different index modes"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ivf_lists=4, hnsw_m=8)
-    with pytest.raises(ValueError, match="--ef-search needs --hnsw"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ef_search=16)
 
 
 def test_manifest_is_json_with_checksums_of_every_file(data, tmp_path):
     root, _, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=2))
     marker = json.loads((tmp_path / "i" / "_SUCCESS").read_text())
     assert marker["files"] == m["files"]
     on_disk = {p.name for p in (tmp_path / "i").iterdir()} - {"_SUCCESS"}
@@ -349,7 +343,7 @@ def test_flat_shards_are_held_once_in_their_own_index(data, tmp_path):
     """A held flat shard is the faiss index read from its file, shifted in place: its
     vectors are the stored ones minus their mean, and nothing else holds a copy."""
     root, X, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=2))
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     from dn2ops.knn import flat_vectors
 

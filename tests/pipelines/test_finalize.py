@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.datasets import write_png_store
 from dn2ops import outputs
-from dn2ops.datasets import write_png_store
+from dn2ops.config import SearchConfig
 from dn2ops.features import ERROR_SCHEMA, feature_schema, load_features, read_table
 from dn2ops.group_scoring import group_schema
 from dn2ops.scoring import anomaly_schema
@@ -240,7 +241,7 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
     p = beam.Pipeline(options=options.beam_options([]))
     feats, errors, count_in = graphs.read_features(p, str(incoming))
     written = graphs.score(feats, errors, staging, index_dir=str(index),
-                           partition="2026-11-28", extra_columns=[])
+                           partition="2026-11-28", extra_columns=[], search=SearchConfig())
     graphs.finalize(p, functools.partial(
         finalize.finalize_results, staging=staging, output=str(out), partition="2026-11-28",
         source=str(incoming), index_dir=str(index),
