@@ -135,9 +135,8 @@ def build_group_index(features_dir: str, output: str, index: IndexConfig,
     kept_names = [n for n, ok in zip(names, keep, strict=True) if ok]
     kept_digests = [s for s, ok in zip(digests, keep, strict=True) if ok]
     return build_index_from_arrays(
-        kept_names, kept_digests, pooled[keep], fmeta, output, k=index.k,
-        n_centroids=index.n_centroids, clean_fraction=index.clean_fraction,
-        shards=index.shards or 1, features_dir=features_dir,
+        kept_names, kept_digests, pooled[keep], fmeta, output, index,
+        features_dir=features_dir,
         extra={"group_by": group_by, "pool": pool,
                "group_counts": {"images": int(len(X)), "sets": len(names),
                                 "sets_indexed": int(keep.sum()),

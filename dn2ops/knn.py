@@ -22,6 +22,7 @@ distances agree to within float32 round-off.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -116,7 +117,12 @@ def flat_vectors(index: faiss.Index) -> np.ndarray:
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
-class FlatShard:
+class ExactShard:
+    """A database block searched exactly: ``len``, ``d`` and ``search(xq, k) -> (D, I)``
+    with D float32 (nq, k) ascending Euclidean distances, I int64 (nq, k) local ids."""
+
+
+class FlatShard(ExactShard):
     """A database block held as one mean-shifted IndexFlatL2, for repeated exact searches.
 
     The index's own vectors, shifted by their mean, are the only copy kept:
@@ -231,30 +237,10 @@ def knn_sharded(
                 ) from None
         else:
             offset = running
-        if isinstance(shard, FlatShard):
-            _check_dims(xq, shard.d, what=f"shard {s}")
-            nb = len(shard)
-            if nb == 0:
-                continue
-            D, I = shard.search(xq, min(k, nb))
-        elif isinstance(shard, faiss.Index):
-            if shard.metric_type != faiss.METRIC_L2:
-                raise ValueError(
-                    f"shard {s}: only METRIC_L2 faiss indexes are supported"
-                )
-            _check_dims(xq, shard.d, what=f"shard {s}")
-            nb = shard.ntotal
-            if nb == 0:
-                continue
-            D2, I = shard.search(xq, min(k, nb))
-            D = np.sqrt(np.maximum(D2, 0))
-        else:
-            xb = as_float32(shard, name=f"shard {s}")
-            _check_dims(xq, xb.shape[1], what=f"shard {s}")
-            nb = xb.shape[0]
-            if nb == 0:
-                continue
-            D, I = FlatShard(xb).search(xq, min(k, nb))
+        found = _search_shard(xq, shard, k, s)
+        if found is None:
+            continue
+        D, I, nb = found
         running += nb
         # -1 marks "no result" in faiss; keep it rather than offsetting it.
         I = np.where(I >= 0, I + offset, -1)
@@ -267,6 +253,35 @@ def knn_sharded(
         )
     heap.finalize()
     return heap.D, heap.I
+
+
+def _search_shard(xq: np.ndarray, shard: Any, k: int, s: int
+                  ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(D, I, nb) of one shard of knn_sharded (local ids), None when it is empty.
+
+    A shard with its own exact ``search(xq, k)`` (FlatShard, dn2ops.gpu.GpuFlat) is
+    searched as it is; a faiss index gives square-rooted L2 distances; an array is
+    wrapped in a FlatShard for this search.
+    """
+    if isinstance(shard, faiss.Index):
+        if shard.metric_type != faiss.METRIC_L2:
+            raise ValueError(f"shard {s}: only METRIC_L2 faiss indexes are supported")
+        _check_dims(xq, shard.d, what=f"shard {s}")
+        nb = int(shard.ntotal)
+        if nb == 0:
+            return None
+        D2, I = shard.search(xq, min(k, nb))
+        return np.sqrt(np.maximum(D2, 0)), I, nb
+    if not isinstance(shard, ExactShard):
+        xb = as_float32(shard, name=f"shard {s}")
+        _check_dims(xq, xb.shape[1], what=f"shard {s}")
+        shard = FlatShard(xb)
+    _check_dims(xq, shard.d, what=f"shard {s}")
+    nb = len(shard)
+    if nb == 0:
+        return None
+    D, I = shard.search(xq, min(k, nb))
+    return D, I, nb
 
 
 def knn_leave_one_out(xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

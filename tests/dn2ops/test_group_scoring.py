@@ -129,7 +129,7 @@ def test_knn_against_a_set_index_equals_brute_force(tmp_path, pool):
     normal = rng.normal(size=(12, 3)).astype(np.float32)  # 12 pooled normal sets
     names = [f"n{i:02d}" for i in range(12)]
     index_dir = str(tmp_path / "index")
-    build_index_from_arrays(names, names, normal, META, index_dir, k=2,
+    build_index_from_arrays(names, names, normal, META, index_dir, IndexConfig(k=2),
                             extra={"group_by": "lot", "pool": pool})
     queries = {f"q{i}": rng.normal(size=(int(rng.integers(2, 6)), 3)) * (1 + i)
                for i in range(6)}

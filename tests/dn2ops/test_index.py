@@ -315,7 +315,7 @@ def test_rechunk_and_gather_rows():
 def test_index_files_stream_through_faiss_callbacks(tmp_path, root):
     import hashlib
 
-    from dn2ops.index import _read_index, _write_index
+    from dn2ops.index.files import read_index, write_index
 
     directory = str(tmp_path) if root == "local" else root
     fs, path = outputs.fs_and_path(directory)
@@ -324,19 +324,19 @@ def test_index_files_stream_through_faiss_callbacks(tmp_path, root):
     index = faiss.IndexFlatL2(64)
     index.add(X)
     name = outputs.join(path, "shard.faiss")
-    sha = _write_index(fs, name, index)
+    sha = write_index(fs, name, index)
     expected = faiss.serialize_index(index).tobytes()  # faiss's own in-memory serialisation
     assert fs.cat_file(name) == expected
     assert sha == hashlib.sha256(expected).hexdigest()
-    back = _read_index(fs, name, "shard.faiss", sha)
+    back = read_index(fs, name, "shard.faiss", sha)
     np.testing.assert_array_equal(faiss.rev_swig_ptr(back.get_xb(), back.ntotal * 64), X.ravel())
     # A byte appended or cut off is caught: by the hash, or by faiss itself.
     fs.pipe_file(name, expected + b"\0")
     with pytest.raises(IndexError_, match="shard.faiss has sha256 .* changed or damaged"):
-        _read_index(fs, name, "shard.faiss", sha)
+        read_index(fs, name, "shard.faiss", sha)
     fs.pipe_file(name, expected[:-5])
     with pytest.raises(IndexError_, match="shard.faiss is corrupt or truncated"):
-        _read_index(fs, name, "shard.faiss", sha)
+        read_index(fs, name, "shard.faiss", sha)
 
 
 def test_flat_shards_are_held_once_in_their_own_index(data, tmp_path):
