@@ -21,7 +21,7 @@ distances agree to within float32 round-off.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import faiss
@@ -223,36 +223,43 @@ def knn_sharded(
     k = int(k)
     nq = xq.shape[0]
     heap = faiss.ResultHeap(nq, k)
-    offset_iter = iter(offsets) if offsets is not None else None
     running = 0
-    nshards = 0
-    for s, shard in enumerate(shards):
-        nshards += 1
-        if offset_iter is not None:
-            try:
-                offset = int(next(offset_iter))
-            except StopIteration:
-                raise ValueError(
-                    f"offsets has fewer entries than shards (no offset for shard {s})"
-                ) from None
-        else:
-            offset = running
+    for s, (shard, offset) in enumerate(_with_offsets(shards, offsets)):
         found = _search_shard(xq, shard, k, s)
         if found is None:
             continue
         D, I, nb = found
-        running += nb
         # -1 marks "no result" in faiss; keep it rather than offsetting it.
-        I = np.where(I >= 0, I + offset, -1)
-        heap.add_result(D, I)
-    if offset_iter is not None and next(offset_iter, None) is not None:
-        raise ValueError(f"offsets has more entries than shards ({nshards})")
+        heap.add_result(D, np.where(I >= 0, I + (running if offset is None else offset), -1))
+        running += nb
     if k > running:
         raise ValueError(
             f"k={k} is larger than the number of database vectors in all shards ({running})"
         )
     heap.finalize()
     return heap.D, heap.I
+
+
+def _with_offsets(shards: Iterable[Any], offsets: Sequence[int] | None
+                  ) -> Iterator[tuple[Any, int | None]]:
+    """(shard, its offset) pairs; None offsets (running totals) without ``offsets``.
+    Raises ValueError when ``offsets`` has fewer or more entries than there are shards."""
+    if offsets is None:
+        for shard in shards:
+            yield shard, None
+        return
+    offset_iter = iter(offsets)
+    nshards = 0
+    for s, shard in enumerate(shards):
+        nshards += 1
+        try:
+            offset = int(next(offset_iter))
+        except StopIteration:
+            raise ValueError(
+                f"offsets has fewer entries than shards (no offset for shard {s})") from None
+        yield shard, offset
+    if next(offset_iter, None) is not None:
+        raise ValueError(f"offsets has more entries than shards ({nshards})")
 
 
 def _search_shard(xq: np.ndarray, shard: Any, k: int, s: int
