@@ -2,7 +2,7 @@
 
 pipelines.options builds them from the command line; the jobs, graphs and stages take
 them whole. Checks that need the data (the number of normal images, say) happen where
-the data is read: dn2ops.scorer.check_fit_size.
+the data is read: dn2ops.estimator.check_fit_size.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import dataclasses
 from typing import Any
 
 from dn2ops import transforms
+from dn2ops.estimator import check_params
 from dn2ops.images import DEFAULT_MAX_PIXELS
 from dn2ops.ivf import RECALL_QUERIES
-from dn2ops.scorer import check_params
 from dn2ops.streams import REFERENCE_SAMPLE
 
 POOLS = ("mean", "max")
@@ -88,7 +88,7 @@ class IndexConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GroupConfig:
-    """Scoring sets of images (dn2ops.group_scoring): the key, the pooling, the method.
+    """Scoring sets of images (dn2ops.score_sets): the key, the pooling, the method.
 
     ``pool`` None: the index's own (scoring) or mean (building an index of sets).
     """

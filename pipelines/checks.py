@@ -22,8 +22,8 @@ from dn2ops.config import EmbedConfig, JobConfig
 from dn2ops.embed import resolve_device
 from dn2ops.engines import resolve_engine
 from dn2ops.gpu import resolve_faiss_device
-from dn2ops.group_scoring import check_index_mode, check_key
 from dn2ops.index import LoadedIndex
+from dn2ops.score_sets import check_index_mode, check_key
 
 
 def preflight(backbone: str, weights: str | None, device: str,

@@ -9,10 +9,10 @@ import pyarrow as pa
 
 from dn2ops import features, sources
 from dn2ops.config import GroupConfig, SearchConfig
-from dn2ops.group_scoring import ScoreGroups, group_schema
 from dn2ops.inference import EmbedImages
 from dn2ops.progress import LogProgress
-from dn2ops.scoring import ScoreFeatures
+from dn2ops.score_images import ScoreFeatures
+from dn2ops.score_sets import ScoreGroups, group_schema
 
 COUNTERS = "dn2"
 

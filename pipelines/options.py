@@ -150,7 +150,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_group_args(p: argparse.ArgumentParser, *, scoring: bool) -> None:
-    g = p.add_argument_group("groups (score sets of images, see dn2ops.group_scoring)")
+    g = p.add_argument_group("groups (score sets of images, see dn2ops.score_sets)")
     g.add_argument("--group-by", default=None, metavar="KEY",
                    help="group images into sets by 'parent_dir' or a manifest column")
     g.add_argument("--pool", choices=("mean", "max"), default=None,

@@ -18,7 +18,7 @@ Layout of INDEX_DIR:
                                (dn2ops.hnsw), held in memory when scoring
 
 Scores are plain Euclidean (not squared) distances, averaged over k, as in
-dn2ops.scorer; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
+dn2ops.estimator; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
 scores are approximate (>= exact; the manifest records recall@k).
 
 `build_index` streams: it reads the feature shards one at a time (several

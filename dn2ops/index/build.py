@@ -19,6 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dn2ops import features, gpu, hnsw, ivf, outputs, streams, transforms
 from dn2ops import progress as progress_log
 from dn2ops.config import IndexConfig
+from dn2ops.estimator import check_fit_size, cleaning_k
 from dn2ops.index.files import (
     KIND,
     IndexError_,
@@ -30,7 +31,6 @@ from dn2ops.index.files import (
     write_index,
 )
 from dn2ops.knn import FlatShard, as_float32, flat_vectors, kmeans_centroids, knn, knn_sharded
-from dn2ops.scorer import check_fit_size, cleaning_k
 
 # Rows per centroid that K-means trains on when the normal set is streamed
 # (a uniform sample; sets smaller than this times C train on every row, as
@@ -458,7 +458,7 @@ def build_index_from_arrays(uris: list[str], sha256s: list[str], X: np.ndarray,
     """Builds INDEX_DIR ``output`` over vectors X (n, dim) named ``uris``, held in memory.
 
     For vectors that are not a features directory and are few, e.g. the pooled
-    features of normal sets (dn2ops.group_scoring); the same builder, layout and
+    features of normal sets (dn2ops.score_sets); the same builder, layout and
     scores as build_index. ``fmeta`` is the backbone metadata (backbone, dim,
     preprocessing); ``extra`` keys are added to the manifest (e.g. group_by and
     pool for an index of sets). Returns the manifest.

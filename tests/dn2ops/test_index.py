@@ -1,7 +1,7 @@
 """dn2ops.index: the streaming build and shard-at-a-time scoring, against in-memory references.
 
 The references are independent of the streaming code: DN2Scorer.fit on the
-whole array (itself tested against brute-force numpy in test_scorer.py),
+whole array (itself tested against brute-force numpy in test_estimator.py),
 dn2ops.knn.knn_leave_one_out, and brute-force numpy distances.
 """
 
@@ -17,9 +17,9 @@ import pytest
 
 from dn2ops import features, hnsw, ivf, outputs, streams
 from dn2ops.config import IndexConfig
+from dn2ops.estimator import CLEAN_K, DN2Scorer
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
-from dn2ops.scorer import CLEAN_K, DN2Scorer
 
 META = {"backbone": "toy", "dim": 8,
         "preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}}

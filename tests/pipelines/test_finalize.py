@@ -24,8 +24,8 @@ from benchmarks.datasets import write_png_store
 from dn2ops import outputs
 from dn2ops.config import SearchConfig
 from dn2ops.features import ERROR_SCHEMA, feature_schema, load_features, read_table
-from dn2ops.group_scoring import group_schema
-from dn2ops.scoring import anomaly_schema
+from dn2ops.score_images import anomaly_schema
+from dn2ops.score_sets import group_schema
 from pipelines import finalize, graphs, options
 from pipelines.cli import main
 from tests.conftest import digit_images

@@ -1,4 +1,4 @@
-"""Scoring stage: feature record batches -> anomaly record batches, ranked afterwards.
+"""Image scoring stage: feature record batches -> anomaly record batches, ranked after.
 
 Feature rows travel as Arrow record batches (an embedding column of float32, never
 Python lists), are scored a batch at a time through Beam's RunInference with an
@@ -85,7 +85,7 @@ class IndexModelHandler(ModelHandler[pa.RecordBatch, pa.RecordBatch, LoadedIndex
     def __init__(self, index_dir: str, *, partition: str = "",
                  search: SearchConfig = SearchConfig(), max_batch_size: int = 1):
         # Each feature element is already a batch of rows: RunInference passes one at a
-        # time. Group rows (dn2ops.group_scoring) are one set each: batched here.
+        # time. Group rows (dn2ops.score_sets) are one set each: batched here.
         super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
         self.index_dir = index_dir
         self.partition = partition

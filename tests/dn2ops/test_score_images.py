@@ -1,4 +1,4 @@
-"""dn2ops.scoring: batch scoring through RunInference and the ranking pass over written
+"""dn2ops.score_images: batch scoring through RunInference and the ranking pass over written
 shards, against brute-force numpy (distances, and ranks counted over all pairs)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from dn2ops import features
 from dn2ops.config import IndexConfig, SearchConfig
 from dn2ops.index import build_index
-from dn2ops.scoring import (
+from dn2ops.score_images import (
     IndexModelHandler,
     ScoreFeatures,
     SortedScores,

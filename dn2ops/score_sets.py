@@ -1,4 +1,4 @@
-"""Group scoring stage: feature rows -> sets of images -> ranked group rows.
+"""Set scoring stage: feature rows -> sets of images -> ranked group rows.
 
 Images are grouped into sets by a key: ``parent_dir`` (the uri's parent
 directory) or a manifest column. A set is scored either
@@ -7,7 +7,7 @@ directory) or a manifest column. A set is scored either
   (d,) vector, scored like an image against an index of pooled *normal* sets
   (mean Euclidean distance to the k nearest normal sets), or
 * ``covtrace``: by the trace of its features' covariance
-  (`dn2ops.groups.covtrace_score`), which needs no normal data.
+  (`dn2ops.set_features.covtrace_score`), which needs no normal data.
 
 Higher = more anomalous in both. Sets of fewer than `MIN_SET_SIZE` images are
 not scored: each of their images becomes an error row with stage ``group``,
@@ -29,9 +29,9 @@ from apache_beam.ml.inference.base import RunInference
 
 from dn2ops import features, outputs
 from dn2ops.config import POOLS, GroupConfig, IndexConfig, SearchConfig
-from dn2ops.groups import covtrace_score, pool_set
 from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
-from dn2ops.scoring import IndexModelHandler, RankByScore
+from dn2ops.score_images import IndexModelHandler, RankByScore
+from dn2ops.set_features import covtrace_score, pool_set
 
 PARENT_DIR = "parent_dir"
 STAGE = "group"  # members of a set too small to score

@@ -13,7 +13,8 @@ import pytest
 
 from dn2ops import features, outputs
 from dn2ops.config import GroupConfig, IndexConfig
-from dn2ops.group_scoring import (
+from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
+from dn2ops.score_sets import (
     GroupKeyError,
     ScoreGroups,
     build_group_index,
@@ -21,7 +22,6 @@ from dn2ops.group_scoring import (
     group_key,
     pool_groups,
 )
-from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
 from pipelines.options import beam_options
 
 META = {"backbone": "test", "dim": 3, "preprocessing": {"resize": 1}}
