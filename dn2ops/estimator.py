@@ -1,4 +1,5 @@
-"""The DN2 estimator (DN2Scorer, scikit-learn style, in memory): mean Euclidean distance to the k nearest normal neighbours.
+"""The DN2 estimator (DN2Scorer, scikit-learn style, in memory): mean Euclidean
+distance to the k nearest normal neighbours.
 
 Bergman, Cohen & Hoshen, "Deep Nearest Neighbor Anomaly Detection" (2020).
 """
