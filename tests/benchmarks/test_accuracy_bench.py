@@ -19,6 +19,7 @@ from benchmarks import array_features
 from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main as dn2
+from tests.conftest import brute_scores, sqrt_l2
 
 
 def _tiny() -> bench.Dataset:
@@ -30,16 +31,6 @@ def _tiny() -> bench.Dataset:
     test = np.concatenate([i[14:22] for i in keep])
     return bench.Dataset("tiny", images[train], d.target[train], images[test], d.target[test],
                          ("zero", "one", "two"), None)
-
-
-def _brute_scores(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
-    d = np.sqrt(((xq[:, None, :].astype(np.float64) - xb[None, :, :]) ** 2).sum(-1))
-    return np.sort(d, axis=1)[:, :k].mean(axis=1)
-
-
-def _sqrt_l2(x: np.ndarray) -> np.ndarray:
-    x = np.sqrt(x.astype(np.float64))  # pooled activations are non-negative
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +71,16 @@ def test_treatment_aucs_equal_brute_force(run):
     flip = {s: np.load(base / "cache" / "tiny" / "efficientnet_lite0-hflip" / f"{s}.npy")
             for s in ("train", "test")}
     rows = {r["treatment"]: r for r in res["treatments"]}
-    ways = {"none (the paper; dn2's old default)": lambda x: x, "sqrt-l2": _sqrt_l2}
+    ways = {"none (the paper; dn2's old default)": lambda x: x, "sqrt-l2": sqrt_l2}
     for name, fn in ways.items():
         for c in range(3):
             xb, xq = fn(feats["train"][ds.train_labels == c]), fn(feats["test"])
-            want = roc_auc_score(ds.test_labels != c, _brute_scores(xq, xb, 2))
+            want = roc_auc_score(ds.test_labels != c, brute_scores(xq, xb, 2))
             assert rows[name]["per_class"][c] == pytest.approx(want, abs=1e-4)
     for c in range(3):  # flip TTA: the mean of an image's and its mirror's features
         mean = {s: (feats[s] + flip[s]) / 2 for s in feats}
-        xb, xq = _sqrt_l2(mean["train"][ds.train_labels == c]), _sqrt_l2(mean["test"])
-        want = roc_auc_score(ds.test_labels != c, _brute_scores(xq, xb, 2))
+        xb, xq = sqrt_l2(mean["train"][ds.train_labels == c]), sqrt_l2(mean["test"])
+        want = roc_auc_score(ds.test_labels != c, brute_scores(xq, xb, 2))
         assert rows["flip TTA, sqrt-l2"]["per_class"][c] == pytest.approx(want, abs=1e-4)
     assert res["not_measured"] == {"efficientnet_lite1": "not embedded"}
     report = (base / "out" / "tiny-n14-t24" / "report.md").read_text()
@@ -116,7 +107,7 @@ def test_kept_scores_equal_a_search_of_the_kept_rows():
     D, I = knn(test, train, 4)
     assert (kept[I].sum(axis=1) < 2).any()
     got = bench.kept_scores(D, I, kept, train, test, 2)
-    np.testing.assert_allclose(got, _brute_scores(test, train[kept], 2), rtol=1e-5)
+    np.testing.assert_allclose(got, brute_scores(test, train[kept], 2), rtol=1e-5)
 
 
 def test_clean_masks_drop_the_highest_leave_one_out_scores():

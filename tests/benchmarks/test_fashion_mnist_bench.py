@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks import fashion_mnist as bench
 from dn2ops.features import embeddings, read_table
+from tests.conftest import brute_scores, sqrt_l2
 
 N_TRAIN, N_TEST, FLIP_TRAIN, FLIP_TEST = 5, 15, 3, 9
 
@@ -32,11 +33,6 @@ def _digits() -> bench.Dataset:
     cut = int(0.6 * len(keep))
     return bench.Dataset(images[:cut], labels[:cut], images[cut:], labels[cut:],
                          ("zero", "one", "two"))
-
-
-def _brute_scores(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
-    d = np.sqrt(((xq[:, None, :].astype(np.float64) - xb[None, :, :]) ** 2).sum(-1))
-    return np.sort(d, axis=1)[:, :k].mean(axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +86,14 @@ def test_pipeline_aucs_match_brute_force_on_written_tables(run):
         direct = roc_auc_score(_dataset_labels(ids) != c, table.column("score").to_numpy())
         train_ids, xb = _features(cache, "efficientnet_lite0", f"train-c{c}")
         assert len(xb) == N_TRAIN and all(i.startswith(f"train/{c}/") for i in train_ids)
-        brute = roc_auc_score(labels != c, _brute_scores(xq, xb, 2))
+        brute = roc_auc_score(labels != c, brute_scores(xq, xb, 2))
         assert 0.0 <= t1["per_class"][c] <= 1.0
         assert t1["per_class"][c] == pytest.approx(direct, abs=1e-9)
         assert t1["per_class"][c] == pytest.approx(brute, abs=1e-9)
         assert res["table1_scorer_check"]["per_class"][c] == pytest.approx(brute, abs=1e-9)
         # The same through the pipeline with --feature-transform sqrt-l2, by hand.
-        brute = roc_auc_score(labels != c, _brute_scores(_sqrt_l2(xq), _sqrt_l2(xb), 2))
+        brute = roc_auc_score(labels != c, brute_scores(sqrt_l2(xq), sqrt_l2(xb), 2))
         assert res["table1_pipeline_sqrt_l2"]["per_class"][c] == pytest.approx(brute, abs=1e-6)
-
-
-def _sqrt_l2(x):
-    x = np.sqrt(x.astype(np.float64))  # the pooled features are non-negative
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def test_sweeps_agree_with_references(run):
@@ -110,7 +101,7 @@ def test_sweeps_agree_with_references(run):
     cache = base / "cache"
     test_ids, xq = _features(cache, "efficientnet_lite0", "test")
     labels = _dataset_labels(test_ids)
-    k1 = np.mean([roc_auc_score(labels != c, _brute_scores(
+    k1 = np.mean([roc_auc_score(labels != c, brute_scores(
         xq, _features(cache, "efficientnet_lite0", f"train-c{c}")[1], 1)) for c in range(3)])
     assert next(r for r in res["table5_k"] if r["k"] == 1)["mean"] == pytest.approx(k1, abs=1e-6)
     # sizes the tiny store cannot support are reported as such, not faked

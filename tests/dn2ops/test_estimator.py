@@ -7,23 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dn2ops.estimator import CLEAN_K, DN2Scorer, NotFittedError
-
-
-def brute_dists(xq, xb):
-    xq = np.asarray(xq, dtype=np.float64)
-    xb = np.asarray(xb, dtype=np.float64)
-    return np.stack([np.linalg.norm(xb - q, axis=1) for q in xq])
-
-
-def brute_scores(xq, xb, k):
-    """Mean of the k smallest Euclidean distances to xb, per query."""
-    return np.sort(brute_dists(xq, xb), axis=1)[:, :k].mean(axis=1)
-
-
-def brute_loo_scores(x, k):
-    R = brute_dists(x, x)
-    np.fill_diagonal(R, np.inf)
-    return np.sort(R, axis=1)[:, :k].mean(axis=1)
+from tests.conftest import brute_dists, brute_loo_scores, brute_scores
 
 
 def gaussian(n, d, seed, shift=0.0):

@@ -86,3 +86,27 @@ def test_readers_take_the_files_success_lists_and_nothing_else(tmp_path):
     (tmp_path / "f" / outputs.MARKER).unlink()  # uncommitted: nothing is read
     with pytest.raises(outputs.OutputError, match="no _SUCCESS marker"):
         features.read_table(out, "features")
+
+
+def test_read_batches_stage_yields_every_row_in_record_batches(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.options import LOCAL_RUNNER
+
+    X = np.arange(30, dtype=np.float32).reshape(10, 3)
+    rows = [{"uri": f"u{i}", "sha256": f"h{i}", "backbone": "toy", "dim": 3,
+             "embedding": X[i]} for i in range(10)]
+    paths = []
+    for s, part in enumerate((rows[:4], rows[4:])):
+        paths.append(str(tmp_path / f"features-{s}.parquet"))
+        pq.write_table(pa.Table.from_batches(
+            [features.rows_batch(part, features.feature_schema())]), paths[-1])
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        batches = p | beam.Create(paths) | features.ReadBatches(batch_size=3)
+        sizes = batches | "Sizes" >> beam.Map(lambda b: b.num_rows)
+        got = batches | beam.FlatMap(features.batch_rows) | beam.Map(
+            lambda r: (r["uri"], [float(v) for v in r["embedding"]]))
+        assert_that(sizes, equal_to([3, 1, 3, 3]), label="sizes")
+        assert_that(got, equal_to([(f"u{i}", X[i].tolist()) for i in range(10)]))

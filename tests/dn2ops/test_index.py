@@ -11,53 +11,15 @@ import json
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops import features, hnsw, ivf, outputs, streams
+from dn2ops import hnsw, ivf, outputs, streams
 from dn2ops.config import IndexConfig
 from dn2ops.estimator import CLEAN_K, DN2Scorer
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
-
-META = {"backbone": "toy", "dim": 8,
-        "preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}}
-
-
-def write_features(directory, X: np.ndarray, rows_per_shard: list[int], start: int = 0,
-                   meta: dict | None = None) -> list[str]:
-    """A committed features directory holding X (n, d) split into shards; returns the uris.
-    Row i is image ``start + i`` (uri and sha256); ``meta`` replaces META in its marker."""
-    assert sum(rows_per_shard) == len(X)
-    uris = [f"mem://img/{i:05d}.png" for i in range(start, start + len(X))]
-    staging = outputs.new_staging(str(directory))
-    fs, path = outputs.fs_and_path(staging)
-    fs.makedirs(path, exist_ok=True)
-    bounds = np.cumsum([0] + rows_per_shard)
-    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(X[a:b].ravel()), X.shape[1])
-        table = pa.table({"uri": uris[a:b], "sha256": [f"h{start + i}" for i in range(a, b)],
-                          "backbone": ["toy"] * (b - a), "dim": [X.shape[1]] * (b - a),
-                          "embedding": emb.cast(pa.list_(pa.float32()))},
-                         schema=features.feature_schema())
-        pq.write_table(table, f"{path}/features-{s:05d}-of-{len(rows_per_shard):05d}.parquet")
-    outputs.commit(staging, str(directory),
-                   {"kind": features.KIND, **(meta or META), "dim": X.shape[1]})
-    return uris
-
-
-def clustered(n: int, d: int = 8, centers: int = 6, seed: int = 0, offset: float = 20.0):
-    """A Gaussian mixture with a large common offset (CNN features are far from 0)."""
-    rng = np.random.default_rng(seed)
-    c = rng.normal(0, 4, (centers, d))
-    X = c[rng.integers(0, centers, n)] + rng.normal(0, 1, (n, d)) + offset
-    return X.astype(np.float32)
-
-
-def brute_scores(xq, xb, k):
-    R = np.linalg.norm(xq[:, None, :].astype(np.float64) - xb[None].astype(np.float64), axis=2)
-    return np.sort(R, axis=1)[:, :k].mean(axis=1)
+from tests.conftest import brute_scores, clustered, write_features
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,7 @@ from dn2ops.knn import (
     knn_sharded,
     set_faiss_threads,
 )
-
-
-def brute_dists(xq, xb):
-    """All-pairs Euclidean distances (nq, nb), float64, one query row at a time."""
-    xq = np.asarray(xq, dtype=np.float64)
-    xb = np.asarray(xb, dtype=np.float64)
-    return np.stack([np.linalg.norm(xb - q, axis=1) for q in xq])
-
-
-def brute_knn(xq, xb, k):
-    R = brute_dists(xq, xb)
-    I = np.argsort(R, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(R, I, axis=1), I
+from tests.conftest import brute_dists, brute_knn
 
 
 def assert_consistent(D, I, R):

@@ -19,3 +19,16 @@ def test_cleaning_logs_progress_and_warns_once_when_it_will_be_long(caplog):
                     "square of the normal set)"),
         ("INFO", "cleaning: 50 of 100 done, ETA 50 s"),
         ("INFO", "cleaning: 100 of 100 done, ETA 0 s")]
+
+
+def test_log_progress_stage_passes_every_element_through():
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.options import LOCAL_RUNNER
+
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        out = (p | beam.Create(list(range(50)))
+               | beam.ParDo(progress.LogProgress("testing", every_s=0.0), total=50))
+        assert_that(out, equal_to(list(range(50))))

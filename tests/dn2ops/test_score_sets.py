@@ -197,3 +197,21 @@ def test_index_mode_is_checked_both_ways():
         check_index_mode(set_index, None, None)
     with pytest.raises(IndexError_, match="--pool max"):
         check_index_mode(set_index, "lot", "max")
+
+
+def test_score_groups_stage_with_assert_that():
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.options import LOCAL_RUNNER
+
+    a = np.array([[0, 0], [2, 0], [0, 4]], float)  # variances 4/3 and 16/3: trace 20/3
+    rows = _rows({"a": a, "solo": np.array([[5, 5]], float)})
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        groups, errors = p | beam.Create(rows) | ScoreGroups(
+            GroupConfig(group_by="lot", method="covtrace"))
+        assert_that(groups | beam.Map(lambda g: (g["group"], round(g["score"], 9), g["rank"],
+                                                 g["size"])),
+                    equal_to([("a", round(20 / 3, 9), 1, 3)]), label="groups")
+        assert_that(errors | beam.Map(lambda e: (e["uri"].rsplit("/", 1)[1], e["stage"])),
+                    equal_to([("00.png", "group")]), label="errors")

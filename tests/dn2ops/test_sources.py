@@ -47,3 +47,18 @@ def test_manifest_without_uri_column(tmp_path):
     (tmp_path / "m.csv").write_text("path\nx.png\n")
     with pytest.raises(SourceError, match="no 'uri' column"):
         list(list_source(str(tmp_path / "m.csv")))
+
+
+def test_list_images_stage_lists_a_directory(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from dn2ops.sources import ListImages
+    from pipelines.options import LOCAL_RUNNER
+
+    for name in ("a.png", "b.JPG", "notes.txt", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"x")
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        uris = p | ListImages(str(tmp_path)) | beam.Map(lambda r: r["uri"].rsplit("/", 1)[1])
+        assert_that(uris, equal_to(["a.png", "b.JPG"]))

@@ -13,18 +13,7 @@ import pytest
 from benchmarks.datasets import write_png_store
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main
-from tests.conftest import digit_images
-
-
-def _brute_force_scores(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
-    d = np.sqrt(((xq[:, None, :].astype(np.float64) - xb[None, :, :]) ** 2).sum(-1))
-    return np.sort(d, axis=1)[:, :k].mean(axis=1)
-
-
-def _sqrt_l2(x: np.ndarray) -> np.ndarray:
-    """dn2's default feature transform, by hand: signed square root, then unit length."""
-    x = np.sign(x) * np.sqrt(np.abs(x.astype(np.float64)))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.conftest import brute_scores, digit_images, sqrt_l2
 
 
 def _results(results_dir) -> list[dict]:
@@ -59,9 +48,9 @@ def test_scores_equal_brute_force_over_written_shards(run_out):
         == "sqrt-l2"
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
-    xq_all, xb = _sqrt_l2(embeddings(incoming)), _sqrt_l2(embeddings(normal))
+    xq_all, xb = sqrt_l2(embeddings(incoming)), sqrt_l2(embeddings(normal))
     expected = dict(zip(incoming.column("uri").to_pylist(),
-                        _brute_force_scores(xq_all, xb, k=2), strict=True))
+                        brute_scores(xq_all, xb, k=2), strict=True))
     rows = _results(run_out / "results")
     got = np.array([r["score"] for r in rows])
     np.testing.assert_allclose(got, [expected[r["uri"]] for r in rows], rtol=1e-4)
@@ -171,7 +160,7 @@ def test_feature_transform_none_is_the_papers_raw_features(run_out, tmp_path):
                  str(tmp_path / "index"), "--output", str(tmp_path / "res")]) == 0
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
-    expected = dict(zip(incoming.column("uri").to_pylist(), _brute_force_scores(
+    expected = dict(zip(incoming.column("uri").to_pylist(), brute_scores(
         embeddings(incoming), embeddings(normal), k=2), strict=True))
     rows = _results(tmp_path / "res")
     np.testing.assert_allclose([r["score"] for r in rows], [expected[r["uri"]] for r in rows],
@@ -192,8 +181,8 @@ def test_hnsw_index_through_the_command_line(run_out, tmp_path):
                  str(tmp_path / "index"), "--output", str(tmp_path / "res")]) == 0
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
-    exact = dict(zip(incoming.column("uri").to_pylist(), _brute_force_scores(
-        _sqrt_l2(embeddings(incoming)), _sqrt_l2(embeddings(normal)), k=2), strict=True))
+    exact = dict(zip(incoming.column("uri").to_pylist(), brute_scores(
+        sqrt_l2(embeddings(incoming)), sqrt_l2(embeddings(normal)), k=2), strict=True))
     rows = _results(tmp_path / "res")
     got = np.array([r["score"] for r in rows])
     want = np.array([exact[r["uri"]] for r in rows])

@@ -28,7 +28,7 @@ from dn2ops.score_images import anomaly_schema
 from dn2ops.score_sets import group_schema
 from pipelines import finalize, graphs, options
 from pipelines.cli import main
-from tests.conftest import digit_images
+from tests.conftest import brute_scores, digit_images, sqrt_l2
 
 SUMMARY_KEYS = ["count_in", "scored", "errored", "errors_by_stage", "partition", "backbone",
                 "index_id", "index_dir", "input", "timings", "created_at"]
@@ -220,17 +220,9 @@ def store(tmp_path_factory):
     return root, root / "normal_features", root / "incoming_features", root / "index"
 
 
-def _sqrt_l2(x: np.ndarray) -> np.ndarray:
-    """The default index's feature transform, by hand: signed square root, unit length."""
-    x = np.sign(x) * np.sqrt(np.abs(x.astype(np.float64)))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def _brute_force_scores(xq: np.ndarray, xb: np.ndarray, k: int = 2) -> np.ndarray:
     """Scores of the default index: mean distance between sqrt-l2 features."""
-    xq, xb = _sqrt_l2(xq), _sqrt_l2(xb)
-    d = np.sqrt(((xq[:, None, :] - xb[None, :, :]) ** 2).sum(-1))
-    return np.sort(d, axis=1)[:, :k].mean(axis=1)
+    return brute_scores(sqrt_l2(xq), sqrt_l2(xb), k)
 
 
 def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
