@@ -151,8 +151,6 @@ def check_score(index: str | None, output: str, input: str | None, features_dir:
     if is_template(options) and config.score.report:
         raise ValueError("--report needs the results, which a template launch does not wait "
                          "for; run dn2 report RESULTS_DIR after the job")
-    if not config.covtrace and not index:
-        raise ValueError("--index is required (only --group-score covtrace scores without one)")
     if not config.covtrace and runs_here(options):  # Dataflow workers check their own GPUs
         resolve_faiss_device(config.search.device)  # a GPU asked for but missing fails here
     # Verifies checksums before heavy work; the workers load their own.

@@ -85,6 +85,15 @@ def _run(pipeline: beam.Pipeline) -> bool:
     return True
 
 
+def _run_staged(pipeline: beam.Pipeline, staging: str) -> bool:
+    """_run, discarding the staging folder when the pipeline fails."""
+    try:
+        return _run(pipeline)
+    except BaseException:
+        outputs.discard(staging)
+        raise
+
+
 def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = None,
           options: PipelineOptions, test_pipeline: beam.Pipeline | None = None) -> dict:
     """dn2 embed: SRC -> FEATURES_DIR. Returns the features marker, which records the
@@ -112,12 +121,8 @@ def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = N
         output=output, metadata=metadata, input=input, reuse=reuse,
         extra_columns=extras, started=started), count_in=count_in, written=written,
         counts={"reused": reused})
-    try:
-        if not _run(p):
-            return {}
-    except BaseException:
-        outputs.discard(staging)
-        raise
+    if not _run_staged(p, staging):
+        return {}
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
     marker.pop(outputs.FILES, None)
@@ -199,12 +204,8 @@ def score(*, index: str | None, output: str, input: str | None = None,
                                          staging, (started, pipeline_started), config,
                                          checks.is_template(options)),
                     count_in=count_in, written=written)
-    try:
-        if not _run(p):
-            return {}
-    except BaseException:
-        outputs.discard(staging)
-        raise
+    if not _run_staged(p, staging):
+        return {}
     summary = finalize.committed_summary(output)
     LOG.info("scored %s of %s images into %s (%s errors)", summary["scored"],
              summary["count_in"], output, summary["errored"])
