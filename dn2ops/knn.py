@@ -282,6 +282,8 @@ def _search_shard(xq: np.ndarray, shard: Any, k: int, s: int
     if not isinstance(shard, ExactShard):
         xb = as_float32(shard, name=f"shard {s}")
         _check_dims(xq, xb.shape[1], what=f"shard {s}")
+        if len(xb) == 0:
+            return None
         shard = FlatShard(xb)
     _check_dims(xq, shard.d, what=f"shard {s}")
     nb = len(shard)
