@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py pyproject.toml /usr/share/datasets/fashion-mnist/t1
 	touch $@
 
 demo: setup
-	$(PY) -m pipelines.demo_store --output $(DEMO)/store
+	$(PY) -m benchmarks.demo_store --output $(DEMO)/store
 	$(VENV)/bin/dn2 run --normal $(DEMO)/store/normal --input $(DEMO)/store/incoming.csv \
 	  --output $(DEMO)/out --top 20 --report
 	@echo "ranked table: $(DEMO)/out/results/anomalies-*.parquet"

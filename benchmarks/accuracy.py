@@ -75,7 +75,7 @@ class Dataset:
 
 
 def fashion_mnist() -> Dataset:
-    from dn2ops.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from benchmarks.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     xtr, ytr = load_fashion_mnist(split="train")
     xte, yte = load_fashion_mnist(split="test")

@@ -51,8 +51,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
-from dn2ops.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from dn2ops.scorer import DN2Scorer
+from benchmarks.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from dn2ops.estimator import DN2Scorer
 
 NU_GRID: tuple[float, ...] = (0.01, 0.1, 0.5)
 GAMMA_MULTS: tuple[float, ...] = (0.1, 1.0, 10.0)  # x 1/(d * var); 1.0 == gamma='scale'

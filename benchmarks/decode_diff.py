@@ -1,6 +1,6 @@
 """What draft decoding and the engines change in the features, on real images.
 
-For N phone photos (dn2ops.datasets.write_photo_store) and N Fashion-MNIST test
+For N phone photos (benchmarks.datasets.write_photo_store) and N Fashion-MNIST test
 PNGs, every image goes through dn2's own prepare() twice, ``--decode full`` and
 ``--decode draft``, and the crops through the torch engine; the draft crops also
 through every other CPU engine. Reported, each against torch on full decoding

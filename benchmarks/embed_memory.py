@@ -27,9 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script
     sys.path.insert(0, REPO)
 
+from benchmarks.datasets import load_fashion_mnist, write_manifest, write_png_store  # noqa: E402
 from benchmarks.score_memory import measure  # noqa: E402
 from dn2ops import features  # noqa: E402
-from dn2ops.datasets import load_fashion_mnist, write_manifest, write_png_store  # noqa: E402
 
 LOT = 20  # images a lot (group mode)
 

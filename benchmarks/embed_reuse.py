@@ -28,13 +28,13 @@ if REPO not in sys.path:  # run as a script
 
 import numpy as np  # noqa: E402
 
-from benchmarks.score_memory import measure  # noqa: E402
-from dn2ops.datasets import (  # noqa: E402
+from benchmarks.datasets import (  # noqa: E402
     load_fashion_mnist,
     write_manifest,
     write_photo_store,
     write_png_store,
 )
+from benchmarks.score_memory import measure  # noqa: E402
 
 
 def manifests(out: str, name: str, paths: list[str]) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """Embedding images/s on two workloads, each way timed as a whole process, side by side.
 
 Workloads: N phone-sized 12 MP JPEGs made from real photographs
-(dn2ops.datasets.write_photo_store: scikit-learn's sample photos cropped, scaled
+(benchmarks.datasets.write_photo_store: scikit-learn's sample photos cropped, scaled
 up to 4032 x 3024 with sensor noise, quality 90, every fourth a portrait by
 EXIF), and N Fashion-MNIST test PNGs (28 x 28, Debian's package).
 
@@ -49,6 +49,10 @@ BACKBONE = "efficientnet_lite0"
 
 # -- the bare loop (its own process: only PIL, numpy and the engine imported) -----------
 
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
+    sys.path.insert(0, REPO)
 
 def bare_pixels(data: bytes, resize: int, crop: int) -> np.ndarray:
     """JPEG bytes -> uint8 (3, crop, crop): draft, EXIF, RGB, resize short side, crop."""
@@ -154,7 +158,7 @@ def decode_ms(files: list[str], decode: str) -> float:
 def workload(name: str, files: list[str], out: str, args, engine: str, model: str) -> dict:
     import shutil
 
-    from dn2ops.datasets import write_manifest
+    from benchmarks.datasets import write_manifest
 
     store = os.path.join(out, "images.csv")  # every way reads this manifest
     write_manifest([{"uri": os.path.abspath(f)} for f in files], store)
@@ -218,7 +222,7 @@ def stores(out: str, photos: str | None, n_photos: int, n_fashion: int
            ) -> tuple[list[str], list[str]]:
     """(paths of n_photos phone photos, of n_fashion Fashion-MNIST test PNGs), made if missing
     (the photos under ``photos``, default OUT/photos; the PNGs under OUT/fashion-store)."""
-    from dn2ops.datasets import load_fashion_mnist, write_photo_store, write_png_store
+    from benchmarks.datasets import load_fashion_mnist, write_photo_store, write_png_store
 
     paths = write_photo_store(photos or os.path.join(out, "photos"), n_photos)
     images, _ = load_fashion_mnist(split="test")

@@ -11,7 +11,7 @@ Sizes:
 Few-shot "all" = every embedded training image of the class (500 in quick mode).
 
 What goes through the pipeline and what does not:
-  * The images are written as PNG files (dn2ops.datasets.write_png_store) with
+  * The images are written as PNG files (benchmarks.datasets.write_png_store) with
     CSV manifests carrying ``id``, ``label`` and ``class`` columns, and embedded
     ONCE per (split, backbone, treatment) with ``dn2 embed`` (pipelines.cli.main).
   * Table 1 (exact kNN, the headline) runs ``dn2 build-index`` and
@@ -19,7 +19,7 @@ What goes through the pipeline and what does not:
     written ``anomalies-*.parquet`` table (label from the carried manifest column).
   * The sweeps (K-means, few-shot, impurities, k, backbones, feature treatments)
     score the pipeline's feature shards (dn2ops.features.load_features) with
-    dn2ops.scorer.DN2Scorer, the estimator that ``dn2 build-index`` wraps.
+    dn2ops.estimator.DN2Scorer, the estimator that ``dn2 build-index`` wraps.
 
 Cache layout (default ``bench-out/fmnist/``; reused between runs, never re-embedded
 when a features directory has its ``_SUCCESS`` marker):
@@ -72,18 +72,18 @@ if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
 from benchmarks.baselines import render_markdown, run_baselines  # noqa: E402
-from benchmarks.markdown import fmt as _f  # noqa: E402
-from benchmarks.markdown import table as _table  # noqa: E402
-from dn2ops import features as features_mod  # noqa: E402
-from dn2ops import outputs, transforms  # noqa: E402
-from dn2ops.datasets import (  # noqa: E402
+from benchmarks.datasets import (  # noqa: E402
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     write_manifest,
     write_png_store,
 )
+from benchmarks.markdown import fmt as _f  # noqa: E402
+from benchmarks.markdown import table as _table  # noqa: E402
+from dn2ops import features as features_mod  # noqa: E402
+from dn2ops import outputs, transforms  # noqa: E402
+from dn2ops.estimator import DN2Scorer  # noqa: E402
 from dn2ops.knn import knn  # noqa: E402
-from dn2ops.scorer import DN2Scorer  # noqa: E402
 
 LOG = logging.getLogger("dn2.bench")
 
@@ -805,7 +805,7 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], classes: Sequenc
         "decoded to RGB, resized and centre-cropped by the pipeline).",
         "* Table 1 runs `dn2 build-index` and `dn2 score --features` per class; its ROC-AUC is "
         "computed from the written anomalies table (label from the carried manifest column). "
-        "The other tables score the pipeline's feature shards with `dn2ops.scorer.DN2Scorer` "
+        "The other tables score the pipeline's feature shards with `dn2ops.estimator.DN2Scorer` "
         "(the estimator `dn2 build-index` wraps); the second column of table 1 checks the two "
         "agree.",
         "* Few-shot: n random images of the class, mean over 5 draws (1 draw for all); with "

@@ -5,7 +5,7 @@
   (CUDA: autocast bf16/fp16 + pinned memory; CPU: channels-last), on cuda and
   on cpu;
 * JPEG decoding, images/s, on N phone-sized 12 MP photos
-  (dn2ops.datasets.write_photo_store): nvJPEG on the GPU
+  (benchmarks.datasets.write_photo_store): nvJPEG on the GPU
   (``torchvision.io.decode_jpeg(list, device="cuda")``, lists of 64 files,
   then resize + center crop on the GPU) against dn2's CPU path (draft decoding +
   crop, dn2ops.inference.prepare, on a thread pool of all cores); decides whether
@@ -34,6 +34,9 @@ import time
 
 import numpy as np
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
+    sys.path.insert(0, REPO)
 
 def embed_rate(name: str, device: str, batch: int, batches: int) -> float:
     import torch
@@ -123,7 +126,7 @@ def main(argv=None) -> dict:
 
 
 def decode_part(args) -> dict:
-    from dn2ops.datasets import write_photo_store
+    from benchmarks.datasets import write_photo_store
 
     photos = write_photo_store(args.photos or os.path.join(args.out, "photos"),
                                args.decode_images, workers=os.cpu_count())

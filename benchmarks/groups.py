@@ -5,7 +5,7 @@ Features, not pixels: every image is embedded once with ``dn2 embed``
 
 Protocol 1 (no training): normal sets hold 10-50 images of one class, anomalous
 sets 10-50 images drawn from all classes; each set is scored by
-`dn2ops.groups.covtrace_score` (trace of its features' covariance). ROC-AUC on
+`dn2ops.set_features.covtrace_score` (trace of its features' covariance). ROC-AUC on
 scikit-learn's handwritten digits and on Fashion-MNIST.
 
 Protocol 2 (the paper's harder task): a normal set holds exactly one image of
@@ -32,18 +32,23 @@ import argparse
 import glob
 import json
 import os
+import sys
 import time
 
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from dn2ops import outputs
-from dn2ops.datasets import load_fashion_mnist, write_manifest, write_png_store
-from dn2ops.features import load_features
-from dn2ops.groups import covtrace_score, pool_sets
-from dn2ops.scorer import DN2Scorer
-from pipelines.cli import main as dn2
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
+    sys.path.insert(0, REPO)
+
+from benchmarks.datasets import load_fashion_mnist, write_manifest, write_png_store  # noqa: E402
+from dn2ops import outputs  # noqa: E402
+from dn2ops.estimator import DN2Scorer  # noqa: E402
+from dn2ops.features import load_features  # noqa: E402
+from dn2ops.set_features import covtrace_score, pool_sets  # noqa: E402
+from pipelines.cli import main as dn2  # noqa: E402
 
 SHARED_FMNIST = "bench-out/fmnist/features/efficientnet_lite0"
 

@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -21,12 +22,16 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from dn2ops.backbones import get_spec, load_backbone
-from dn2ops.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from dn2ops.embed import Embedder
-from dn2ops.images import load_image
-from dn2ops.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from dn2ops.scorer import DN2Scorer
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
+    sys.path.insert(0, REPO)
+
+from benchmarks.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
+from dn2ops.backbones import get_spec, load_backbone  # noqa: E402
+from dn2ops.embed import Embedder  # noqa: E402
+from dn2ops.estimator import DN2Scorer  # noqa: E402
+from dn2ops.images import load_image  # noqa: E402
+from dn2ops.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: E402
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 
 import apache_beam as beam
@@ -29,13 +30,17 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
-from dn2ops.backbones import get_spec
-from dn2ops.datasets import load_fashion_mnist, write_png_store
-from dn2ops.images import DEFAULT_MAX_PIXELS
-from dn2ops.inference import ERRORS, PrepareImages
-from dn2ops.sources import ListImages
-from pipelines.cli import main as dn2
-from pipelines.options import beam_options
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
+    sys.path.insert(0, REPO)
+
+from benchmarks.datasets import load_fashion_mnist, write_png_store  # noqa: E402
+from dn2ops.backbones import get_spec  # noqa: E402
+from dn2ops.images import DEFAULT_MAX_PIXELS  # noqa: E402
+from dn2ops.inference import ERRORS, PrepareImages  # noqa: E402
+from dn2ops.sources import ListImages  # noqa: E402
+from pipelines.cli import main as dn2  # noqa: E402
+from pipelines.options import beam_options  # noqa: E402
 
 PROTOCOL = "slow"
 

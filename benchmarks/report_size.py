@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dn2ops import outputs
-from dn2ops.datasets import load_fashion_mnist, write_png_store
-from dn2ops.report import write_report
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
+    sys.path.insert(0, REPO)
+
+from benchmarks.datasets import load_fashion_mnist, write_png_store  # noqa: E402
+from dn2ops import outputs  # noqa: E402
+from dn2ops.report import write_report  # noqa: E402
 
 K = 5  # neighbours per row, as `dn2 score` is usually run
 

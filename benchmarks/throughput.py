@@ -175,6 +175,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if task in ("build", "score"):
         import faiss  # noqa: F401
 
+        from dn2ops.config import IndexConfig
         from dn2ops.index import LoadedIndex, build_index
     if cfg.get("method") in ("sklearn", "pyod-balltree"):
         import sklearn.neighbors  # noqa: F401
@@ -185,7 +186,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if task == "build":
         kw: dict[str, Any] = {"k": K, "shards": math.ceil(cfg["n"] / ROWS_PER_SHARD),
                               "reference_sample": REFERENCE_SAMPLE,
-                              "recall_queries": RECALL_QUERIES, "device": "cpu"}
+                              "recall_queries": RECALL_QUERIES}
         if cfg["method"] == "kmeans":
             kw["n_centroids"] = KMEANS_C
         elif cfg["method"] in ("ivf", "ivf-ondisk"):
@@ -193,7 +194,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             kw["ondisk"] = cfg["method"] == "ivf-ondisk"
         elif cfg["method"] == "hnsw":
             kw["hnsw_m"] = HNSW_M
-        manifest = build_index(cfg["features"], cfg["index"], **kw)
+        manifest = build_index(cfg["features"], cfg["index"], IndexConfig(**kw), device="cpu")
         out["seconds"] = time.perf_counter() - t0
         out["index_bytes"] = dir_bytes(cfg["index"])
         out["largest_feature_shard_bytes"] = min(cfg["n"], ROWS_PER_SHARD) * DIM * 4

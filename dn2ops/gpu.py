@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from dn2ops.knn import _exact_distances, as_float32
+from dn2ops.knn import ExactShard, as_float32, exact_distances, knn_sharded
 
 # The same choices as dn2ops.embed.DEVICES (the embedding side of --device).
 DEVICES = ("auto", "cpu", "cuda")
@@ -60,9 +60,9 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index)
 
 
-class GpuFlat:
+class GpuFlat(ExactShard):
     """One flat shard resident on the GPU(s), shifted by its mean, with its CPU
-    vectors (nb, d) kept for the exact re-rank."""
+    vectors (nb, d) kept for the exact re-rank (a dn2ops.knn.ExactShard)."""
 
     def __init__(self, xb: np.ndarray):
         self.xb = as_float32(xb, name="xb")
@@ -74,6 +74,10 @@ class GpuFlat:
     def __len__(self) -> int:
         return len(self.xb)
 
+    @property
+    def d(self) -> int:
+        return int(self.xb.shape[1])
+
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact k-NN (k' = min(k, nb)): ``D`` float32 (nq, k') ascending, ``I`` int64 (nq, k').
 
@@ -82,7 +86,7 @@ class GpuFlat:
         """
         k = min(int(k), len(self.xb))
         _, I = self.index.search(xq - self.shift, k)
-        D = _exact_distances(xq, self.xb, I)
+        D = exact_distances(xq, self.xb, I)
         order = np.argsort(D, axis=1, kind="stable")
         return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
@@ -95,17 +99,4 @@ def knn_sharded_gpu(xq: np.ndarray, shards: Iterable[np.ndarray | GpuFlat],
     Returns ``D`` float32 (nq, k) Euclidean distances and ``I`` int64 (nq, k) global ids
     (offsets = running shard sizes).
     """
-    xq = as_float32(xq, name="xq")
-    heap = faiss.ResultHeap(len(xq), int(k))
-    offset = 0
-    for shard in shards:
-        flat = shard if isinstance(shard, GpuFlat) else GpuFlat(shard)
-        if len(flat) == 0:
-            continue
-        D, I = flat.search(xq, k)
-        heap.add_result(D, np.where(I >= 0, I + offset, -1))
-        offset += len(flat)
-    if k > offset:
-        raise ValueError(f"k={k} is larger than the number of database vectors ({offset})")
-    heap.finalize()
-    return heap.D, heap.I
+    return knn_sharded(xq, (s if isinstance(s, GpuFlat) else GpuFlat(s) for s in shards), k)

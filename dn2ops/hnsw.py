@@ -22,9 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from dn2ops import streams
-from dn2ops.knn import as_float32, knn_sharded
-from dn2ops.recall import tune
+from dn2ops import recall
 
 INDEX_FILE = "hnsw.faiss"
 # Graph-building effort: twice faiss's default of 40. On the 100k x 1280-d set of
@@ -54,18 +52,8 @@ def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     Rows the graph search left short of k neighbours are searched again with
     efSearch raised to the whole index, so every row has k real neighbours.
     """
-    xq = as_float32(xq, name="xq")
-    D2, I = index.search(xq, k)
-    short = (I < 0).any(axis=1)
-    if short.any():
-        hnsw = faiss.downcast_index(index).hnsw
-        saved = hnsw.efSearch
-        hnsw.efSearch = int(index.ntotal)
-        try:
-            D2[short], I[short] = index.search(xq[short], k)
-        finally:
-            hnsw.efSearch = saved
-    return np.sqrt(np.maximum(D2, 0)).astype(np.float32), I
+    return recall.search_filled(
+        index, xq, k, lambda: (faiss.downcast_index(index).hnsw, "efSearch", int(index.ntotal)))
 
 
 def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int, m: int,
@@ -85,23 +73,13 @@ def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int,
             index.add(chunk)
             yield chunk
 
-    De, Ie = knn_sharded(xq, add_and_pass(), k + 1)
-    _, Ie = streams.drop_self(De, Ie, q_ids)
+    I_exact = recall.exact_ids(xq, q_ids, add_and_pass(), k)
     if index.ntotal != n:
         raise RuntimeError(f"the HNSW index holds {index.ntotal} vectors, expected {n}")
-
-    def ids_at(ef: int) -> np.ndarray:
-        set_ef(index, ef)
-        Da, Ia = search(index, xq, k + 1)
-        return streams.drop_self(Da, Ia, q_ids)[1]
-
-    chosen, curve = tune(ids_at, Ie, EF_SEARCH, target_recall, ef_search)
-    set_ef(index, chosen)
+    chosen, curve = recall.measure(lambda x, kk: search(index, x, kk),
+                                   lambda ef: set_ef(index, ef), xq, q_ids, I_exact,
+                                   EF_SEARCH, target_recall, ef_search)
     info = {"m": int(m), "ef_construction": EF_CONSTRUCTION, "ef_search": chosen,
-            "recall": {"k": k, "queries": int(len(q_ids)), "target": target_recall,
-                       "at_ef_search": {str(e): round(r, 4) for e, r in curve.items()},
-                       "recall_at_k": round(curve[chosen], 4),
-                       "target_reached": bool(curve[chosen] >= target_recall),
-                       "how": "leave-one-out neighbours of a uniform sample of the normal "
-                              "set, HNSW against exact"}}
+            "recall": recall.recall_info(k, q_ids, target_recall, curve, curve[chosen],
+                                         "ef_search", "HNSW")}
     return index, info

@@ -36,27 +36,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dn2ops import features, hnsw, ivf, outputs, streams
-from dn2ops.index import (
-    _HASH_BLOCK,
-    KIND,
+from dn2ops.index.build import (
     KMEANS_SAMPLE_PER_CENTROID,
-    IndexError_,
-    LoadedIndex,
-    _approx_loo,
-    _chunks,
-    _feature_rows,
-    _flat_loo,
-    _flat_of,
-    _nearest_centre,
-    _put,
-    _read_index,
-    _reference_scores,
-    _shard_loader,
-    _shard_name,
-    _shard_sizes,
-    _write_index,
+    approx_loo,
     distances_column,
+    feature_rows,
+    flat_loo,
+    nearest_centre,
+    read_chunks,
+    reference_scores,
+    shard_loader,
+    shard_sizes,
 )
+from dn2ops.index.files import (
+    HASH_BLOCK,
+    KIND,
+    IndexError_,
+    flat_of,
+    put,
+    read_index,
+    shard_name,
+    write_index,
+)
+from dn2ops.index.search import LoadedIndex
 from dn2ops.knn import flat_vectors, kmeans_centroids, knn, knn_sharded
 
 LOG = logging.getLogger("dn2")
@@ -140,14 +142,14 @@ class _Grow:
         self.transform = parent.get("feature_transform") or "none"
         self.k = int(parent["k"])
         self.n_old = int(parent["counts"]["kept"])
-        self.per_shard = _feature_rows(features_dir)
+        self.per_shard = feature_rows(features_dir)
         self.m = int(sum(self.per_shard))
         self.n = self.n_old + self.m
         self.files: dict[str, str] = {}
         self.flat_names: list[str] = []  # the staged flat shards, once written
 
     def new_chunks(self) -> Iterator[np.ndarray]:
-        return _chunks(self.features_dir, self.dim, transform=self.transform)
+        return read_chunks(self.features_dir, self.dim, transform=self.transform)
 
     def old_chunks(self) -> Iterator[np.ndarray]:
         """The parent's kept vectors, transformed, in id order, read from its features
@@ -159,13 +161,13 @@ class _Grow:
                 "an IVF or HNSW index's vectors from there (for the percentile reference "
                 "and recall)")
         kept = self.normal.column("kept").to_numpy(zero_copy_only=False)
-        yield from _chunks(source, self.dim, None if kept.all() else kept, self.transform)
+        yield from read_chunks(source, self.dim, None if kept.all() else kept, self.transform)
 
     def union(self) -> Iterator[np.ndarray]:
         """Every vector of the new index, in id order (the parent's, then the added)."""
         if self.flat_names:
             for name in self.flat_names:
-                index = _read_index(self.fs, outputs.join(self.stage, name), name,
+                index = read_index(self.fs, outputs.join(self.stage, name), name,
                                     self.files[name])
                 x = flat_vectors(index).copy()
                 del index
@@ -211,7 +213,7 @@ class _Grow:
                  or len(old_ids) / self.n_old < size / self.n)
         if fresh:
             ids = None if size >= self.n else streams.sample_ids(self.n, size, self.seed + 2)
-            return (*_reference_scores(score, self.union, self.n, ids, keep=width), False)
+            return (*reference_scores(score, self.union, self.n, ids, keep=width), False)
         rng = np.random.default_rng(self.seed + 2)
         keep = min(round(size * self.n_old / self.n), len(old_ids))  # the union's rate
         pick = np.sort(rng.choice(len(old_ids), size=keep, replace=False))
@@ -223,7 +225,7 @@ class _Grow:
         new_ids = self.n_old + streams.sample_ids(self.m, round(size * self.m / self.n),
                                                   self.seed + 3)
         xq = streams.gather_rows(self.new_chunks(), new_ids - self.n_old)
-        ref, ref_d = _reference_scores(score, self.union, self.n, new_ids, xq, keep=width)
+        ref, ref_d = reference_scores(score, self.union, self.n, new_ids, xq, keep=width)
         ref[old_ids] = old_d.mean(axis=1, dtype=np.float64)
         ref_d[old_ids] = old_d
         return ref, ref_d, True
@@ -256,19 +258,19 @@ class _Grow:
 
     def _flat(self) -> tuple[Callable, int]:
         old = sorted(n for n in self.parent["files"] if n.startswith("shard-"))
-        sizes = _shard_sizes(self.m, None, self.per_shard)
+        sizes = shard_sizes(self.m, None, self.per_shard)
         total = len(old) + len(sizes)
-        renamed = [_shard_name(i, total) for i in range(total)]
+        renamed = [shard_name(i, total) for i in range(total)]
         for src, dst in zip(old, renamed, strict=False):
             self._copy(src, dst)
         # Written under their final names: an object store has no cheap rename.
         for name, xb in zip(renamed[len(old):], streams.rechunk(self.new_chunks(), sizes),
                             strict=True):
-            self.files[name] = _write_index(self.fs, outputs.join(self.stage, name),
-                                            _flat_of(xb))
+            self.files[name] = write_index(self.fs, outputs.join(self.stage, name),
+                                           flat_of(xb))
         self.flat_names = renamed
-        load = _shard_loader(self.fs, self.stage, renamed, self.device)
-        return _flat_loo(load, self.k, self.device), total
+        load = shard_loader(self.fs, self.stage, renamed, self.device)
+        return flat_loo(load, self.k, self.device), total
 
     def _copy(self, name: str, dst: str) -> None:
         """Copies a parent file into the staging folder, checking its sha256 on the way."""
@@ -276,7 +278,7 @@ class _Grow:
         h = hashlib.sha256()
         with src_fs.open(src, "rb") as f, self.fs.open(outputs.join(self.stage, dst),
                                                        "wb") as out:
-            while block := f.read(_HASH_BLOCK):
+            while block := f.read(HASH_BLOCK):
                 h.update(block)
                 out.write(block)
         if h.hexdigest() != self.parent["files"][name]:
@@ -292,13 +294,13 @@ class _Grow:
             km_ids = streams.sample_ids(self.n, KMEANS_SAMPLE_PER_CENTROID * c, self.seed)
             centroids = kmeans_centroids(streams.gather_rows(self.union(), km_ids), c,
                                          seed=self.seed)
-            self.files["kmeans.faiss"] = _write_index(
-                self.fs, outputs.join(self.stage, "kmeans.faiss"), _flat_of(centroids))
+            self.files["kmeans.faiss"] = write_index(
+                self.fs, outputs.join(self.stage, "kmeans.faiss"), flat_of(centroids))
             meta = {"trained_on": int(len(km_ids)), "retrained": True}
         else:
             self._copy("kmeans.faiss", "kmeans.faiss")
             meta = {**(self.parent.get("kmeans") or {}), "retrained": False}
-        return _nearest_centre(centroids), {**meta, "drift": drift}
+        return nearest_centre(centroids), {**meta, "drift": drift}
 
     def _drift(self, centroids: np.ndarray) -> dict[str, Any]:
         """Mean distance to the nearest centre: the added images against the parent's
@@ -323,9 +325,9 @@ class _Grow:
         ivf.set_nprobe(index, meta["nprobe"])
         recall = self._recall(lambda xq, k: ivf.search(index, xq, k), meta["nprobe"],
                               "at_nprobe", meta["recall"])
-        self.files[ivf.INDEX_FILE] = _write_index(
+        self.files[ivf.INDEX_FILE] = write_index(
             self.fs, outputs.join(self.stage, ivf.INDEX_FILE), index)
-        return _approx_loo(ivf.search, index, self.k), {**meta, "recall": recall}
+        return approx_loo(ivf.search, index, self.k), {**meta, "recall": recall}
 
     def _hnsw(self) -> tuple[Callable, dict[str, Any]]:
         meta = self.parent["hnsw"]
@@ -335,13 +337,13 @@ class _Grow:
         hnsw.set_ef(index, meta["ef_search"])
         recall = self._recall(lambda xq, k: hnsw.search(index, xq, k), meta["ef_search"],
                               "at_ef_search", meta["recall"])
-        self.files[hnsw.INDEX_FILE] = _write_index(
+        self.files[hnsw.INDEX_FILE] = write_index(
             self.fs, outputs.join(self.stage, hnsw.INDEX_FILE), index)
-        return _approx_loo(hnsw.search, index, self.k), {**meta, "recall": recall}
+        return approx_loo(hnsw.search, index, self.k), {**meta, "recall": recall}
 
     def _read_parent(self, name: str):
         fs, path = outputs.fs_and_path(outputs.join(self.index_dir, name))
-        index = _read_index(fs, path, name, self.parent["files"][name])
+        index = read_index(fs, path, name, self.parent["files"][name])
         if index.ntotal != self.n_old:
             raise IndexError_(f"{name} of {self.index_dir} holds {index.ntotal} vectors, its "
                               f"manifest says {self.n_old}")
@@ -380,7 +382,7 @@ class _Grow:
             "loo_score": pa.array(loo), "loo_distances": distances_column(loo_d)})
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self.files["normal.parquet"] = _put(self.fs, outputs.join(self.stage, "normal.parquet"),
+        self.files["normal.parquet"] = put(self.fs, outputs.join(self.stage, "normal.parquet"),
                                             buf.getvalue())
 
     def _manifest(self, info: dict[str, Any], ref: np.ndarray, incremental: bool

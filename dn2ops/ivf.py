@@ -29,9 +29,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from dn2ops import streams
-from dn2ops.knn import as_float32, knn_sharded
-from dn2ops.recall import recall_at_k, tune
+from dn2ops import recall
+from dn2ops.recall import recall_at_k
 
 __all__ = ["build", "new_index", "read", "recall_at_k", "search", "set_nprobe"]
 
@@ -81,19 +80,9 @@ def search(index: faiss.Index, xq: np.ndarray, k: int,
     over every list (of ``fallback``, the CPU index, when ``index`` is a GPU
     copy), so every row has k real neighbours.
     """
-    xq = as_float32(xq, name="xq")
-    D2, I = index.search(xq, k)
-    short = (I < 0).any(axis=1)
-    if short.any():
-        cpu = fallback if fallback is not None else index
-        ivf = ivf_of(cpu)
-        saved = ivf.nprobe
-        ivf.nprobe = ivf.nlist
-        try:
-            D2[short], I[short] = cpu.search(xq[short], k)
-        finally:
-            ivf.nprobe = saved
-    return np.sqrt(np.maximum(D2, 0)).astype(np.float32), I
+    cpu = fallback if fallback is not None else index
+    return recall.search_filled(index, xq, k, lambda: (ivf_of(cpu), "nprobe",
+                                                       ivf_of(cpu).nlist), again=cpu)
 
 
 def train_size(n: int, nlist: int, pq: int | None = None) -> int:
@@ -122,53 +111,51 @@ def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int,
     index = new_index(d, nlist, pq)
     index.train(train_x)
     parts: list[str] = []
-
-    def add_and_pass() -> Iterator[np.ndarray]:
-        # One pass over the stream fills the IVF and feeds the exact search
-        # that recall is measured against.
-        start = 0
-        for chunk in chunks():
-            ids = np.arange(start, start + len(chunk), dtype=np.int64)
-            if ondisk_dir is None:
-                index.add_with_ids(chunk, ids)
-            else:
-                part = _copy(index)
-                part.add_with_ids(chunk, ids)
-                parts.append(os.path.join(ondisk_dir, f"_part-{len(parts):05d}.faiss"))
-                faiss.write_index(part, parts[-1])
-                del part
-            start += len(chunk)
-            yield chunk
-
-    De, Ie = knn_sharded(xq, add_and_pass(), k + 1)
-    _, Ie = streams.drop_self(De, Ie, q_ids)
+    # One pass over the stream fills the IVF and feeds the exact search that recall is
+    # measured against.
+    I_exact = recall.exact_ids(xq, q_ids, _fill(index, chunks(), parts, ondisk_dir), k)
     if ondisk_dir is not None:
-        from faiss.contrib.ondisk import merge_ondisk
-
-        merge_ondisk(index, parts, os.path.join(ondisk_dir, DATA_FILE))
-        for p in parts:
-            os.remove(p)
+        _merge_parts(index, parts, ondisk_dir)
     if index.ntotal != n:
         raise RuntimeError(f"the IVF index holds {index.ntotal} vectors, expected {n}")
-
-    def ids_at(p: int) -> np.ndarray:
-        set_nprobe(index, p)
-        Da, Ia = search(index, xq, k + 1)
-        return streams.drop_self(Da, Ia, q_ids)[1]
-
     probes = list(dict.fromkeys(min(2 ** i, nlist) for i in range(int(np.log2(nlist)) + 2)))
-    chosen, curve = tune(ids_at, Ie, probes, target_recall, nprobe)
-    set_nprobe(index, chosen)
+    _, curve = recall.measure(lambda x, kk: search(index, x, kk),
+                              lambda p: set_nprobe(index, p), xq, q_ids, I_exact, probes,
+                              target_recall, nprobe)
     got = curve[int(ivf_of(index).nprobe)]
     info = {"nlist": nlist, "pq": pq, "nprobe": int(ivf_of(index).nprobe),
             "ondisk": ondisk_dir is not None, "train_size": int(len(train_x)),
-            "recall": {"k": k, "queries": int(len(q_ids)), "target": target_recall,
-                       "at_nprobe": {str(p): round(r, 4) for p, r in curve.items()},
-                       "recall_at_k": round(got, 4),
-                       "target_reached": bool(got >= target_recall),
-                       "how": "leave-one-out neighbours of a uniform sample of the normal "
-                              "set, IVF against exact"}}
+            "recall": recall.recall_info(k, q_ids, target_recall, curve, got, "nprobe",
+                                         "IVF")}
     return index, info
+
+
+def _fill(index: faiss.Index, blocks: Iterator[np.ndarray], parts: list[str],
+          ondisk_dir: str | None) -> Iterator[np.ndarray]:
+    """Adds each block to ``index`` (global ids in order; with ``ondisk_dir``, to a copy
+    written as a part file, its name appended to ``parts``) and yields it on."""
+    start = 0
+    for chunk in blocks:
+        ids = np.arange(start, start + len(chunk), dtype=np.int64)
+        if ondisk_dir is None:
+            index.add_with_ids(chunk, ids)
+        else:
+            part = _copy(index)
+            part.add_with_ids(chunk, ids)
+            parts.append(os.path.join(ondisk_dir, f"_part-{len(parts):05d}.faiss"))
+            faiss.write_index(part, parts[-1])
+            del part
+        start += len(chunk)
+        yield chunk
+
+
+def _merge_parts(index: faiss.Index, parts: list[str], ondisk_dir: str) -> None:
+    """Merges the part files' inverted lists into ``ondisk_dir/ivf.ivfdata``."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    merge_ondisk(index, parts, os.path.join(ondisk_dir, DATA_FILE))
+    for p in parts:
+        os.remove(p)
 
 
 def read(path: str, *, ondisk: bool, nprobe: int) -> faiss.Index:

@@ -21,7 +21,8 @@ distances agree to within float32 round-off.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -116,7 +117,12 @@ def flat_vectors(index: faiss.Index) -> np.ndarray:
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
-class FlatShard:
+class ExactShard:
+    """A database block searched exactly: ``len``, ``d`` and ``search(xq, k) -> (D, I)``
+    with D float32 (nq, k) ascending Euclidean distances, I int64 (nq, k) local ids."""
+
+
+class FlatShard(ExactShard):
     """A database block held as one mean-shifted IndexFlatL2, for repeated exact searches.
 
     The index's own vectors, shifted by their mean, are the only copy kept:
@@ -158,12 +164,12 @@ class FlatShard:
         for a in range(0, len(xq), _QUERY_BLOCK):
             xs_q = xq[a:a + _QUERY_BLOCK] - self.shift
             _, I[a:a + len(xs_q)] = self.index.search(xs_q, k)
-            D[a:a + len(xs_q)] = _exact_distances(xs_q, xb, I[a:a + len(xs_q)])
+            D[a:a + len(xs_q)] = exact_distances(xs_q, xb, I[a:a + len(xs_q)])
         order = np.argsort(D, axis=1, kind="stable")
         return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
-def _exact_distances(xq: np.ndarray, xb: np.ndarray, I: np.ndarray) -> np.ndarray:
+def exact_distances(xq: np.ndarray, xb: np.ndarray, I: np.ndarray) -> np.ndarray:
     """Euclidean distances (nq, k) float32 between xq[i] and xb[I[i, j]]."""
     nq, k = I.shape
     D = np.empty((nq, k), dtype=np.float32)
@@ -217,56 +223,74 @@ def knn_sharded(
     k = int(k)
     nq = xq.shape[0]
     heap = faiss.ResultHeap(nq, k)
-    offset_iter = iter(offsets) if offsets is not None else None
     running = 0
-    nshards = 0
-    for s, shard in enumerate(shards):
-        nshards += 1
-        if offset_iter is not None:
-            try:
-                offset = int(next(offset_iter))
-            except StopIteration:
-                raise ValueError(
-                    f"offsets has fewer entries than shards (no offset for shard {s})"
-                ) from None
-        else:
-            offset = running
-        if isinstance(shard, FlatShard):
-            _check_dims(xq, shard.d, what=f"shard {s}")
-            nb = len(shard)
-            if nb == 0:
-                continue
-            D, I = shard.search(xq, min(k, nb))
-        elif isinstance(shard, faiss.Index):
-            if shard.metric_type != faiss.METRIC_L2:
-                raise ValueError(
-                    f"shard {s}: only METRIC_L2 faiss indexes are supported"
-                )
-            _check_dims(xq, shard.d, what=f"shard {s}")
-            nb = shard.ntotal
-            if nb == 0:
-                continue
-            D2, I = shard.search(xq, min(k, nb))
-            D = np.sqrt(np.maximum(D2, 0))
-        else:
-            xb = as_float32(shard, name=f"shard {s}")
-            _check_dims(xq, xb.shape[1], what=f"shard {s}")
-            nb = xb.shape[0]
-            if nb == 0:
-                continue
-            D, I = FlatShard(xb).search(xq, min(k, nb))
-        running += nb
+    for s, (shard, offset) in enumerate(_with_offsets(shards, offsets)):
+        found = _search_shard(xq, shard, k, s)
+        if found is None:
+            continue
+        D, I, nb = found
         # -1 marks "no result" in faiss; keep it rather than offsetting it.
-        I = np.where(I >= 0, I + offset, -1)
-        heap.add_result(D, I)
-    if offset_iter is not None and next(offset_iter, None) is not None:
-        raise ValueError(f"offsets has more entries than shards ({nshards})")
+        heap.add_result(D, np.where(I >= 0, I + (running if offset is None else offset), -1))
+        running += nb
     if k > running:
         raise ValueError(
             f"k={k} is larger than the number of database vectors in all shards ({running})"
         )
     heap.finalize()
     return heap.D, heap.I
+
+
+def _with_offsets(shards: Iterable[Any], offsets: Sequence[int] | None
+                  ) -> Iterator[tuple[Any, int | None]]:
+    """(shard, its offset) pairs; None offsets (running totals) without ``offsets``.
+    Raises ValueError when ``offsets`` has fewer or more entries than there are shards."""
+    if offsets is None:
+        for shard in shards:
+            yield shard, None
+        return
+    offset_iter = iter(offsets)
+    nshards = 0
+    for s, shard in enumerate(shards):
+        nshards += 1
+        try:
+            offset = int(next(offset_iter))
+        except StopIteration:
+            raise ValueError(
+                f"offsets has fewer entries than shards (no offset for shard {s})") from None
+        yield shard, offset
+    if next(offset_iter, None) is not None:
+        raise ValueError(f"offsets has more entries than shards ({nshards})")
+
+
+def _search_shard(xq: np.ndarray, shard: Any, k: int, s: int
+                  ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(D, I, nb) of one shard of knn_sharded (local ids), None when it is empty.
+
+    A shard with its own exact ``search(xq, k)`` (FlatShard, dn2ops.gpu.GpuFlat) is
+    searched as it is; a faiss index gives square-rooted L2 distances; an array is
+    wrapped in a FlatShard for this search.
+    """
+    if isinstance(shard, faiss.Index):
+        if shard.metric_type != faiss.METRIC_L2:
+            raise ValueError(f"shard {s}: only METRIC_L2 faiss indexes are supported")
+        _check_dims(xq, shard.d, what=f"shard {s}")
+        nb = int(shard.ntotal)
+        if nb == 0:
+            return None
+        D2, I = shard.search(xq, min(k, nb))
+        return np.sqrt(np.maximum(D2, 0)), I, nb
+    if not isinstance(shard, ExactShard):
+        xb = as_float32(shard, name=f"shard {s}")
+        _check_dims(xq, xb.shape[1], what=f"shard {s}")
+        if len(xb) == 0:
+            return None
+        shard = FlatShard(xb)
+    _check_dims(xq, shard.d, what=f"shard {s}")
+    nb = len(shard)
+    if nb == 0:
+        return None
+    D, I = shard.search(xq, min(k, nb))
+    return D, I, nb
 
 
 def knn_leave_one_out(xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def _is_manifest(src: str) -> bool:
+def is_manifest(src: str) -> bool:
     return src.lower().endswith(MANIFEST_EXTENSIONS) and not any(c in src for c in "*?[")
 
 
@@ -70,7 +70,7 @@ def list_source(src: str) -> Iterator[dict[str, Any]]:
     files skipped); a glob yields every match, image or not, so that a bad
     match is reported rather than dropped; a manifest yields its rows.
     """
-    if _is_manifest(src):
+    if is_manifest(src):
         yield from read_manifest(src)
         return
     fs, path = fsspec.core.url_to_fs(src)

@@ -14,12 +14,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.add:
         return guarded(lambda: jobs.add(
             features_dir=args.add, index=args.index, output=args.output, retrain=args.retrain,
-            reference_sample=args.reference_sample, device=args.device), "build-index")
+            config=args.config), "build-index")
     return guarded(lambda: jobs.build(
-        features_dir=args.features, output=args.output, k=args.k, kmeans=args.kmeans,
-        clean_fraction=args.clean_fraction, shards=args.shards, group_by=args.group_by,
-        pool=args.pool, ivf=args.ivf, pq=args.pq, nprobe=args.nprobe,
-        target_recall=args.target_recall, ondisk=args.ondisk, hnsw=args.hnsw,
-        ef_search=args.ef_search,
-        reference_sample=args.reference_sample, feature_transform=args.feature_transform,
-        clean_k=args.clean_k, device=args.device), "build-index")
+        features_dir=args.features, output=args.output, config=args.config), "build-index")

@@ -11,10 +11,6 @@ from pipelines.common import guarded
 def run(argv: Sequence[str] | None = None, test_pipeline=None) -> int:
     args, beam_args = options.parse("embed", argv)
     return guarded(lambda: jobs.embed(
-        input=args.input, output=args.output, backbone=args.backbone, weights=args.weights,
-        batch_size=args.batch_size, device=args.device, max_pixels=args.max_pixels,
-        engine=args.engine, decode=args.decode, threads=args.threads,
-        decode_threads=args.decode_threads, max_in_flight=args.reads_in_flight,
-        reuse=args.reuse,
+        input=args.input, output=args.output, config=args.config.embed, reuse=args.reuse,
         options=options.beam_options(beam_args),
         test_pipeline=test_pipeline), "embed")

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import apache_beam as beam
+import pyarrow as pa
 
 from dn2ops import features, sources
-from dn2ops.group_scoring import ScoreGroups, group_schema
+from dn2ops.config import GroupConfig, SearchConfig
 from dn2ops.inference import EmbedImages
 from dn2ops.progress import LogProgress
-from dn2ops.scoring import ScoreFeatures
+from dn2ops.score_images import ScoreFeatures
+from dn2ops.score_sets import ScoreGroups, group_schema
 
 COUNTERS = "dn2"
 
@@ -106,15 +108,13 @@ def score(
     index_dir: str,
     partition: str,
     extra_columns: Sequence[str],
-    faiss_threads: int = 1,
-    index_options: dict | None = None,
+    search: SearchConfig,
 ) -> list:
     """Scores feature record batches (read_features, as_batches) into ranked
     anomalies-*.parquet and writes errors-*.parquet; returns the PCollections of the file
     names written (for finalize)."""
     written = batches | "Score" >> ScoreFeatures(
-        index_dir, staging, extra_columns=extra_columns, partition=partition,
-        faiss_threads=faiss_threads, index_options=index_options)
+        index_dir, staging, extra_columns=extra_columns, partition=partition, search=search)
     errors = errors | "Partition" >> beam.Map(
         lambda e: {
             "uri": e["uri"],
@@ -128,30 +128,24 @@ def score(
     )]
 
 
-RESULT_ERROR_SCHEMA = features.ERROR_SCHEMA.append(
-    features.pa.field("partition", features.pa.string())
-)
+RESULT_ERROR_SCHEMA = features.ERROR_SCHEMA.append(pa.field("partition", pa.string()))
 
 
 def score_groups(
     feats,
     errors,
     staging: str,
+    group: GroupConfig,
     *,
-    group_by: str,
-    method: str,
-    pool: str | None,
     index_dir: str | None,
     partition: str,
-    faiss_threads: int = 1,
+    search: SearchConfig = SearchConfig(),
 ) -> list:
     """Group mode: groups-*.parquet (ranked sets) and errors-*.parquet (images, incl. the
     members of sets too small to score, stage 'group'). Returns the PCollections of the file
     names written (for finalize)."""
     ranked, group_errors = feats | "ScoreGroups" >> ScoreGroups(
-        group_by, method=method, pool=pool, index_dir=index_dir, partition=partition,
-        faiss_threads=faiss_threads,
-    )
+        group, index_dir=index_dir, partition=partition, search=search)
     written = ranked | "WriteGroups" >> features.WriteTable(staging, "groups", group_schema())
     errors = (errors, group_errors) | "AllErrors" >> beam.Flatten()
     errors = errors | "Partition" >> beam.Map(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 from collections.abc import Sequence
 
@@ -21,6 +22,14 @@ from apache_beam.options.pipeline_options import (
 )
 
 from dn2ops.backbones import REGISTRY
+from dn2ops.config import (
+    EmbedConfig,
+    GroupConfig,
+    IndexConfig,
+    JobConfig,
+    ScoreConfig,
+    SearchConfig,
+)
 from dn2ops.embed import DEVICES
 from dn2ops.engines import ENGINES
 from dn2ops.images import DEFAULT_MAX_PIXELS
@@ -141,7 +150,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_group_args(p: argparse.ArgumentParser, *, scoring: bool) -> None:
-    g = p.add_argument_group("groups (score sets of images, see dn2ops.group_scoring)")
+    g = p.add_argument_group("groups (score sets of images, see dn2ops.score_sets)")
     g.add_argument("--group-by", default=None, metavar="KEY",
                    help="group images into sets by 'parent_dir' or a manifest column")
     g.add_argument("--pool", choices=("mean", "max"), default=None,
@@ -218,7 +227,44 @@ def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
     _check_group_args(p, command, args)
     if command == "build-index":
         _check_add_args(p, args)
+    try:
+        args.config = job_config(args)
+    except ValueError as e:
+        p.error(str(e))
     return args, beam_args
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The one JobConfig of parsed arguments (the flags a command lacks keep defaults).
+    Raises ValueError on a combination no job can run."""
+    get = functools.partial(getattr, args)
+    group = (GroupConfig(group_by=args.group_by, pool=args.pool,
+                         method=get("group_score", None) or "knn")
+             if get("group_by", None) else None)
+    transform = get("feature_transform", None) or ("none" if group else DEFAULT_TRANSFORM)
+    return JobConfig(
+        embed=EmbedConfig(
+            backbone=get("backbone", "efficientnet_lite0"), weights=get("weights", None),
+            batch_size=get("batch_size", 64), device=get("device", "auto"),
+            max_pixels=get("max_pixels", DEFAULT_MAX_PIXELS), engine=get("engine", "auto"),
+            decode=get("decode", "draft"), threads=get("threads", None),
+            decode_threads=get("decode_threads", None),
+            max_in_flight=get("reads_in_flight", None)),
+        index=IndexConfig(
+            k=get("k", 2), n_centroids=get("kmeans", None),
+            clean_fraction=get("clean_fraction", 0.0), clean_k=get("clean_k", None),
+            shards=get("shards", 1), ivf_lists=get("ivf", None), pq_m=get("pq", None),
+            nprobe=get("nprobe", None), target_recall=get("target_recall", 0.95),
+            ondisk=get("ondisk", False), hnsw_m=get("hnsw", None),
+            ef_search=get("ef_search", None),
+            reference_sample=get("reference_sample", REFERENCE_SAMPLE),
+            feature_transform=transform),
+        score=ScoreConfig(partition=get("partition", ""), top=get("top", None),
+                          max_error_fraction=get("max_error_fraction", None),
+                          report=get("report", False)),
+        search=SearchConfig(stream_shards=get("stream_shards", False),
+                            device=get("device", "auto")),
+        group=group)
 
 
 def resolve_partition(value: str, today: datetime.date | None = None) -> str:
@@ -260,10 +306,6 @@ def _check_group_args(p: argparse.ArgumentParser, command: str, args: argparse.N
     for flag in ("pool", "group_score"):
         if getattr(args, flag, None) and not group_by:
             p.error(f"--{flag.replace('_', '-')} needs --group-by KEY")
-    if covtrace and getattr(args, "pool", None):
-        p.error("--pool is not used by --group-score covtrace (it scores the members' spread)")
-    if group_by and getattr(args, "report", False):
-        p.error("--report shows single images; it is not available with --group-by")
     if command == "score" and args.index and covtrace:
         p.error("--index is not used by --group-score covtrace; drop it or use knn")
     if command == "score" and not args.index and not covtrace:

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks import accuracy as bench
 from benchmarks import array_features
-from dn2ops.datasets import write_manifest, write_png_store
+from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main as dn2
 from tests.conftest import brute_scores, sqrt_l2
@@ -31,8 +31,6 @@ def _tiny() -> bench.Dataset:
     test = np.concatenate([i[14:22] for i in keep])
     return bench.Dataset("tiny", images[train], d.target[train], images[test], d.target[test],
                          ("zero", "one", "two"), None)
-
-
 
 
 @pytest.fixture(scope="module")

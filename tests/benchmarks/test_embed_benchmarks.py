@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from benchmarks import embed_speed, embed_workloads, gpu_check
+from benchmarks.datasets import phone_photo
 from dn2ops.backbones import get_spec
-from dn2ops.datasets import phone_photo
 from dn2ops.inference import prepare
 
 

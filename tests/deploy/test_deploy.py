@@ -23,6 +23,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from dn2ops.config import SearchConfig
 from pipelines import options
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,7 +241,8 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
         engine=args.engine, decode=args.decode, threads=args.threads))
     staging = args.output + "_staging-test"
     written = graphs.score(graphs.as_batches(feats, []), errors, staging, index_dir=args.index,
-                           partition=args.partition, extra_columns=[])
+                           partition=args.partition, extra_columns=[],
+                           search=SearchConfig())
     graphs.finalize(p, functools.partial(
         finalize.finalize_results, staging=staging, output=args.output,
         partition=args.partition, source=args.input, index_dir=args.index, index_id="x",
@@ -263,14 +265,14 @@ def test_device_preflight_is_local_only_and_template_launches_do_not_wait(monkey
     import torch
 
     from dn2ops.embed import DeviceError
-    from pipelines import jobs
+    from pipelines import checks, jobs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError):
-        jobs._preflight("efficientnet_lite0", None, "cuda", options.beam_options([]))
+        checks.preflight("efficientnet_lite0", None, "cuda", options.beam_options([]))
     # a Dataflow job is launched from a machine without a GPU; its workers check
-    jobs._preflight("efficientnet_lite0", None, "cuda",
-                    options.beam_options(["--runner", "DataflowRunner"]))
+    checks.preflight("efficientnet_lite0", None, "cuda",
+                     options.beam_options(["--runner", "DataflowRunner"]))
     # a template launch writes the job graph and returns: the job commits as its last step
     p = beam.Pipeline(options=options.beam_options(["--template_location", "/tmp/t.json"]))
     p | beam.Create([1])

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import dn2ops.engines
+from benchmarks.datasets import phone_photo
 from dn2ops.backbones import get_spec
-from dn2ops.datasets import phone_photo
 from dn2ops.embed import DeviceError
 from dn2ops.engines import (
     EngineConfig,

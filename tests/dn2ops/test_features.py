@@ -115,3 +115,27 @@ def test_write_table_takes_float32_arrays_and_writes_bounded_row_groups(tmp_path
     np.testing.assert_array_equal(features.embeddings(got), X)  # bit for bit
     assert got.column("lot").to_pylist() == [r["lot"] for r in rows]
     assert got.column("dim").to_pylist() == [64] * 300
+
+
+def test_read_batches_stage_yields_every_row_in_record_batches(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.options import LOCAL_RUNNER
+
+    X = np.arange(30, dtype=np.float32).reshape(10, 3)
+    rows = [{"uri": f"u{i}", "sha256": f"h{i}", "backbone": "toy", "dim": 3,
+             "embedding": X[i]} for i in range(10)]
+    paths = []
+    for s, part in enumerate((rows[:4], rows[4:])):
+        paths.append(str(tmp_path / f"features-{s}.parquet"))
+        pq.write_table(pa.Table.from_batches(
+            [features.rows_batch(part, features.feature_schema())]), paths[-1])
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        batches = p | beam.Create(paths) | features.ReadBatches(batch_size=3)
+        sizes = batches | "Sizes" >> beam.Map(lambda b: b.num_rows)
+        got = batches | beam.FlatMap(features.batch_rows) | beam.Map(
+            lambda r: (r["uri"], [float(v) for v in r["embedding"]]))
+        assert_that(sizes, equal_to([3, 1, 3, 3]), label="sizes")
+        assert_that(got, equal_to([(f"u{i}", X[i].tolist()) for i in range(10)]))

@@ -331,7 +331,7 @@ def test_sha256_hex(data: bytes, digest: str) -> None:
 
 def _photo_jpeg(size: tuple[int, int], quality: int = 90, **kwargs) -> bytes:
     """A real photograph (scikit-learn's), scaled to ``size``, as a JPEG."""
-    from dn2ops.datasets import phone_photo
+    from benchmarks.datasets import phone_photo
 
     return _encode(phone_photo(0, size=size), "JPEG", quality=quality, **kwargs)
 

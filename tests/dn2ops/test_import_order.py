@@ -21,7 +21,7 @@ import torch
 from dn2ops.knn import knn, set_faiss_threads
 
 def work(seed):
-    set_faiss_threads(1)  # what dn2ops.scoring does in every worker's setup
+    set_faiss_threads(1)  # what dn2ops.score_images does in every worker's setup
     rng = np.random.default_rng(seed)
     xb, xq = rng.random((2000, 64), np.float32), rng.random((50, 64), np.float32)
     feats = torch.nn.functional.relu(torch.from_numpy(xq) @ torch.ones(64, 8))
@@ -40,7 +40,7 @@ print("ok", parent)
 # The orders a dn2 process can meet: a stage module that uses faiss imported before
 # torch, or after it, or the command-line entry point.
 @pytest.mark.parametrize("first, second", [("dn2ops.knn", "torch"), ("torch", "dn2ops.knn"),
-                                           ("pipelines.cli", "dn2ops.scoring")])
+                                           ("pipelines.cli", "dn2ops.score_images")])
 def test_torch_and_faiss_in_either_order_and_in_forked_workers(first, second):
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(first=first, second=second)],
                           capture_output=True, text=True, timeout=180)

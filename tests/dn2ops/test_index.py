@@ -1,7 +1,7 @@
 """dn2ops.index: the streaming build and shard-at-a-time scoring, against in-memory references.
 
 The references are independent of the streaming code: DN2Scorer.fit on the
-whole array (itself tested against brute-force numpy in test_scorer.py),
+whole array (itself tested against brute-force numpy in test_estimator.py),
 dn2ops.knn.knn_leave_one_out, and brute-force numpy distances.
 """
 
@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dn2ops import hnsw, ivf, outputs, streams
+from dn2ops.config import IndexConfig
+from dn2ops.estimator import CLEAN_K, DN2Scorer
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.knn import knn_leave_one_out
-from dn2ops.scorer import CLEAN_K, DN2Scorer
 from tests.conftest import brute_scores, clustered, write_features
 
 
@@ -36,7 +37,7 @@ def normal_table(index_dir):
 @pytest.mark.parametrize("shards", [1, 3, None])
 def test_streaming_build_equals_in_memory_scorer(data, tmp_path, shards):
     root, X, uris = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=shards)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=shards))
     ref = DN2Scorer(k=2).fit(X)
     t = normal_table(tmp_path / "i")
     assert t.column("uri").to_pylist() == uris
@@ -53,7 +54,7 @@ def test_streaming_build_equals_in_memory_scorer(data, tmp_path, shards):
 
 def test_leave_one_out_by_streaming_equals_knn_leave_one_out(data, tmp_path):
     root, X, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=3, shards=4)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=3, shards=4))
     D, _ = knn_leave_one_out(X, 3)
     np.testing.assert_allclose(normal_table(tmp_path / "i").column("loo_score").to_numpy(),
                                D.mean(axis=1), rtol=1e-5)
@@ -61,8 +62,8 @@ def test_leave_one_out_by_streaming_equals_knn_leave_one_out(data, tmp_path):
 
 def test_cleaning_in_two_passes_equals_in_memory_cleaning(data, tmp_path):
     root, X, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, clean_fraction=0.1,
-                    shards=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, clean_fraction=0.1, shards=2))
     ref = DN2Scorer(k=2, clean_fraction=0.1).fit(X)
     assert m["clean_k"] == CLEAN_K  # the default cleaning score's neighbours, recorded
     t = normal_table(tmp_path / "i")
@@ -80,7 +81,7 @@ def test_cleaning_in_two_passes_equals_in_memory_cleaning(data, tmp_path):
 
 def test_shard_at_a_time_scoring_equals_in_memory(data, tmp_path):
     root, X, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=5)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=5))
     xq = clustered(50, seed=9)
     held = LoadedIndex(str(tmp_path / "i"), device="cpu")
     streamed = LoadedIndex(str(tmp_path / "i"), device="cpu", stream_shards=True)
@@ -93,7 +94,7 @@ def test_shard_at_a_time_scoring_equals_in_memory(data, tmp_path):
 
 def test_streamed_shard_changed_after_opening_is_refused(data, tmp_path):
     root, _, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=2))
     streamed = LoadedIndex(str(tmp_path / "i"), device="cpu", stream_shards=True)
     other = tmp_path / "i" / "shard-00001-of-00002.faiss"
     idx = faiss.IndexFlatL2(8)
@@ -107,8 +108,8 @@ def test_streamed_shard_changed_after_opening_is_refused(data, tmp_path):
 
 def test_reference_sample_scores_only_the_sample_exactly(data, tmp_path):
     root, X, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2,
-                    reference_sample=40)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, shards=2, reference_sample=40))
     loo = normal_table(tmp_path / "i").column("loo_score").to_numpy()
     have = np.isfinite(loo)
     # 95 % DKW bound, by hand: 100 * sqrt(ln(2 / 0.05) / (2 * 40)) = 21.473 points
@@ -124,7 +125,8 @@ def test_reference_sample_scores_only_the_sample_exactly(data, tmp_path):
 def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
     root, X, _ = data
     assert streams.REFERENCE_SAMPLE == 20_000
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2)  # 300 rows < 20k: all
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2))  # 300 rows < 20k: all
     assert m["reference"] == {"scores": 300, "sample": None, "of": 300,
                               "percentile_error": 0.0, "how": "leave-one-out, exact"}
     # 20k sampled: every percentile within 0.96 points at 95 % (by hand, as above)
@@ -133,7 +135,8 @@ def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
 
 def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
     root, X, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, n_centroids=4, shards=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, n_centroids=4, shards=2))
     # 300 rows < 1024 * 4: trained on every row, in order, as DN2Scorer.
     assert m["n_centroids"] == 4 and m["kmeans"] == {"trained_on": 300}
     assert "kmeans.faiss" in m["files"]
@@ -160,8 +163,8 @@ def big(tmp_path_factory):
 @pytest.mark.parametrize("ondisk", [False, True])
 def test_ivf_records_recall_and_scores_are_upper_bounds(big, tmp_path, ondisk):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, ivf_lists=32,
-                    target_recall=0.95, ondisk=ondisk)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, ivf_lists=32, target_recall=0.95, ondisk=ondisk))
     info = m["ivf"]
     assert info["nlist"] == 32 and info["ondisk"] is ondisk and m["shards"] == 0
     assert info["recall"]["recall_at_k"] >= 0.95
@@ -188,7 +191,8 @@ def test_ivf_records_recall_and_scores_are_upper_bounds(big, tmp_path, ondisk):
 
 def test_ivf_with_small_nprobe_is_recorded_and_lower(big, tmp_path):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, ivf_lists=64, nprobe=1)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, ivf_lists=64, nprobe=1))
     assert m["ivf"]["nprobe"] == 1 and list(m["ivf"]["recall"]["at_nprobe"]) == ["1"]
     assert 0 < m["ivf"]["recall"]["recall_at_k"] < 0.95
     assert m["ivf"]["recall"]["target_reached"] is False
@@ -196,8 +200,8 @@ def test_ivf_with_small_nprobe_is_recorded_and_lower(big, tmp_path):
 
 def test_ivf_pq_builds_and_searches(big, tmp_path):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, ivf_lists=16, pq_m=4,
-                    nprobe=16)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, ivf_lists=16, pq_m=4, nprobe=16))
     assert m["ivf"]["pq"] == 4
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     s, D, I = loaded.search(X[:20])
@@ -207,8 +211,8 @@ def test_ivf_pq_builds_and_searches(big, tmp_path):
 
 def test_hnsw_records_recall_and_scores_are_upper_bounds(big, tmp_path):
     root, X, held_out = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, hnsw_m=8,
-                    target_recall=0.95)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, hnsw_m=8, target_recall=0.95))
     info = m["hnsw"]
     assert info["m"] == 8 and m["shards"] == 0 and m["ivf"] is None
     assert set(m["files"]) == {"hnsw.faiss", "normal.parquet"}
@@ -236,32 +240,34 @@ def test_hnsw_records_recall_and_scores_are_upper_bounds(big, tmp_path):
 
 def test_hnsw_with_a_given_ef_search_measures_only_that(big, tmp_path):
     root, X, _ = big
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, hnsw_m=4, ef_search=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, hnsw_m=4, ef_search=2))
     assert m["hnsw"]["ef_search"] == 2 and list(m["hnsw"]["recall"]["at_ef_search"]) == ["2"]
     r2 = m["hnsw"]["recall"]["recall_at_k"]
-    m = build_index(str(root / "feats"), str(tmp_path / "j"), k=2, hnsw_m=4, ef_search=256)
+    m = build_index(str(root / "feats"), str(tmp_path / "j"),
+                    IndexConfig(k=2, hnsw_m=4, ef_search=256))
     assert 0 < r2 < m["hnsw"]["recall"]["recall_at_k"]
-
-
-def test_ondisk_needs_ivf_and_modes_exclude_each_other(data, tmp_path):
-    root, _, _ = data
-    with pytest.raises(ValueError, match="--ondisk needs --ivf"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ondisk=True)
-    with pytest.raises(ValueError, match="different index modes"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ivf_lists=4, n_centroids=2)
-    with pytest.raises(ValueError, match="--ivf and --hnsw are different index modes"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ivf_lists=4, hnsw_m=8)
-    with pytest.raises(ValueError, match="--ef-search needs --hnsw"):
-        build_index(str(root / "feats"), str(tmp_path / "i"), ef_search=16)
 
 
 def test_manifest_is_json_with_checksums_of_every_file(data, tmp_path):
     root, _, _ = data
-    m = build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2)
+    m = build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=2))
     marker = json.loads((tmp_path / "i" / "_SUCCESS").read_text())
     assert marker["files"] == m["files"]
     on_disk = {p.name for p in (tmp_path / "i").iterdir()} - {"_SUCCESS"}
     assert on_disk == set(m["files"])
+
+
+def test_rechunk_and_gather_rows():
+    X = np.arange(40, dtype=np.float32).reshape(20, 2)
+    chunks = [X[:7], X[7:8], X[8:20]]
+    out = list(streams.rechunk(iter(chunks), [5, 5, 10]))
+    assert [len(o) for o in out] == [5, 5, 10]
+    np.testing.assert_array_equal(np.concatenate(out), X)
+    np.testing.assert_array_equal(streams.gather_rows(iter(chunks), np.array([0, 7, 8, 19])),
+                                  X[[0, 7, 8, 19]])
+    with pytest.raises(ValueError, match="fewer rows"):
+        list(streams.rechunk(iter(chunks), [5, 20]))
 
 
 # -- index files are streamed to and from storage in blocks ------------------------------
@@ -271,7 +277,7 @@ def test_manifest_is_json_with_checksums_of_every_file(data, tmp_path):
 def test_index_files_stream_through_faiss_callbacks(tmp_path, root):
     import hashlib
 
-    from dn2ops.index import _read_index, _write_index
+    from dn2ops.index.files import read_index, write_index
 
     directory = str(tmp_path) if root == "local" else root
     fs, path = outputs.fs_and_path(directory)
@@ -280,26 +286,26 @@ def test_index_files_stream_through_faiss_callbacks(tmp_path, root):
     index = faiss.IndexFlatL2(64)
     index.add(X)
     name = outputs.join(path, "shard.faiss")
-    sha = _write_index(fs, name, index)
+    sha = write_index(fs, name, index)
     expected = faiss.serialize_index(index).tobytes()  # faiss's own in-memory serialisation
     assert fs.cat_file(name) == expected
     assert sha == hashlib.sha256(expected).hexdigest()
-    back = _read_index(fs, name, "shard.faiss", sha)
+    back = read_index(fs, name, "shard.faiss", sha)
     np.testing.assert_array_equal(faiss.rev_swig_ptr(back.get_xb(), back.ntotal * 64), X.ravel())
     # A byte appended or cut off is caught: by the hash, or by faiss itself.
     fs.pipe_file(name, expected + b"\0")
     with pytest.raises(IndexError_, match="shard.faiss has sha256 .* changed or damaged"):
-        _read_index(fs, name, "shard.faiss", sha)
+        read_index(fs, name, "shard.faiss", sha)
     fs.pipe_file(name, expected[:-5])
     with pytest.raises(IndexError_, match="shard.faiss is corrupt or truncated"):
-        _read_index(fs, name, "shard.faiss", sha)
+        read_index(fs, name, "shard.faiss", sha)
 
 
 def test_flat_shards_are_held_once_in_their_own_index(data, tmp_path):
     """A held flat shard is the faiss index read from its file, shifted in place: its
     vectors are the stored ones minus their mean, and nothing else holds a copy."""
     root, X, _ = data
-    build_index(str(root / "feats"), str(tmp_path / "i"), k=2, shards=2)
+    build_index(str(root / "feats"), str(tmp_path / "i"), IndexConfig(k=2, shards=2))
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     from dn2ops.knn import flat_vectors
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dn2ops import features
+from dn2ops.config import IndexConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.index_add import add_to_index
 from dn2ops.knn import knn_leave_one_out
@@ -18,7 +19,6 @@ from pipelines.cli import main
 from tests.conftest import META, brute_scores, clustered, sqrt_l2, write_features
 
 N_OLD, N_ADD = 300, 120
-
 
 
 def _files(directory) -> dict[str, str]:
@@ -40,14 +40,14 @@ def sets(tmp_path_factory):
 
 def test_flat_add_scores_and_reference_equal_a_fresh_build_of_the_union(sets, tmp_path):
     root, X, xq = sets
-    parent = build_index(str(root / "old"), str(tmp_path / "p"), k=2, shards=2,
-                         reference_sample=None)
+    parent = build_index(str(root / "old"), str(tmp_path / "p"),
+                         IndexConfig(k=2, shards=2, reference_sample=None))
     before = _files(tmp_path / "p")
     m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"),
                      reference_sample=None)
     assert _files(tmp_path / "p") == before  # the parent is left as it was
-    fresh = build_index(str(root / "union"), str(tmp_path / "f"), k=2, shards=None,
-                        reference_sample=None)
+    fresh = build_index(str(root / "union"), str(tmp_path / "f"),
+                        IndexConfig(k=2, shards=None, reference_sample=None))
     assert m["parent_index_id"] == parent["index_id"] != m["index_id"]
     assert m["added"] == {"features_dir": str(root / "added"), "images": N_ADD,
                           "parent": str(tmp_path / "p")}
@@ -74,7 +74,7 @@ def test_flat_add_scores_and_reference_equal_a_fresh_build_of_the_union(sets, tm
 
 def test_kmeans_keeps_its_centres_and_reports_drift_unless_retrained(sets, tmp_path):
     root, X, xq = sets
-    build_index(str(root / "old"), str(tmp_path / "p"), k=2, n_centroids=4)
+    build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2, n_centroids=4))
     m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"))
     assert m["files"]["kmeans.faiss"] == _files(tmp_path / "p")["kmeans.faiss"]
     centres = LoadedIndex(str(tmp_path / "p"), device="cpu").centroids
@@ -101,7 +101,7 @@ def test_approximate_indexes_take_the_added_rows_and_measure_recall_again(sets, 
                                                                           mode):
     root, X, xq = sets
     kw = {"ivf_lists": 8} if mode == "ivf" else {"hnsw_m": 8}
-    parent = build_index(str(root / "old"), str(tmp_path / "p"), k=2, **kw)
+    parent = build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2, **kw))
     m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"))
     effort = "nprobe" if mode == "ivf" else "ef_search"
     assert m[mode][effort] == parent[mode][effort]  # searched as the parent was
@@ -121,7 +121,7 @@ def test_approximate_indexes_take_the_added_rows_and_measure_recall_again(sets, 
 
 def test_images_already_in_the_index_are_refused(sets, tmp_path):
     root, X, _ = sets
-    build_index(str(root / "old"), str(tmp_path / "p"), k=2)
+    build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2))
     write_features(tmp_path / "again", X[290:310], [20], start=290)  # 10 held already
     with pytest.raises(IndexError_, match="10 of the added images are already in"):
         add_to_index(str(tmp_path / "again"), str(tmp_path / "p"), str(tmp_path / "a"))
@@ -130,7 +130,7 @@ def test_images_already_in_the_index_are_refused(sets, tmp_path):
 
 def test_another_backbone_or_preprocessing_is_refused(sets, tmp_path):
     root, X, _ = sets
-    build_index(str(root / "old"), str(tmp_path / "p"), k=2)
+    build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2))
     other = {**META, "preprocessing": {**META["preprocessing"], "resize": 9}}
     write_features(tmp_path / "other", X[N_OLD:], [N_ADD], start=N_OLD, meta=other)
     with pytest.raises(features.MetadataMismatch, match="preprocessing.resize: index 8, "
@@ -141,7 +141,7 @@ def test_another_backbone_or_preprocessing_is_refused(sets, tmp_path):
 def test_an_ivf_index_whose_features_are_gone_is_refused(sets, tmp_path):
     root, X, _ = sets
     write_features(tmp_path / "gone", X[:N_OLD], [N_OLD])
-    build_index(str(tmp_path / "gone"), str(tmp_path / "p"), k=2, ivf_lists=8)
+    build_index(str(tmp_path / "gone"), str(tmp_path / "p"), IndexConfig(k=2, ivf_lists=8))
     (tmp_path / "gone" / "_SUCCESS").unlink()
     with pytest.raises(IndexError_, match="features .* are not readable"):
         add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"))
@@ -174,7 +174,7 @@ def _loo_by_hand(X: np.ndarray, k: int = 2) -> np.ndarray:
 
 def test_a_sampled_reference_grows_incrementally_and_stays_exact(sets, tmp_path):
     root, X, _ = sets
-    build_index(str(root / "old"), str(tmp_path / "p"), k=2, reference_sample=100)
+    build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2, reference_sample=100))
     m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"),
                      reference_sample=100)
     assert m["reference"]["incremental"] is True
@@ -193,7 +193,7 @@ def test_a_sampled_reference_grows_incrementally_and_stays_exact(sets, tmp_path)
 
 def test_a_parent_without_reference_distances_is_scored_afresh(sets, tmp_path):
     root, X, _ = sets
-    build_index(str(root / "old"), str(tmp_path / "p"), k=2, reference_sample=None)
+    build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2, reference_sample=None))
     normal = tmp_path / "p" / "normal.parquet"  # as dn2 wrote it before loo_distances
     pq.write_table(pq.read_table(normal).drop_columns(["loo_distances"]), normal)
     marker = json.loads((tmp_path / "p" / "_SUCCESS").read_text())
@@ -208,7 +208,7 @@ def test_a_parent_without_reference_distances_is_scored_afresh(sets, tmp_path):
 
 def test_a_parent_sampled_more_thinly_than_asked_gets_a_fresh_sample(sets, tmp_path):
     root, X, _ = sets
-    build_index(str(root / "old"), str(tmp_path / "p"), k=2, reference_sample=50)
+    build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2, reference_sample=50))
     m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"),
                      reference_sample=200)  # 200 / 420 > the parent's 50 / 300
     assert m["reference"]["incremental"] is False and m["reference"]["sample"] == 200

@@ -13,8 +13,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import dn2ops.engines
 import dn2ops.inference
+from benchmarks.datasets import write_png_store
 from dn2ops.backbones import get_spec
-from dn2ops.datasets import write_png_store
 from dn2ops.engines import EngineConfig
 from dn2ops.images import DEFAULT_MAX_PIXELS
 from dn2ops.inference import ERRORS, PrepareImages, prepare

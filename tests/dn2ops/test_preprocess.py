@@ -50,7 +50,7 @@ def test_round_trip_to_dict_and_bad_crop():
 def test_geometry_equals_torchvision_resize_and_center_crop_within_rounding(size):
     from torchvision.transforms import v2
 
-    from dn2ops.datasets import phone_photo
+    from benchmarks.datasets import phone_photo
 
     image = phone_photo(0, size=size)
     p = Preprocessing()

@@ -65,3 +65,18 @@ def test_csv_and_parquet_manifests_read_as_they_stream_give_every_row(tmp_path):
     want = [{"uri": u, "lot": lot or ""} for u, lot in zip(uris, lots, strict=True)]
     assert list(list_source(str(tmp_path / "m.parquet"))) == want
     assert list(list_source(str(tmp_path / "m.csv"))) == want
+
+
+def test_list_images_stage_lists_a_directory(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from dn2ops.sources import ListImages
+    from pipelines.options import LOCAL_RUNNER
+
+    for name in ("a.png", "b.JPG", "notes.txt", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"x")
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        uris = p | ListImages(str(tmp_path)) | beam.Map(lambda r: r["uri"].rsplit("/", 1)[1])
+        assert_that(uris, equal_to(["a.png", "b.JPG"]))

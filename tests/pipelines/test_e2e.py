@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops.datasets import write_png_store
+from benchmarks.datasets import write_png_store
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main
 from tests.conftest import brute_scores, digit_images, sqrt_l2
@@ -191,8 +191,10 @@ def test_hnsw_index_through_the_command_line(run_out, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["build-index", "--features", "f", "--output", "o", "--hnsw", "0"])
     assert e.value.code == 2
-    assert main(["build-index", "--features", str(run_out / "normal_features"), "--output",
-                 str(tmp_path / "bad"), "--ef-search", "32"]) != 0
+    with pytest.raises(SystemExit) as e:  # refused where the flags are parsed
+        main(["build-index", "--features", str(run_out / "normal_features"), "--output",
+              str(tmp_path / "bad"), "--ef-search", "32"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("flags", [["--ivf", "64", "--nprobe", "1"], ["--hnsw", "32"]])

@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.datasets import write_png_store
 from dn2ops import outputs
-from dn2ops.datasets import write_png_store
+from dn2ops.config import SearchConfig
 from dn2ops.features import ERROR_SCHEMA, feature_schema, load_features, read_table
-from dn2ops.group_scoring import group_schema
-from dn2ops.scoring import anomaly_schema
+from dn2ops.score_images import anomaly_schema
+from dn2ops.score_sets import group_schema
 from pipelines import finalize, graphs, options
 from pipelines.cli import main
 from tests.conftest import brute_scores, digit_images, sqrt_l2
@@ -219,6 +220,9 @@ def store(tmp_path_factory):
     return root, root / "normal_features", root / "incoming_features", root / "index"
 
 
+def _brute_force_scores(xq: np.ndarray, xb: np.ndarray, k: int = 2) -> np.ndarray:
+    """Scores of the default index: mean distance between sqrt-l2 features."""
+    return brute_scores(sqrt_l2(xq), sqrt_l2(xb), k)
 
 
 def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
@@ -229,7 +233,7 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
     p = beam.Pipeline(options=options.beam_options([]))
     feats, errors, count_in = graphs.read_features(p, str(incoming))
     written = graphs.score(feats, errors, staging, index_dir=str(index),
-                           partition="2026-11-28", extra_columns=[])
+                           partition="2026-11-28", extra_columns=[], search=SearchConfig())
     graphs.finalize(p, functools.partial(
         finalize.finalize_results, staging=staging, output=str(out), partition="2026-11-28",
         source=str(incoming), index_dir=str(index),
@@ -250,9 +254,8 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
     assert summary["count_in"] == table.num_rows + 1 == 13  # 12 images + broken.png
     assert (summary["scored"], summary["errored"]) == (12, 1)
     assert list(summary["errors_by_stage"].values()) == [1]
-    scores = brute_scores(sqrt_l2(xq), sqrt_l2(xb), 2)
-    expected = sorted(zip(scores, table.column("uri").to_pylist(), strict=True),
-                      reverse=True)[:5]
+    expected = sorted(zip(_brute_force_scores(xq, xb), table.column("uri").to_pylist(),
+                          strict=True), reverse=True)[:5]
     top = list(csv.DictReader(io.StringIO((out / "top_anomalies.csv").read_text())))
     assert [r["uri"] for r in top] == [u for _, u in expected]
     np.testing.assert_allclose([float(r["score"]) for r in top], [s for s, _ in expected],

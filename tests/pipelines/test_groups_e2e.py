@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_digits
 
-from dn2ops.datasets import write_manifest, write_png_store
+from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops.features import embeddings, read_table
-from dn2ops.group_scoring import group_schema
+from dn2ops.score_sets import group_schema
 from pipelines.cli import main
 
 MIXED = "lot-mixed"

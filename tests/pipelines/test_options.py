@@ -110,3 +110,31 @@ def test_reference_sample_defaults_to_a_bounded_sample_and_all_means_every_image
         .reference_sample == 500
     with pytest.raises(SystemExit):
         options.parse("build-index", [*build, "--reference-sample", "0"])
+
+
+def test_parse_builds_one_validated_job_config():
+    from dn2ops.config import GroupConfig, IndexConfig, SearchConfig
+
+    args, _ = options.parse("run", ["--normal", "/n", "--input", "/i", "--output", "/o",
+                                    "--ivf", "64", "--pq", "8", "--batch-size", "16",
+                                    "--reads-in-flight", "5", "--stream-shards", "--top", "3"])
+    cfg = args.config
+    assert cfg.index == IndexConfig(ivf_lists=64, pq_m=8, feature_transform="sqrt-l2")
+    assert cfg.embed.batch_size == 16 and cfg.embed.max_in_flight == 5
+    assert cfg.search == SearchConfig(stream_shards=True, device="auto")
+    assert cfg.score.top == 3 and cfg.group is None
+    args, _ = options.parse("build-index", ["--features", "/f", "--output", "/o",
+                                            "--group-by", "lot", "--pool", "max"])
+    assert args.config.group == GroupConfig(group_by="lot", pool="max")
+    assert args.config.index.feature_transform == "none"  # sets are not transformed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ef-search", "32"], "--ef-search needs --hnsw"),
+    (["--ivf", "4", "--kmeans", "2"], "different index modes"),
+    (["--group-by", "lot", "--hnsw", "8"], "not available with --group-by"),
+])
+def test_parse_refuses_what_the_config_refuses(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        options.parse("build-index", ["--features", "/f", "--output", "/o", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err

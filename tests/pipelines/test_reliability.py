@@ -34,8 +34,8 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 import dn2ops.inference
+from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops import outputs
-from dn2ops.datasets import write_manifest, write_png_store
 from dn2ops.embed import Embedder
 from dn2ops.features import read_table
 from pipelines.cli import main

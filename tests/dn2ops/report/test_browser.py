@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from dn2ops.datasets import write_manifest, write_png_store
+from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops.report import write_report
 from pipelines.cli import main
 from tests.conftest import K, ParsedPage, digit_images, make_results_dir

@@ -1,4 +1,4 @@
-"""Scoring stage: feature record batches -> anomaly record batches, ranked afterwards.
+"""Image scoring stage: feature record batches -> anomaly record batches, ranked after.
 
 Feature rows travel as Arrow record batches (an embedding column of float32, never
 Python lists), are scored a batch at a time through Beam's RunInference with an
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from dn2ops import features, outputs
+from dn2ops.config import SearchConfig
 from dn2ops.index import LoadedIndex
 from dn2ops.knn import set_faiss_threads
 
@@ -78,23 +79,22 @@ class IndexModelHandler(ModelHandler[pa.RecordBatch, pa.RecordBatch, LoadedIndex
     """RunInference's view of a dn2 index: feature record batch -> unranked anomaly batch.
 
     The index is loaded only in load_model(), once per worker process, and shared by
-    its threads (RunInference's shared model). ``index_options``: LoadedIndex's
-    ``stream_shards`` and ``device``; ``faiss_threads``: faiss's OpenMP threads, kept
-    low because faiss's pool beside the other stages' threads oversubscribes the cores.
+    its threads (RunInference's shared model), held and searched as ``search`` says.
     """
 
-    def __init__(self, index_dir: str, *, partition: str = "", faiss_threads: int = 1,
-                 index_options: dict[str, Any] | None = None):
-        # Each element is already a batch of rows: RunInference passes one at a time.
-        super().__init__(min_batch_size=1, max_batch_size=1)
+    def __init__(self, index_dir: str, *, partition: str = "",
+                 search: SearchConfig = SearchConfig(), max_batch_size: int = 1):
+        # Each feature element is already a batch of rows: RunInference passes one at a
+        # time. Group rows (dn2ops.score_sets) are one set each: batched here.
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
         self.index_dir = index_dir
         self.partition = partition
-        self.faiss_threads = faiss_threads
-        self.index_options = index_options or {}
+        self.search = search
 
     def load_model(self) -> LoadedIndex:
-        set_faiss_threads(self.faiss_threads)
-        return LoadedIndex(self.index_dir, **self.index_options)
+        set_faiss_threads(self.search.faiss_threads)
+        return LoadedIndex(self.index_dir, stream_shards=self.search.stream_shards,
+                           device=self.search.device)
 
     def run_inference(self, batch: Sequence[pa.RecordBatch], model: LoadedIndex,
                       inference_args: dict[str, Any] | None = None) -> list[pa.RecordBatch]:
@@ -181,14 +181,11 @@ class ScoreFeatures(beam.PTransform):
     """
 
     def __init__(self, index_dir: str, directory: str, *, extra_columns: Sequence[str] = (),
-                 partition: str = "", faiss_threads: int = 1,
-                 index_options: dict[str, Any] | None = None):
+                 partition: str = "", search: SearchConfig = SearchConfig()):
         super().__init__()
         self.directory = directory
         self.schema = anomaly_schema(extra_columns)
-        self.handler = IndexModelHandler(index_dir, partition=partition,
-                                         faiss_threads=faiss_threads,
-                                         index_options=index_options)
+        self.handler = IndexModelHandler(index_dir, partition=partition, search=search)
 
     def expand(self, batches):
         scored = batches | "Score" >> RunInference(self.handler)

@@ -1,4 +1,5 @@
-"""DN2 anomaly scorer: mean Euclidean distance to the k nearest normal neighbours.
+"""The DN2 estimator (DN2Scorer, scikit-learn style, in memory): mean Euclidean
+distance to the k nearest normal neighbours.
 
 Bergman, Cohen & Hoshen, "Deep Nearest Neighbor Anomaly Detection" (2020).
 """
@@ -18,7 +19,8 @@ from dn2ops.knn import (
     knn_leave_one_out,
 )
 
-__all__ = ["CLEAN_K", "DN2Scorer", "NotFittedError", "cleaning_k"]
+__all__ = ["CLEAN_K", "DN2Scorer", "NotFittedError", "check_fit_size", "check_params",
+           "cleaning_k"]
 
 # Neighbours of the cleaning pass's leave-one-out score (``clean_k=None``). Impurities
 # from another class sit next to each other, so a score over 2 neighbours finds only
@@ -38,6 +40,38 @@ class NotFittedError(ValueError, AttributeError):
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_params(*, k: Any, n_centroids: Any, clean_fraction: Any, clean_k: Any) -> None:
+    """Raises ValueError unless the hyperparameters are of the right type and range."""
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if n_centroids is not None and (not _is_int(n_centroids) or n_centroids < 1):
+        raise ValueError(
+            f"n_centroids must be None or a positive integer, got {n_centroids!r}")
+    cf = clean_fraction
+    if not isinstance(cf, numbers.Real) or isinstance(cf, bool) or not 0.0 <= cf < 1.0:
+        raise ValueError(f"clean_fraction must be a float in [0, 1), got {cf!r}")
+    if clean_k is not None and (not _is_int(clean_k) or clean_k < 1):
+        raise ValueError(f"clean_k must be None or a positive integer, got {clean_k!r}")
+
+
+def check_fit_size(*, k: int, n_centroids: int | None, clean_fraction: float, n: int) -> None:
+    """Raises ValueError unless n training rows suffice for these hyperparameters."""
+    if n < 1:
+        raise ValueError("X must contain at least one training sample, got n=0")
+    # kNN mode needs k neighbours for scoring and k OTHER points for the
+    # leave-one-out train_scores_; cleaning needs the latter in any mode.
+    if (n_centroids is None or clean_fraction > 0) and k > n - 1:
+        raise ValueError(
+            f"k={k} is too large for n={n} training samples: need "
+            f"k <= n - 1 because leave-one-out scoring excludes each point itself"
+        )
+    if n_centroids is not None and n_centroids > n:
+        raise ValueError(
+            f"n_centroids={n_centroids} is larger than the number of "
+            f"training samples n={n}"
+        )
 
 
 class DN2Scorer:
@@ -114,41 +148,14 @@ class DN2Scorer:
     # -- validation ---------------------------------------------------------
 
     def _validate_params(self, n: int) -> None:
-        if not _is_int(self.k) or self.k < 1:
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
-        if self.n_centroids is not None and (
-            not _is_int(self.n_centroids) or self.n_centroids < 1
-        ):
-            raise ValueError(
-                f"n_centroids must be None or a positive integer, got {self.n_centroids!r}"
-            )
-        cf = self.clean_fraction
-        if (
-            not isinstance(cf, numbers.Real)
-            or isinstance(cf, bool)
-            or not 0.0 <= cf < 1.0
-        ):
-            raise ValueError(f"clean_fraction must be a float in [0, 1), got {cf!r}")
-        if self.clean_k is not None and (not _is_int(self.clean_k) or self.clean_k < 1):
-            raise ValueError(f"clean_k must be None or a positive integer, got {self.clean_k!r}")
+        check_params(k=self.k, n_centroids=self.n_centroids,
+                     clean_fraction=self.clean_fraction, clean_k=self.clean_k)
         if not _is_int(self.kmeans_niter) or self.kmeans_niter < 1:
             raise ValueError(
                 f"kmeans_niter must be a positive integer, got {self.kmeans_niter!r}"
             )
-        if n < 1:
-            raise ValueError("X must contain at least one training sample, got n=0")
-        # kNN mode needs k neighbours for scoring and k OTHER points for the
-        # leave-one-out train_scores_; cleaning needs the latter in any mode.
-        if (self.n_centroids is None or cf > 0) and self.k > n - 1:
-            raise ValueError(
-                f"k={self.k} is too large for n={n} training samples: need "
-                f"k <= n - 1 because leave-one-out scoring excludes each point itself"
-            )
-        if self.n_centroids is not None and self.n_centroids > n:
-            raise ValueError(
-                f"n_centroids={self.n_centroids} is larger than the number of "
-                f"training samples n={n}"
-            )
+        check_fit_size(k=self.k, n_centroids=self.n_centroids,
+                       clean_fraction=self.clean_fraction, n=n)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "kept_mask_"):

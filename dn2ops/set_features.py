@@ -1,4 +1,4 @@
-"""Group (set-level) anomaly detection helpers for DN2.
+"""A set's features: pooled to one vector, or scored by their spread (covtrace).
 
 A group is a set of m images described by their features (m, d).  It is either
 pooled to one (d,) vector, which is then scored with kNN like a single image,

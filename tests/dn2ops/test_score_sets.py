@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from dn2ops import features, outputs
-from dn2ops.group_scoring import (
+from dn2ops.config import GroupConfig, IndexConfig
+from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
+from dn2ops.score_sets import (
     GroupKeyError,
     ScoreGroups,
     build_group_index,
@@ -21,7 +22,6 @@ from dn2ops.group_scoring import (
     group_key,
     pool_groups,
 )
-from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
 from pipelines.options import beam_options
 
 META = {"backbone": "test", "dim": 3, "preprocessing": {"resize": 1}}
@@ -38,12 +38,13 @@ def _rows(groups: dict[str, np.ndarray], key: str = "lot") -> list[dict]:
     return rows
 
 
-def _run_groups(rows: list[dict], tmp_path, **kwargs) -> tuple[list[dict], list[dict]]:
-    """Runs ScoreGroups in a TestPipeline (the FnApiRunner, as dn2 runs locally); returns
-    (group rows, error rows) read back."""
+def _run_groups(rows: list[dict], tmp_path, *, key: str, method: str, pool: str | None,
+                **kwargs) -> tuple[list[dict], list[dict]]:
+    """Runs ScoreGroups on the FnApiRunner; returns (group rows, error rows) read back."""
     out, err = str(tmp_path / "groups"), str(tmp_path / "errors")
-    with BeamTestPipeline(options=beam_options([])) as p:
-        groups, errors = p | beam.Create(rows) | ScoreGroups(**kwargs)
+    group = GroupConfig(group_by=key, method=method, pool=pool)
+    with beam.Pipeline(options=beam_options([])) as p:
+        groups, errors = p | beam.Create(rows) | ScoreGroups(group, **kwargs)
         groups | "G" >> beam.Map(json.dumps) | "WG" >> beam.io.WriteToText(out)
         errors | "E" >> beam.Map(json.dumps) | "WE" >> beam.io.WriteToText(err)
 
@@ -128,7 +129,7 @@ def test_knn_against_a_set_index_equals_brute_force(tmp_path, pool):
     normal = rng.normal(size=(12, 3)).astype(np.float32)  # 12 pooled normal sets
     names = [f"n{i:02d}" for i in range(12)]
     index_dir = str(tmp_path / "index")
-    build_index_from_arrays(names, names, normal, META, index_dir, k=2,
+    build_index_from_arrays(names, names, normal, META, index_dir, IndexConfig(k=2),
                             extra={"group_by": "lot", "pool": pool})
     queries = {f"q{i}": rng.normal(size=(int(rng.integers(2, 6)), 3)) * (1 + i)
                for i in range(6)}
@@ -171,7 +172,8 @@ def test_build_group_index_pools_sets_and_drops_small_ones(tmp_path):
     groups = {f"lot{i}": rng.normal(size=(3 + i, 3)) for i in range(4)}
     groups["tiny"] = rng.normal(size=(1, 3))
     fdir = _features_dir(tmp_path / "f", _rows(groups))
-    manifest = build_group_index(fdir, str(tmp_path / "idx"), group_by="lot", pool="max")
+    manifest = build_group_index(fdir, str(tmp_path / "idx"), IndexConfig(),
+                                 GroupConfig(group_by="lot", pool="max"))
     assert manifest["group_by"] == "lot" and manifest["pool"] == "max"
     assert manifest["group_counts"] == {"images": 19, "sets": 5, "sets_indexed": 4,
                                         "sets_too_small": 1, "images_in_indexed_sets": 18}
@@ -180,7 +182,8 @@ def test_build_group_index_pools_sets_and_drops_small_ones(tmp_path):
     expected = np.stack([groups[n].astype(np.float32).max(axis=0) for n in loaded.uris])
     np.testing.assert_allclose(np.concatenate(list(loaded.iter_shards())), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="not a manifest column"):
-        build_group_index(fdir, str(tmp_path / "idx2"), group_by="camera")
+        build_group_index(fdir, str(tmp_path / "idx2"), IndexConfig(),
+                          GroupConfig(group_by="camera"))
 
 
 def test_index_mode_is_checked_both_ways():
@@ -194,3 +197,21 @@ def test_index_mode_is_checked_both_ways():
         check_index_mode(set_index, None, None)
     with pytest.raises(IndexError_, match="--pool max"):
         check_index_mode(set_index, "lot", "max")
+
+
+def test_score_groups_stage_with_assert_that():
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.options import LOCAL_RUNNER
+
+    a = np.array([[0, 0], [2, 0], [0, 4]], float)  # variances 4/3 and 16/3: trace 20/3
+    rows = _rows({"a": a, "solo": np.array([[5, 5]], float)})
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        groups, errors = p | beam.Create(rows) | ScoreGroups(
+            GroupConfig(group_by="lot", method="covtrace"))
+        assert_that(groups | beam.Map(lambda g: (g["group"], round(g["score"], 9), g["rank"],
+                                                 g["size"])),
+                    equal_to([("a", round(20 / 3, 9), 1, 3)]), label="groups")
+        assert_that(errors | beam.Map(lambda e: (e["uri"].rsplit("/", 1)[1], e["stage"])),
+                    equal_to([("00.png", "group")]), label="errors")

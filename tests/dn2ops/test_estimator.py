@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from dn2ops.scorer import CLEAN_K, DN2Scorer, NotFittedError
+from dn2ops.estimator import CLEAN_K, DN2Scorer, NotFittedError
 from tests.conftest import brute_dists, brute_loo_scores, brute_scores
 
 

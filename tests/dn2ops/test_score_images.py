@@ -1,4 +1,4 @@
-"""dn2ops.scoring: batch scoring through RunInference and the ranking pass over written
+"""dn2ops.score_images: batch scoring through RunInference and the ranking pass over written
 shards, against brute-force numpy (distances, and ranks counted over all pairs)."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from dn2ops import features
+from dn2ops.config import IndexConfig, SearchConfig
 from dn2ops.index import build_index
-from dn2ops.scoring import (
+from dn2ops.score_images import (
     IndexModelHandler,
+    RankByScore,
     ScoreFeatures,
     SortedScores,
     anomaly_schema,
@@ -89,7 +91,7 @@ def index(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring")
     xb = clustered(300, seed=5)
     write_features(root / "normal", xb, [120, 180])
-    build_index(str(root / "normal"), str(root / "index"), k=2)
+    build_index(str(root / "normal"), str(root / "index"), IndexConfig(k=2))
     return str(root / "index"), xb
 
 
@@ -123,7 +125,7 @@ def test_run_inference_with_the_index_handler_scores_each_batch(index):
     with BeamTestPipeline() as p:
         out = (p | beam.Create([batch.slice(0, 25), batch.slice(25)], reshuffle=False)
                | RunInference(IndexModelHandler(index_dir, partition="p1",
-                                                index_options={"device": "cpu"})))
+                                                search=SearchConfig(device="cpu"))))
         assert_that(out, check)
 
 
@@ -134,7 +136,7 @@ def test_score_features_writes_ranked_shards_equal_to_brute_force(index, tmp_pat
     with BeamTestPipeline() as p:
         written = (p | beam.Create([batch.slice(0, 7), batch.slice(7, 30), batch.slice(37)])
                    | ScoreFeatures(index_dir, str(staging), extra_columns=["lot"],
-                                   partition="p1", index_options={"device": "cpu"}))
+                                   partition="p1", search=SearchConfig(device="cpu")))
         assert_that(written | beam.Map(lambda f: f.rsplit("/", 1)[0]),
                     lambda dirs: dirs and set(dirs) == {str(staging)} or _fail(dirs),
                     label="RankedIntoStaging")
@@ -151,7 +153,7 @@ def test_kmeans_index_scores_are_distances_to_the_nearest_centre(index, tmp_path
     """K-means mode has no neighbours (k' = 0): empty lists, not an error."""
     _, xb = index
     write_features(tmp_path / "normal", xb, [300])
-    build_index(str(tmp_path / "normal"), str(tmp_path / "index"), k=2, n_centroids=4)
+    build_index(str(tmp_path / "normal"), str(tmp_path / "index"), IndexConfig(k=2, n_centroids=4))
     from dn2ops.index import LoadedIndex
 
     loaded = LoadedIndex(str(tmp_path / "index"), device="cpu")
@@ -162,3 +164,12 @@ def test_kmeans_index_scores_are_distances_to_the_nearest_centre(index, tmp_path
     np.testing.assert_allclose(got.column("score").to_numpy(), expected, rtol=1e-5)
     assert got.column("neighbor_uris").to_pylist() == [[]] * 30
     assert got.column("neighbor_distances").to_pylist() == [[]] * 30
+
+
+def test_rank_by_score_stage_ranks_rows_over_the_whole_collection():
+    rows = [{"group": g, "score": s} for g, s in zip("abcde", (0.5, 2.0, 0.5, 9.0, 1.0),
+                                                      strict=True)]
+    with BeamTestPipeline() as p:
+        got = p | beam.Create(rows) | RankByScore() | beam.Map(lambda r: (r["group"], r["rank"]))
+        # 1 + the number of strictly higher scores: ties share the better rank
+        assert_that(got, equal_to([("d", 1), ("b", 2), ("e", 3), ("a", 4), ("c", 4)]))

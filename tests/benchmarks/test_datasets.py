@@ -1,4 +1,4 @@
-"""Tests for dn2ops.datasets (IDX reading, Fashion-MNIST, PNG store, manifest)."""
+"""Tests for benchmarks.datasets (IDX reading, Fashion-MNIST, PNG store, manifest)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dn2ops.datasets import (
+from benchmarks.datasets import (
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     read_idx,

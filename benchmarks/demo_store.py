@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dn2ops.datasets import (
+from benchmarks.datasets import (
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     write_manifest,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dn2ops.groups import covtrace_score, pool_set, pool_sets
+from dn2ops.set_features import covtrace_score, pool_set, pool_sets
 
 
 def test_covtrace_hand_computed():

@@ -1,4 +1,4 @@
-"""Group scoring stage: feature rows -> sets of images -> ranked group rows.
+"""Set scoring stage: feature rows -> sets of images -> ranked group rows.
 
 Images are grouped into sets by a key: ``parent_dir`` (the uri's parent
 directory) or a manifest column. A set is scored either
@@ -7,7 +7,7 @@ directory) or a manifest column. A set is scored either
   (d,) vector, scored like an image against an index of pooled *normal* sets
   (mean Euclidean distance to the k nearest normal sets), or
 * ``covtrace``: by the trace of its features' covariance
-  (`dn2ops.groups.covtrace_score`), which needs no normal data.
+  (`dn2ops.set_features.covtrace_score`), which needs no normal data.
 
 Higher = more anomalous in both. Sets of fewer than `MIN_SET_SIZE` images are
 not scored: each of their images becomes an error row with stage ``group``,
@@ -25,17 +25,15 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.utils import shared
+from apache_beam.ml.inference.base import RunInference
 
 from dn2ops import features, outputs
-from dn2ops.groups import covtrace_score, pool_set
+from dn2ops.config import POOLS, GroupConfig, IndexConfig, SearchConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
-from dn2ops.knn import set_faiss_threads
-from dn2ops.scoring import RankByScore
+from dn2ops.score_images import IndexModelHandler, RankByScore
+from dn2ops.set_features import covtrace_score, pool_set
 
 PARENT_DIR = "parent_dir"
-POOLS = ("mean", "max")
-METHODS = ("knn", "covtrace")
 STAGE = "group"  # members of a set too small to score
 KEY_STAGE = "group_key"  # an image with no value for --group-by
 MIN_SET_SIZE = 2
@@ -111,16 +109,16 @@ def check_key(key: str, columns: Sequence[str]) -> None:
 
 # -- group index ----------------------------------------------------------------------------
 
-def build_group_index(features_dir: str, output: str, *, group_by: str, pool: str = "mean",
-                      k: int = 2, n_centroids: int | None = None, clean_fraction: float = 0.0,
-                      shards: int = 1) -> dict[str, Any]:
+def build_group_index(features_dir: str, output: str, index: IndexConfig,
+                      group: GroupConfig) -> dict[str, Any]:
     """INDEX_DIR over the pooled features of the normal sets. Returns the manifest.
 
     Each indexed vector is one normal set (its ``uri`` in normal.parquet is the
     group name, its ``sha256`` a digest of its members' sha256s). Sets of fewer
     than MIN_SET_SIZE images are left out (counted in the manifest), as they
-    would be when scored. The manifest records ``group_by`` and ``pool``.
+    would be when scored. The manifest records ``group_by`` and ``pool`` (None: mean).
     """
+    group_by, pool = group.group_by, group.pool or "mean"
     outputs.check_writable(output, "index")
     table, X, fmeta = features.load_features(features_dir)
     check_key(group_by, fmeta.get("extra_columns", []))
@@ -137,8 +135,8 @@ def build_group_index(features_dir: str, output: str, *, group_by: str, pool: st
     kept_names = [n for n, ok in zip(names, keep, strict=True) if ok]
     kept_digests = [s for s, ok in zip(digests, keep, strict=True) if ok]
     return build_index_from_arrays(
-        kept_names, kept_digests, pooled[keep], fmeta, output, k=k, n_centroids=n_centroids,
-        clean_fraction=clean_fraction, shards=shards, features_dir=features_dir,
+        kept_names, kept_digests, pooled[keep], fmeta, output, index,
+        features_dir=features_dir,
         extra={"group_by": group_by, "pool": pool,
                "group_counts": {"images": int(len(X)), "sets": len(names),
                                 "sets_indexed": int(keep.sum()),
@@ -225,13 +223,6 @@ class _PoolGroup(beam.DoFn):
                "pooled": None if covtrace else pool_set(X, self.pool)}
 
 
-class _Holder:
-    """shared.Shared needs a weak-referenceable object."""
-
-    def __init__(self, value):
-        self.value = value
-
-
 def score_group_batch(groups: Sequence[dict[str, Any]], index: LoadedIndex
                       ) -> list[dict[str, Any]]:
     """Pooled group rows -> kNN-scored group rows (``rank`` still None, ``pooled`` dropped)."""
@@ -247,54 +238,49 @@ def score_group_batch(groups: Sequence[dict[str, Any]], index: LoadedIndex
     return out
 
 
-class _KnnDoFn(beam.DoFn):
-    def __init__(self, index_dir: str, faiss_threads: int):
-        self.index_dir = index_dir
-        self.faiss_threads = faiss_threads
-        self._shared = shared.Shared()
+class GroupIndexModelHandler(IndexModelHandler):
+    """RunInference's view of an index of sets: pooled group rows -> kNN-scored group rows
+    (score_group_batch), batched by RunInference like any model's inputs."""
 
-    def setup(self):
-        set_faiss_threads(self.faiss_threads)  # faiss's OpenMP pool beside torch's
-        self.index = self._shared.acquire(lambda: _Holder(LoadedIndex(self.index_dir)))
+    def run_inference(self, batch: Sequence[dict[str, Any]], model: LoadedIndex,
+                      inference_args: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return score_group_batch(batch, model)
 
-    def process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        yield from score_group_batch(batch, self.index.value)
+    def get_num_bytes(self, batch: Sequence[dict[str, Any]]) -> int:
+        return sum(g["pooled"].nbytes for g in batch)
 
 
 class ScoreGroups(beam.PTransform):
     """Feature rows -> (ranked group rows (group_schema), image error rows (stage 'group')).
 
-    ``method="knn"`` needs ``index_dir`` (an index built with --group-by) and
-    ``pool``; ``"covtrace"`` needs neither.
+    ``group.method`` knn needs ``index_dir`` (an index built with --group-by) and a
+    ``group.pool``; covtrace needs neither.
     """
 
-    def __init__(self, key: str, *, method: str = "knn", pool: str | None = "mean",
-                 index_dir: str | None = None, partition: str = "", batch_size: int = 256,
-                 faiss_threads: int = 1):
+    def __init__(self, group: GroupConfig, *, index_dir: str | None = None,
+                 partition: str = "", batch_size: int = 256,
+                 search: SearchConfig = SearchConfig()):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"--group-score must be one of {METHODS}, got {method!r}")
-        if method == "knn" and (not index_dir or pool not in POOLS):
+        if not group.covtrace and (not index_dir or group.pool not in POOLS):
             raise ValueError("kNN group scoring needs an index built with --group-by and a pool")
-        self.key, self.method, self.pool = key, method, pool
-        self.index_dir, self.partition = index_dir, partition
-        self.batch_size, self.faiss_threads = batch_size, faiss_threads
+        self.group, self.index_dir, self.partition = group, index_dir, partition
+        self.handler = GroupIndexModelHandler(
+            index_dir, partition=partition, search=search, max_batch_size=batch_size)
 
     def expand(self, rows):
-        keyed = rows | "Key" >> beam.ParDo(_KeyRows(self.key)).with_outputs(ERRORS, main="rows")
+        g = self.group
+        keyed = rows | "Key" >> beam.ParDo(_KeyRows(g.group_by)).with_outputs(ERRORS,
+                                                                               main="rows")
         pooled = (keyed.rows
                   | "GroupByKey" >> beam.GroupByKey()
-                  | "Pool" >> beam.ParDo(_PoolGroup(self.key, self.method, self.pool,
+                  | "Pool" >> beam.ParDo(_PoolGroup(g.group_by, g.method, g.pool,
                                                     self.partition)
                                          ).with_outputs(ERRORS, main="groups"))
         groups = pooled.groups
-        if self.method == "knn":
-            groups = (groups
-                      | "Batch" >> beam.BatchElements(min_batch_size=1,
-                                                      max_batch_size=self.batch_size)
-                      | "Knn" >> beam.ParDo(_KnnDoFn(self.index_dir, self.faiss_threads)))
+        if not g.covtrace:
+            groups = groups | "Knn" >> RunInference(self.handler)
         else:
             groups = groups | "DropPooled" >> beam.Map(
-                lambda g: {k: v for k, v in g.items() if k != "pooled"})
+                lambda r: {k: v for k, v in r.items() if k != "pooled"})
         errors = (keyed[ERRORS], pooled[ERRORS]) | "Errors" >> beam.Flatten()
         return groups | "Rank" >> RankByScore(), errors

@@ -1,0 +1,177 @@
+"""dn2's configuration: one frozen, typed object per stage, validated once when built.
+
+pipelines.options builds them from the command line; the jobs, graphs and stages take
+them whole. Checks that need the data (the number of normal images, say) happen where
+the data is read: dn2ops.estimator.check_fit_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dn2ops import transforms
+from dn2ops.estimator import check_params
+from dn2ops.images import DEFAULT_MAX_PIXELS
+from dn2ops.ivf import RECALL_QUERIES
+from dn2ops.streams import REFERENCE_SAMPLE
+
+POOLS = ("mean", "max")
+GROUP_METHODS = ("knn", "covtrace")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """How images become features (dn2ops.inference.EmbedImages's keywords)."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    engine: str = "auto"
+    decode: str = "draft"
+    threads: int | None = None
+    decode_threads: int | None = None
+    max_in_flight: int | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """The shape of an index (dn2 build-index's flags; see dn2ops.index.build_index).
+
+    ``feature_transform``: a dn2ops.transforms name (pipelines.options resolves the
+    flag's default: transforms.DEFAULT for images, none for sets).
+    """
+
+    k: int = 2
+    n_centroids: int | None = None
+    clean_fraction: float = 0.0
+    clean_k: int | None = None
+    shards: int | None = 1
+    ivf_lists: int | None = None
+    pq_m: int | None = None
+    nprobe: int | None = None
+    target_recall: float = 0.95
+    ondisk: bool = False
+    hnsw_m: int | None = None
+    ef_search: int | None = None
+    reference_sample: int | None = REFERENCE_SAMPLE
+    feature_transform: str = "none"
+    recall_queries: int = RECALL_QUERIES
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        check_params(k=self.k, n_centroids=self.n_centroids,
+                     clean_fraction=self.clean_fraction, clean_k=self.clean_k)
+        if self.shards is not None and self.shards < 1:
+            raise ValueError(f"--shards must be >= 1, got {self.shards}")
+        modes = [f for f, v in (("--ivf", self.ivf_lists), ("--kmeans", self.n_centroids),
+                                ("--hnsw", self.hnsw_m)) if v is not None]
+        if len(modes) > 1:
+            raise ValueError(f"{' and '.join(modes)} are different index modes; choose one")
+        if self.ivf_lists is None and (self.pq_m or self.nprobe or self.ondisk):
+            raise ValueError("--pq, --nprobe and --ondisk need --ivf NLIST")
+        if self.hnsw_m is None and self.ef_search is not None:
+            raise ValueError("--ef-search needs --hnsw M")
+        transforms.check(self.feature_transform)
+        if self.reference_sample is not None and self.reference_sample < 1:
+            raise ValueError(f"--reference-sample must be >= 1, got {self.reference_sample}")
+
+    @property
+    def approximate(self) -> bool:
+        return self.ivf_lists is not None or self.hnsw_m is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    """Scoring sets of images (dn2ops.score_sets): the key, the pooling, the method.
+
+    ``pool`` None: the index's own (scoring) or mean (building an index of sets).
+    """
+
+    group_by: str
+    pool: str | None = None
+    method: str = "knn"
+
+    def __post_init__(self) -> None:
+        if self.method not in GROUP_METHODS:
+            raise ValueError(f"--group-score must be one of {GROUP_METHODS}, "
+                             f"got {self.method!r}")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ValueError(f"--pool must be one of {POOLS}, got {self.pool!r}")
+        if self.method == "covtrace" and self.pool:
+            raise ValueError("--pool is not used by --group-score covtrace (it scores the "
+                             "members' spread)")
+
+    @property
+    def covtrace(self) -> bool:
+        return self.method == "covtrace"
+
+    def check_index(self, index: IndexConfig) -> None:
+        """An index of sets is a small exact one: refuses the flags it does not take."""
+        if (index.approximate or index.reference_sample != REFERENCE_SAMPLE
+                or index.feature_transform != "none" or index.clean_k is not None):
+            raise ValueError("--ivf, --hnsw, --reference-sample, --feature-transform and "
+                             "--clean-k are not available with --group-by")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """How a scoring worker holds and searches an index (dn2ops.index.LoadedIndex).
+
+    ``stream_shards``: load flat shards one at a time per batch; ``device``: faiss's
+    (auto, cpu, cuda); ``faiss_threads``: faiss's OpenMP threads, kept low because
+    faiss's pool beside the other stages' threads oversubscribes the cores.
+    """
+
+    stream_shards: bool = False
+    device: str = "auto"
+    faiss_threads: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """What dn2 score writes besides the ranked table."""
+
+    partition: str = ""
+    top: int | None = None
+    max_error_fraction: float | None = None
+    report: bool = False
+
+    def __post_init__(self) -> None:
+        if self.top is not None and self.top < 1:
+            raise ValueError(f"--top must be >= 1, got {self.top}")
+        if self.max_error_fraction is not None and not 0 <= self.max_error_fraction < 1:
+            raise ValueError(f"--max-error-fraction must be in [0, 1), "
+                             f"got {self.max_error_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Everything one dn2 command was asked, checked together once (pipelines.options).
+
+    ``group`` None: images are scored one by one; ``search.device`` is faiss's device
+    (dn2 run and score: --device, as embedding's).
+    """
+
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    score: ScoreConfig = ScoreConfig()
+    search: SearchConfig = SearchConfig()
+    group: GroupConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.group is not None:
+            self.group.check_index(self.index)
+            if self.score.report:
+                raise ValueError("--report shows single images; it is not available with "
+                                 "--group-by")
+
+    @property
+    def covtrace(self) -> bool:
+        """Sets scored by their own spread: no normal images, no index."""
+        return self.group is not None and self.group.covtrace

@@ -1,0 +1,41 @@
+"""Index directories: the normal set as sharded faiss flat indexes plus a manifest.
+
+Layout of INDEX_DIR:
+  shard-SSSSS-of-NNNNN.faiss   IndexFlatL2 over the kept normal features
+  kmeans.faiss                 IndexFlatL2 over C centroids (--kmeans C only)
+  normal.parquet               uri, sha256, kept, id (row in the shards, -1 if
+                               dropped by cleaning), loo_score (the normal
+                               set's own leave-one-out score: the percentile
+                               reference)
+  _SUCCESS                     the manifest (JSON): backbone metadata, k,
+                               counts, sha256 per file, created_at, index_id
+
+  ivf.faiss, ivf.ivfdata        with --ivf NLIST instead of the flat shards: a
+                               centred IVF-Flat / IVF-PQ index (dn2ops.ivf);
+                               ivf.ivfdata holds its inverted lists on disk
+                               (--ondisk, memory-mapped when scoring)
+  hnsw.faiss                   with --hnsw M instead: an HNSW graph index
+                               (dn2ops.hnsw), held in memory when scoring
+
+Scores are plain Euclidean (not squared) distances, averaged over k, as in
+dn2ops.estimator; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
+scores are approximate (>= exact; the manifest records recall@k).
+
+`build_index` streams: it reads the feature shards one at a time (several
+passes), writes one index shard at a time, and computes the leave-one-out
+reference scores by searching the shards it wrote, loaded one at a time, so
+the whole normal set is never in memory (unless --shards 1 asks for one shard
+of everything). `LoadedIndex(stream_shards=True)` scores the same way.
+"""
+
+from dn2ops.index.build import (
+    KMEANS_SAMPLE_PER_CENTROID,
+    build_index,
+    build_index_from_arrays,
+    distances_column,
+)
+from dn2ops.index.files import KIND, IndexError_
+from dn2ops.index.search import LoadedIndex
+
+__all__ = ["KIND", "KMEANS_SAMPLE_PER_CENTROID", "IndexError_", "LoadedIndex", "build_index",
+           "build_index_from_arrays", "distances_column"]

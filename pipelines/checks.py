@@ -1,0 +1,193 @@
+"""What the dn2 jobs check before any pipeline starts: sources, outputs, backbone,
+weights, devices, and an index against the features it will score.
+
+Everything here fails fast with a message for the user; pipelines.jobs runs the graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import re
+
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
+
+from dn2ops import features, outputs, sources
+from dn2ops.backbones import WeightsError, get_spec, load_backbone, resolve_weights
+from dn2ops.config import EmbedConfig, JobConfig
+from dn2ops.embed import resolve_device
+from dn2ops.engines import resolve_engine
+from dn2ops.gpu import resolve_faiss_device
+from dn2ops.index import LoadedIndex
+from dn2ops.score_sets import check_index_mode, check_key
+
+
+def preflight(backbone: str, weights: str | None, device: str,
+              options: PipelineOptions | None = None, engine: str = "auto") -> None:
+    """Fails before any pipeline starts: unknown backbone, missing weights, missing GPU,
+    an engine that cannot run here.
+
+    The GPU is checked here only when the pipeline runs in this process: a Dataflow job is
+    launched from a machine without one, and its workers check ``--device cuda`` themselves.
+    Weights the user names are untrusted files: they are loaded once here (with
+    ``torch.load(weights_only=True)``), so a damaged, hostile or ill-fitting file fails now
+    with a short reason, not later inside every worker.
+    """
+    spec = get_spec(backbone)
+    if weights != "random":
+        resolve_weights(spec, weights)
+    if options is None or runs_here(options):
+        resolve_device(device)
+        resolve_engine(engine, device)
+    if weights not in (None, "random"):
+        try:
+            load_backbone(backbone, weights)
+        except WeightsError as e:
+            raise WeightsError(_weights_reason(str(e))) from None
+
+
+def _weights_reason(message: str) -> str:
+    """torch's weights_only refusal, cut to what matters to a dn2 user."""
+    if "Weights only load failed" not in message:
+        if message.startswith("cannot read weights"):  # torch's own words are cryptic here
+            return f"{message} (the file is damaged, truncated or not written by torch.save)"
+        return message
+    head = message.split("Weights only load failed")[0]
+    found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", message)
+    detail = f" ({found.group(0)})" if found else ""
+    return (f"{head}the file holds more than tensors{detail}, and dn2 loads weights with "
+            "torch.load(weights_only=True), never running code from a file; save a plain "
+            "state dict: torch.save(model.state_dict(), path)")
+
+
+def runs_here(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    return runner is None or str(runner).split(".")[-1] in LOCAL_RUNNERS
+
+
+# Runners that execute the pipeline in (or beside) this process, on this machine's devices.
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner",
+                 "SwitchingDirectRunner", "direct")
+
+
+def check_source(src: str, flag: str = "--input") -> None:
+    """Fails before any pipeline starts when SRC (not a glob) names nothing."""
+    if any(c in src for c in "*?["):
+        return  # a glob that matches nothing is an empty input, not a typo we can name
+    fs, path = outputs.fresh_fs_and_path(src)
+    if not fs.exists(path):
+        raise sources.SourceError(f"{flag} {src} does not exist")
+
+
+# The directories `dn2 run` writes under OUT_DIR, and the kind each must hold.
+RUN_OUTPUTS = {"normal_features": features.KIND, "index": "index", "features": features.KIND,
+               "results": "results"}
+
+
+def check_run_output(output: str) -> None:
+    """Refuses an OUT_DIR that holds anything but earlier `dn2 run` output, before any work."""
+    fs, path = outputs.fresh_fs_and_path(output)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise outputs.OutputError(f"output path {output} is a file, not a directory")
+    marker = outputs.read_marker(output)
+    if marker is not None:
+        raise outputs.OutputError(
+            f"output path {output} holds dn2 {marker.get('kind')} output, not the "
+            f"{', '.join(RUN_OUTPUTS)} directories of dn2 run; choose another --output")
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    others = [n for n in names if n not in RUN_OUTPUTS and not n.startswith(".")]
+    if others:
+        raise outputs.OutputError(
+            f"output path {output} is not empty and holds no dn2 run output (found "
+            f"{others[0]!r}...); refusing to write into it; choose another --output")
+    for name, kind in RUN_OUTPUTS.items():
+        outputs.check_writable(outputs.join(output, name), kind)
+
+
+def check_row_dims(features_dir: str, dim: int) -> None:
+    """Fails when the rows of a features directory do not have the dimension its marker says."""
+    found = features.row_dims(features_dir) - {dim}
+    if found:
+        raise features.MetadataMismatch(
+            f"feature rows in {features_dir} have dimension {sorted(found)}, but its "
+            f"{outputs.MARKER} marker says {dim}: the directory was changed "
+            "after dn2 wrote it; embed the images again")
+
+
+def is_template(options: PipelineOptions) -> bool:
+    """A template launch (--template_location, as the flex template launcher passes): the
+    job runs later and nobody waits for it; its last step commits (pipelines.finalize)."""
+    return bool(options.view_as(GoogleCloudOptions).template_location)
+
+
+def extra_columns(src: str) -> list[str]:
+    """Manifest columns carried to the outputs (read from the header only)."""
+    if not sources.is_manifest(src):
+        return []
+    first = next(iter(sources.read_manifest(src)), {})
+    return [c for c in first if c not in ("uri",) + tuple(features.feature_schema().names)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorePlan:
+    """What dn2 score's checks found: the index's manifest, the backbone, the manifest
+    columns carried, the pool of a set index."""
+
+    manifest: dict | None
+    backbone: str
+    extras: list
+    pool: str | None
+
+
+def check_score(index: str | None, output: str, input: str | None, features_dir: str | None,
+                 config: JobConfig, options: PipelineOptions) -> ScorePlan:
+    """Everything dn2 score can check before the pipeline starts."""
+    if is_template(options) and config.score.report:
+        raise ValueError("--report needs the results, which a template launch does not wait "
+                         "for; run dn2 report RESULTS_DIR after the job")
+    if not config.covtrace and runs_here(options):  # Dataflow workers check their own GPUs
+        resolve_faiss_device(config.search.device)  # a GPU asked for but missing fails here
+    # Verifies checksums before heavy work; the workers load their own.
+    loaded = None if config.covtrace else LoadedIndex(index, stream_shards=True, device="cpu")
+    group = config.group
+    pool = group.pool if group else None
+    if loaded is not None:
+        pool = check_index_mode(loaded.manifest, group.group_by if group else None, pool)
+    if features_dir:
+        backbone, extras = _check_features(features_dir, loaded)
+    else:
+        backbone, extras = _check_images(input, loaded, config.embed, options)
+    if group:
+        check_key(group.group_by, extras)
+    outputs.check_writable(output, "results")
+    return ScorePlan(loaded.manifest if loaded is not None else None,
+                      loaded.manifest["backbone"] if loaded is not None else backbone,
+                      extras, pool)
+
+
+def _check_features(features_dir: str, loaded: LoadedIndex | None) -> tuple[str, list]:
+    fmeta = outputs.require_complete(features_dir, features.KIND)
+    if loaded is not None:
+        features.check_compatible(loaded.metadata(), fmeta, "the features and the index",
+                                  names=("index", "features"))
+    check_row_dims(features_dir, fmeta["dim"])
+    return fmeta["backbone"], fmeta.get("extra_columns", [])
+
+
+def _check_images(input: str, loaded: LoadedIndex | None, config: EmbedConfig,
+                  options: PipelineOptions) -> tuple[str, list]:
+    if loaded is not None and config.backbone != loaded.manifest["backbone"]:
+        features.check_compatible(
+            loaded.metadata(), get_spec(config.backbone).metadata(),
+            "--backbone and the index", names=("index", "--backbone"))
+    preflight(config.backbone, config.weights, config.device, options, config.engine)
+    check_source(input)
+    return config.backbone, extra_columns(input)
+
+
