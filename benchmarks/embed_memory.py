@@ -7,7 +7,12 @@ extra image between the smallest and the largest size. The embedded features are
 then scored in group mode (``dn2 score --group-by lot --group-score covtrace``,
 lots of 20 images from a manifest column), measured the same way.
 
-    flock /tmp/dn2-cpu.lock python benchmarks/embed_memory.py [--sizes 2000,20000]
+With ``--previous PATH`` (a checkout of the code before, e.g. ``git archive`` of main)
+each size is also embedded and scored by that code, side by side, and its features
+table is compared with this code's (same rows, same values, same columns).
+
+    flock /tmp/dn2-cpu.lock python benchmarks/embed_memory.py [--sizes 2000,20000] \\
+        [--previous ../base]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ if REPO not in sys.path:  # run as a script
 
 from benchmarks.datasets import load_fashion_mnist, write_manifest, write_png_store  # noqa: E402
 from benchmarks.score_memory import measure  # noqa: E402
+from dn2ops import features  # noqa: E402
 
 LOT = 20  # images a lot (group mode)
 
@@ -39,9 +45,25 @@ def store(scratch: str, n: int) -> str:
     return manifest
 
 
-def run_one(args: list[str], out: str) -> dict:
+def run_one(args: list[str], out: str, code: str = REPO) -> dict:
     subprocess.run(["rm", "-rf", out], check=True)
-    return measure([sys.executable, "-m", "pipelines.cli", *args, "--output", out], REPO)
+    return measure([sys.executable, "-m", "pipelines.cli", *args, "--output", out], code)
+
+
+def measure_size(scratch: str, manifest: str, n: int, code: str, tag: str) -> dict:
+    """dn2 embed, then group-mode scoring of its features, each as its own process."""
+    feats = os.path.join(scratch, f"features-{n}{tag}")
+    r = run_one(["embed", "--input", manifest, "--device", "cpu"], feats, code)
+    g = run_one(["score", "--features", feats, "--group-by", "lot", "--group-score",
+                 "covtrace"], os.path.join(scratch, f"groups-{n}{tag}"), code)
+    return {"embed": {**r, "images_per_s": round(n / r["wall_s"], 1)},
+            "groups": {**g, "images_per_s": round(n / g["wall_s"], 1)}}
+
+
+def same_features(a: str, b: str) -> bool:
+    """Two features directories hold the same rows (in any order and sharding)."""
+    ta, tb = (features.read_table(d, "features").sort_by("uri") for d in (a, b))
+    return ta.schema.equals(tb.schema) and ta.equals(tb)
 
 
 def main(argv=None) -> dict:
@@ -49,6 +71,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", default="2000,20000")
     ap.add_argument("--scratch", default="bench-out/embed_memory")
     ap.add_argument("--prepare-only", action="store_true", help="write the PNG stores only")
+    ap.add_argument("--previous", default=None, help="checkout of the code to compare with")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     args.scratch = os.path.abspath(args.scratch)
@@ -57,24 +80,27 @@ def main(argv=None) -> dict:
     if args.prepare_only:
         return {}
     results = {}
+    codes = {"": REPO, **({"-previous": os.path.abspath(args.previous)}
+                          if args.previous else {})}
     for n in sizes:
-        manifest = manifests[n]
-        feats = os.path.join(args.scratch, f"features-{n}")
-        r = run_one(["embed", "--input", manifest, "--device", "cpu"], feats)
-        g = run_one(["score", "--features", feats, "--group-by", "lot",
-                     "--group-score", "covtrace"], os.path.join(args.scratch, f"groups-{n}"))
-        results[n] = {"embed": {**r, "images_per_s": round(n / r["wall_s"], 1)},
-                      "groups": {**g, "images_per_s": round(n / g["wall_s"], 1)}}
-        for what, m in results[n].items():
-            print(f"{what:>6} {n:>7,} images: {m['wall_s']:7.1f} s  {m['images_per_s']:7.0f} "
-                  f"images/s  peak RSS {m['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
-    if len(sizes) > 1:
+        for tag, code in codes.items():
+            results[f"{n}{tag}"] = measure_size(args.scratch, manifests[n], n, code, tag)
+            for what, m in results[f"{n}{tag}"].items():
+                print(f"{what:>6}{tag} {n:>7,} images: {m['wall_s']:7.1f} s  "
+                      f"{m['images_per_s']:7.0f} images/s  peak RSS "
+                      f"{m['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
+        if args.previous:
+            same = same_features(*(os.path.join(args.scratch, f"features-{n}{t}")
+                                   for t in codes))
+            results[f"{n}_features_equal_previous"] = same
+            print(f"features at {n:,} equal to the previous code's: {same}", flush=True)
+    for tag in codes if len(sizes) > 1 else ():
         a, b = sizes[0], sizes[-1]
         for what in ("embed", "groups"):
-            per = ((results[b][what]["peak_rss_bytes"] - results[a][what]["peak_rss_bytes"])
-                   / (b - a))
-            results[f"{what}_bytes_per_image"] = round(per)
-            print(f"{what}: peak RSS grows {per:,.0f} bytes an image from {a:,} to {b:,}")
+            per = ((results[f"{b}{tag}"][what]["peak_rss_bytes"]
+                    - results[f"{a}{tag}"][what]["peak_rss_bytes"]) / (b - a))
+            results[f"{what}{tag}_bytes_per_image"] = round(per)
+            print(f"{what}{tag}: peak RSS grows {per:,.0f} bytes an image from {a:,} to {b:,}")
     with open(os.path.join(args.scratch, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results

@@ -47,7 +47,6 @@ from dn2ops.index.build import (
     reference_scores,
     shard_loader,
     shard_sizes,
-    write_flat_shards,
 )
 from dn2ops.index.files import (
     HASH_BLOCK,
@@ -208,14 +207,16 @@ class _Grow:
         """
         old_ids, old_d = self._parent_sample(width)
         size = self.n if self.reference_sample is None else min(self.reference_sample, self.n)
+        # A parent sampled more thinly than the union asks for (or not at all) cannot be
+        # thinned to a uniform sample of the union: that reference is computed afresh.
         fresh = (old_ids is None or (self.retrain and self.parent.get("n_centroids"))
-                 or (size == self.n and len(old_ids) < self.n_old))
+                 or len(old_ids) / self.n_old < size / self.n)
         if fresh:
             ids = None if size >= self.n else streams.sample_ids(self.n, size, self.seed + 2)
             return (*reference_scores(score, self.union, self.n, ids, keep=width), False)
         rng = np.random.default_rng(self.seed + 2)
-        keep = round(len(old_ids) * (size / self.n) / (len(old_ids) / self.n_old))
-        pick = np.sort(rng.choice(len(old_ids), size=min(keep, len(old_ids)), replace=False))
+        keep = min(round(size * self.n_old / self.n), len(old_ids))  # the union's rate
+        pick = np.sort(rng.choice(len(old_ids), size=keep, replace=False))
         old_ids, old_d = old_ids[pick], old_d[pick]
         if self.parent.get("n_centroids") is None:  # the added rows may be nearer neighbours
             xq = streams.gather_rows(self.old_chunks_of_union(), old_ids)
@@ -262,12 +263,11 @@ class _Grow:
         renamed = [shard_name(i, total) for i in range(total)]
         for src, dst in zip(old, renamed, strict=False):
             self._copy(src, dst)
-        staged = write_flat_shards(self.fs, outputs.join(self.stage, "_new"),
-                                    self.new_chunks(), sizes)
-        for src, dst in zip(sorted(staged), renamed[len(old):], strict=True):
-            self.fs.mv(outputs.join(self.stage, "_new", src), outputs.join(self.stage, dst))
-            self.files[dst] = staged[src]
-        self.fs.rm(outputs.join(self.stage, "_new"), recursive=True)
+        # Written under their final names: an object store has no cheap rename.
+        for name, xb in zip(renamed[len(old):], streams.rechunk(self.new_chunks(), sizes),
+                            strict=True):
+            self.files[name] = write_index(self.fs, outputs.join(self.stage, name),
+                                            flat_of(xb))
         self.flat_names = renamed
         load = shard_loader(self.fs, self.stage, renamed, self.device)
         return flat_loo(load, self.k, self.device), total

@@ -240,9 +240,11 @@ class TorchModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
 
 
 def feature_row(key: ImageKey, features: np.ndarray, backbone: str) -> dict[str, Any]:
-    """The row written to feature shards (see dn2ops.features.feature_schema)."""
+    """The row written to feature shards (see dn2ops.features.feature_schema); its
+    ``embedding`` a float32 array (dim,): 4 bytes a value, a Python float list about 32.
+    A copy, so that a row held downstream never pins its whole batch's array."""
     return {"uri": key.uri, "sha256": key.sha256, "backbone": backbone,
-            "dim": int(features.shape[0]), "embedding": features.astype(np.float32).tolist(),
+            "dim": int(features.shape[0]), "embedding": features.astype(np.float32),
             **dict(key.extras)}
 
 

@@ -61,7 +61,15 @@ def _digests(hexes: Sequence[str]) -> np.ndarray:
     """sha256 hex strings -> one 'S32' array of the raw digests."""
     if not len(hexes):
         return np.zeros(0, "S32")
-    return np.frombuffer(binascii.unhexlify("".join(hexes)), "S32")
+    joined = "".join(hexes)
+    try:
+        if len(joined) != 64 * len(hexes):
+            raise ValueError("not 64 digits each")
+        return np.frombuffer(binascii.unhexlify(joined), "S32")
+    except (ValueError, binascii.Error) as e:
+        raise features.MetadataMismatch(
+            f"feature rows' sha256 values are not sha256 hex digests ({e}): not dn2 "
+            "feature shards") from None
 
 
 class Known:

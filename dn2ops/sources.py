@@ -36,23 +36,31 @@ def is_manifest(src: str) -> bool:
 
 
 def read_manifest(src: str) -> Iterator[dict[str, Any]]:
-    """Rows of a CSV or Parquet manifest with a ``uri`` column; other columns kept as str."""
-    with fsspec.open(src, "rb") as f:
-        data = f.read()
-    if src.lower().endswith(".parquet"):
-        rows = pq.read_table(io.BytesIO(data)).to_pylist()
-    else:
-        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-    if rows and "uri" not in rows[0]:
-        raise SourceError(f"manifest {src} has no 'uri' column (columns: {list(rows[0])})")
+    """Rows of a CSV or Parquet manifest with a ``uri`` column; other columns kept as str.
+
+    Read as it is consumed (CSV line by line, Parquet a record batch at a time): a
+    manifest of millions of rows is never held whole, as Python rows about 500 bytes
+    each (issue 19).
+    """
     # Relative uris are relative to the manifest; local ones become absolute so that the
     # outputs name the same file whatever directory dn2 was started from.
     base = posixpath.dirname(src) if "://" in src else os.path.dirname(os.path.abspath(src))
-    for row in rows:
+    for i, row in enumerate(_manifest_rows(src)):
+        if i == 0 and "uri" not in row:
+            raise SourceError(f"manifest {src} has no 'uri' column (columns: {list(row)})")
         uri = str(row["uri"])
         if "://" not in uri and not uri.startswith("/"):
             uri = posixpath.join(base, uri)  # relative to the manifest
         yield {**{k: "" if v is None else str(v) for k, v in row.items()}, "uri": uri}
+
+
+def _manifest_rows(src: str) -> Iterator[dict[str, Any]]:
+    with fsspec.open(src, "rb") as f:
+        if src.lower().endswith(".parquet"):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
+        else:
+            yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
 
 
 def list_source(src: str) -> Iterator[dict[str, Any]]:

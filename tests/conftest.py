@@ -55,6 +55,77 @@ def digit_store(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------
+# Independent numpy references, shared by the tests of kNN, scoring and indexes
+# --------------------------------------------------------------------------
+
+def brute_dists(xq, xb) -> np.ndarray:
+    """All-pairs Euclidean distances (nq, nb), float64, one query row at a time."""
+    xq = np.asarray(xq, dtype=np.float64)
+    xb = np.asarray(xb, dtype=np.float64)
+    return np.stack([np.linalg.norm(xb - q, axis=1) for q in xq])
+
+
+def brute_knn(xq, xb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, ids) of the k nearest rows of xb to each query, ties by lower id."""
+    R = brute_dists(xq, xb)
+    I = np.argsort(R, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(R, I, axis=1), I
+
+
+def brute_scores(xq, xb, k: int) -> np.ndarray:
+    """DN2 scores: the mean of the k smallest Euclidean distances to xb, per query."""
+    return np.sort(brute_dists(xq, xb), axis=1)[:, :k].mean(axis=1)
+
+
+def brute_loo_scores(x, k: int) -> np.ndarray:
+    """Leave-one-out DN2 scores of the rows of x among themselves."""
+    R = brute_dists(x, x)
+    np.fill_diagonal(R, np.inf)
+    return np.sort(R, axis=1)[:, :k].mean(axis=1)
+
+
+def sqrt_l2(x) -> np.ndarray:
+    """dn2's default feature transform, by hand: signed square root, then unit length."""
+    x = np.sign(x) * np.sqrt(np.abs(np.asarray(x, dtype=np.float64)))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# Committed features directories of toy vectors (index, scoring and --add tests).
+META = {"backbone": "toy", "dim": 8,
+        "preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}}
+
+
+def write_features(directory, X: np.ndarray, rows_per_shard: list[int], start: int = 0,
+                   meta: dict | None = None) -> list[str]:
+    """A committed features directory holding X (n, d) split into shards; returns the uris.
+    Row i is image ``start + i`` (uri and sha256); ``meta`` replaces META in its marker."""
+    assert sum(rows_per_shard) == len(X)
+    uris = [f"mem://img/{i:05d}.png" for i in range(start, start + len(X))]
+    staging = outputs.new_staging(str(directory))
+    fs, path = outputs.fs_and_path(staging)
+    fs.makedirs(path, exist_ok=True)
+    bounds = np.cumsum([0] + rows_per_shard)
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(X[a:b].ravel()), X.shape[1])
+        table = pa.table({"uri": uris[a:b], "sha256": [f"h{start + i}" for i in range(a, b)],
+                          "backbone": ["toy"] * (b - a), "dim": [X.shape[1]] * (b - a),
+                          "embedding": emb.cast(pa.list_(pa.float32()))},
+                         schema=features.feature_schema())
+        pq.write_table(table, f"{path}/features-{s:05d}-of-{len(rows_per_shard):05d}.parquet")
+    outputs.commit(staging, str(directory),
+                   {"kind": features.KIND, **(meta or META), "dim": X.shape[1]})
+    return uris
+
+
+def clustered(n: int, d: int = 8, centers: int = 6, seed: int = 0, offset: float = 20.0):
+    """A Gaussian mixture with a large common offset (CNN features are far from 0)."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(0, 4, (centers, d))
+    X = c[rng.integers(0, centers, n)] + rng.normal(0, 1, (n, d)) + offset
+    return X.astype(np.float32)
+
+
+# --------------------------------------------------------------------------
 # Results directories and the browser, shared by the report tests
 # --------------------------------------------------------------------------
 
@@ -262,72 +333,3 @@ def bucket(request):
             mp.setenv(k, v)
         yield server.new_bucket(f"dn2-{uuid.uuid4().hex[:10]}")
 
-
-
-# -- references shared by the tests: brute-force numpy, hand-written transforms ----------
-
-def brute_dists(xq, xb) -> np.ndarray:
-    """All-pairs Euclidean distances (nq, nb), float64, one query row at a time."""
-    xq = np.asarray(xq, dtype=np.float64)
-    xb = np.asarray(xb, dtype=np.float64)
-    return np.stack([np.linalg.norm(xb - q, axis=1) for q in xq])
-
-
-def brute_knn(xq, xb, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(D, I) of the k nearest rows of xb, ties to the lower id."""
-    R = brute_dists(xq, xb)
-    I = np.argsort(R, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(R, I, axis=1), I
-
-
-def brute_scores(xq, xb, k: int) -> np.ndarray:
-    """DN2 scores by hand: the mean of the k smallest Euclidean distances to xb, per query."""
-    return np.sort(brute_dists(xq, xb), axis=1)[:, :k].mean(axis=1)
-
-
-def brute_loo_scores(x, k: int) -> np.ndarray:
-    """Leave-one-out DN2 scores of the rows of x (each row's own distance left out)."""
-    R = brute_dists(x, x)
-    np.fill_diagonal(R, np.inf)
-    return np.sort(R, axis=1)[:, :k].mean(axis=1)
-
-
-def sqrt_l2(x: np.ndarray) -> np.ndarray:
-    """dn2's default feature transform, by hand: signed square root, then unit length."""
-    x = np.sign(x) * np.sqrt(np.abs(x.astype(np.float64)))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-# The backbone metadata of toy feature directories (8-d rows, not from a real backbone).
-META = {"backbone": "toy", "dim": 8,
-        "preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}}
-
-
-def write_features(directory, X: np.ndarray, rows_per_shard: list[int], start: int = 0,
-                   meta: dict | None = None) -> list[str]:
-    """A committed features directory holding X (n, d) split into shards; returns the uris.
-    Row i is image ``start + i`` (uri and sha256); ``meta`` replaces META in its marker."""
-    assert sum(rows_per_shard) == len(X)
-    uris = [f"mem://img/{i:05d}.png" for i in range(start, start + len(X))]
-    staging = outputs.new_staging(str(directory))
-    fs, path = outputs.fs_and_path(staging)
-    fs.makedirs(path, exist_ok=True)
-    bounds = np.cumsum([0] + rows_per_shard)
-    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(X[a:b].ravel()), X.shape[1])
-        table = pa.table({"uri": uris[a:b], "sha256": [f"h{start + i}" for i in range(a, b)],
-                          "backbone": ["toy"] * (b - a), "dim": [X.shape[1]] * (b - a),
-                          "embedding": emb.cast(pa.list_(pa.float32()))},
-                         schema=features.feature_schema())
-        pq.write_table(table, f"{path}/features-{s:05d}-of-{len(rows_per_shard):05d}.parquet")
-    outputs.commit(staging, str(directory),
-                   {"kind": features.KIND, **(meta or META), "dim": X.shape[1]})
-    return uris
-
-
-def clustered(n: int, d: int = 8, centers: int = 6, seed: int = 0, offset: float = 20.0):
-    """A Gaussian mixture with a large common offset (CNN features are far from 0)."""
-    rng = np.random.default_rng(seed)
-    c = rng.normal(0, 4, (centers, d))
-    X = c[rng.integers(0, centers, n)] + rng.normal(0, 1, (n, d)) + offset
-    return X.astype(np.float32)

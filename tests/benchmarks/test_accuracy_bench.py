@@ -33,6 +33,8 @@ def _tiny() -> bench.Dataset:
                          ("zero", "one", "two"), None)
 
 
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("acc")

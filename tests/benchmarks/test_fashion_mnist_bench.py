@@ -35,6 +35,7 @@ def _digits() -> bench.Dataset:
                          ("zero", "one", "two"))
 
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("bench")
@@ -94,6 +95,7 @@ def test_pipeline_aucs_match_brute_force_on_written_tables(run):
         # The same through the pipeline with --feature-transform sqrt-l2, by hand.
         brute = roc_auc_score(labels != c, brute_scores(sqrt_l2(xq), sqrt_l2(xb), 2))
         assert res["table1_pipeline_sqrt_l2"]["per_class"][c] == pytest.approx(brute, abs=1e-6)
+
 
 
 def test_sweeps_agree_with_references(run):

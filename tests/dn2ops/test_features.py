@@ -88,6 +88,35 @@ def test_readers_take_the_files_success_lists_and_nothing_else(tmp_path):
         features.read_table(out, "features")
 
 
+def test_write_table_takes_float32_arrays_and_writes_bounded_row_groups(tmp_path, monkeypatch):
+    """Rows with float32 arrays (as dn2 embed's stage yields them) are written exactly, and
+    the writer never holds more than about ROW_GROUP_BYTES before a row group (issue 19)."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipelines.options import LOCAL_RUNNER
+
+    monkeypatch.setattr(features, "ROW_GROUP_BYTES", 16 << 10)
+    monkeypatch.setattr(features, "RECORD_BATCH_ROWS", 10)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 64)).astype(np.float32)  # 256 bytes a row: 77 KB in all
+    rows = [{"uri": f"u{i:03d}", "sha256": f"h{i}", "backbone": "toy", "dim": 64,
+             "embedding": x.copy(), "lot": f"lot{i % 4}"} for i, x in enumerate(X)]
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        _ = (p | beam.Create(rows, reshuffle=False)
+             | features.WriteTable(str(tmp_path), "features", features.feature_schema(["lot"])))
+    [path] = tmp_path.glob("features-*.parquet")
+    pf = pq.ParquetFile(path)
+    # a row group once 16 KiB of record batches (10 rows of ~2.9 KB each) are held
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    assert sum(sizes) == 300 and max(sizes) <= 16 * 1024 // 256 + 10 and len(sizes) >= 5
+    got = pf.read().sort_by("uri")
+    assert got.column("embedding").type == pa.list_(pa.float32())
+    np.testing.assert_array_equal(features.embeddings(got), X)  # bit for bit
+    assert got.column("lot").to_pylist() == [r["lot"] for r in rows]
+    assert got.column("dim").to_pylist() == [64] * 300
+
+
 def test_read_batches_stage_yields_every_row_in_record_batches(tmp_path):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline

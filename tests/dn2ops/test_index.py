@@ -1,7 +1,7 @@
 """dn2ops.index: the streaming build and shard-at-a-time scoring, against in-memory references.
 
 The references are independent of the streaming code: DN2Scorer.fit on the
-whole array (itself tested against brute-force numpy in test_estimator.py),
+whole array (itself tested against brute-force numpy in test_scorer.py),
 dn2ops.knn.knn_leave_one_out, and brute-force numpy distances.
 """
 
@@ -256,18 +256,6 @@ def test_manifest_is_json_with_checksums_of_every_file(data, tmp_path):
     assert marker["files"] == m["files"]
     on_disk = {p.name for p in (tmp_path / "i").iterdir()} - {"_SUCCESS"}
     assert on_disk == set(m["files"])
-
-
-def test_rechunk_and_gather_rows():
-    X = np.arange(40, dtype=np.float32).reshape(20, 2)
-    chunks = [X[:7], X[7:8], X[8:20]]
-    out = list(streams.rechunk(iter(chunks), [5, 5, 10]))
-    assert [len(o) for o in out] == [5, 5, 10]
-    np.testing.assert_array_equal(np.concatenate(out), X)
-    np.testing.assert_array_equal(streams.gather_rows(iter(chunks), np.array([0, 7, 8, 19])),
-                                  X[[0, 7, 8, 19]])
-    with pytest.raises(ValueError, match="fewer rows"):
-        list(streams.rechunk(iter(chunks), [5, 20]))
 
 
 # -- index files are streamed to and from storage in blocks ------------------------------

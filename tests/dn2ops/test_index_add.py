@@ -21,6 +21,7 @@ from tests.conftest import META, brute_scores, clustered, sqrt_l2, write_feature
 N_OLD, N_ADD = 300, 120
 
 
+
 def _files(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.iterdir()) if p.is_file()}
@@ -204,3 +205,14 @@ def test_a_parent_without_reference_distances_is_scored_afresh(sets, tmp_path):
     assert m["reference"]["incremental"] is False
     score = pq.read_table(tmp_path / "a" / "normal.parquet").column("loo_score").to_numpy()
     np.testing.assert_allclose(score, _loo_by_hand(X), rtol=1e-5)
+
+
+def test_a_parent_sampled_more_thinly_than_asked_gets_a_fresh_sample(sets, tmp_path):
+    root, X, _ = sets
+    build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2, reference_sample=50))
+    m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"),
+                     reference_sample=200)  # 200 / 420 > the parent's 50 / 300
+    assert m["reference"]["incremental"] is False and m["reference"]["sample"] == 200
+    score = pq.read_table(tmp_path / "a" / "normal.parquet").column("loo_score").to_numpy()
+    sampled = np.flatnonzero(np.isfinite(score))
+    np.testing.assert_allclose(score[sampled], _loo_by_hand(X)[sampled], rtol=1e-5)

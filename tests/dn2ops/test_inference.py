@@ -159,3 +159,18 @@ def test_decodes_at_once_follow_the_cores_of_the_thread_plan(rows, monkeypatch, 
     fn.teardown()
     assert sorted(v.value[0].uri for v in out) == sorted(r["uri"] for r in good)
     assert counted.peak == decodes
+
+
+def test_feature_row_carries_a_float32_array_of_its_own():
+    """Rows travel with float32 arrays, never Python float lists (issue 19), each its own
+    copy: a row held downstream must not pin its whole batch's array."""
+    import numpy as np
+
+    batch = np.arange(12, dtype=np.float32).reshape(3, 4) / 3
+    key = dn2ops.inference.ImageKey("mem://a.png", "ab" * 32, (("lot", "7"),))
+    row = dn2ops.inference.feature_row(key, batch[1], "toy")
+    assert row == {**row, "uri": "mem://a.png", "sha256": "ab" * 32, "backbone": "toy",
+                   "dim": 4, "lot": "7"}
+    assert isinstance(row["embedding"], np.ndarray) and row["embedding"].dtype == np.float32
+    np.testing.assert_array_equal(row["embedding"], batch[1])
+    assert not np.shares_memory(row["embedding"], batch)

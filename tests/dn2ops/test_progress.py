@@ -21,14 +21,20 @@ def test_cleaning_logs_progress_and_warns_once_when_it_will_be_long(caplog):
         ("INFO", "cleaning: 100 of 100 done, ETA 0 s")]
 
 
-def test_log_progress_stage_passes_every_element_through():
+def test_log_progress_passes_every_element_through_and_estimates_what_remains(caplog):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipelines.options import LOCAL_RUNNER
-
-    with TestPipeline(runner=LOCAL_RUNNER) as p:
-        out = (p | beam.Create(list(range(50)))
-               | beam.ParDo(progress.LogProgress("testing", every_s=0.0), total=50))
-        assert_that(out, equal_to(list(range(50))))
+    rows = [{"uri": f"u{i}"} for i in range(6)]
+    with caplog.at_level("INFO", logger="dn2"):
+        with TestPipeline(runner="FnApiRunner") as p:
+            items = p | "Rows" >> beam.Create(rows, reshuffle=False)
+            total = p | "Total" >> beam.Create([12])  # as if 12 were listed
+            out = items | beam.ParDo(progress.LogProgress("embedding", every_s=0.0),
+                                     total=beam.pvalue.AsSingleton(total))
+            assert_that(out, equal_to(rows))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embedding")]
+    assert len(lines) == 6  # every_s=0: a line per element
+    assert lines[-1].startswith("embedding: 6 done by this worker, ")
+    assert "; ~6 of 12 remain, ~" in lines[-1]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 
+from dn2ops.features import MetadataMismatch
 from dn2ops.reuse import Known, Location, _digests
 
 
@@ -44,3 +46,42 @@ def test_an_empty_directory_knows_nothing():
     known = Known(_digests([]), np.zeros(0, np.int32), np.zeros(0, np.int64))
     assert len(known) == 0
     assert known.find(_hex(1)) is None
+
+
+def test_copy_features_copies_each_known_row_under_its_new_key(tmp_path):
+    """CopyFeatures on the FnApiRunner: rows come from the earlier shards (toy vectors,
+    checked against the array written), under the new uri and manifest columns; an image
+    known twice (two uris, one digest) gets two rows."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import BeamAssertException, assert_that
+
+    from dn2ops.inference import ImageKey
+    from dn2ops.reuse import CopyFeatures
+    from tests.conftest import clustered, write_features
+
+    X = clustered(50, seed=4)
+    write_features(tmp_path / "earlier", X, [20, 30])
+    with pytest.raises(MetadataMismatch, match="not sha256 hex digests"):
+        Known.load(str(tmp_path / "earlier"))  # toy digests "h{i}": not dn2 shards
+    wanted = {"new/a.png": 3, "new/b.png": 27, "new/c.png": 27, "new/d.png": 49}
+    pairs = [(ImageKey(uri, f"h{i}", (("batch", uri[-5]),)),
+              Location(0, i) if i < 20 else Location(1, i - 20))
+             for uri, i in wanted.items()]
+
+    def check(rows):
+        got = {r["uri"]: r for r in rows}
+        if set(got) != set(wanted):
+            raise BeamAssertException(f"uris {sorted(got)}")
+        for uri, i in wanted.items():
+            r = got[uri]
+            if (r["sha256"], r["batch"], r["backbone"], r["dim"]) != (f"h{i}", uri[-5], "toy",
+                                                                       8):
+                raise BeamAssertException(f"row {r}")
+            if not np.array_equal(np.asarray(r["embedding"], np.float32), X[i]):
+                raise BeamAssertException(f"embedding of {uri}")
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        rows = (p | beam.Create(pairs, reshuffle=False)
+                | CopyFeatures(str(tmp_path / "earlier"), "toy"))
+        assert_that(rows, check)

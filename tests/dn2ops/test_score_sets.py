@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from dn2ops import features, outputs
 from dn2ops.config import GroupConfig, IndexConfig
@@ -40,11 +41,12 @@ def _rows(groups: dict[str, np.ndarray], key: str = "lot") -> list[dict]:
 
 def _run_groups(rows: list[dict], tmp_path, *, key: str, method: str, pool: str | None,
                 **kwargs) -> tuple[list[dict], list[dict]]:
-    """Runs ScoreGroups on the FnApiRunner; returns (group rows, error rows) read back."""
+    """Runs ScoreGroups in a TestPipeline (the FnApiRunner, as dn2 runs locally); returns
+    (group rows, error rows) read back."""
     out, err = str(tmp_path / "groups"), str(tmp_path / "errors")
-    group = GroupConfig(group_by=key, method=method, pool=pool)
-    with beam.Pipeline(options=beam_options([])) as p:
-        groups, errors = p | beam.Create(rows) | ScoreGroups(group, **kwargs)
+    with BeamTestPipeline(options=beam_options([])) as p:
+        groups, errors = p | beam.Create(rows) | ScoreGroups(
+            GroupConfig(group_by=key, method=method, pool=pool), **kwargs)
         groups | "G" >> beam.Map(json.dumps) | "WG" >> beam.io.WriteToText(out)
         errors | "E" >> beam.Map(json.dumps) | "WE" >> beam.io.WriteToText(err)
 
@@ -197,21 +199,3 @@ def test_index_mode_is_checked_both_ways():
         check_index_mode(set_index, None, None)
     with pytest.raises(IndexError_, match="--pool max"):
         check_index_mode(set_index, "lot", "max")
-
-
-def test_score_groups_stage_with_assert_that():
-    from apache_beam.testing.test_pipeline import TestPipeline
-    from apache_beam.testing.util import assert_that, equal_to
-
-    from pipelines.options import LOCAL_RUNNER
-
-    a = np.array([[0, 0], [2, 0], [0, 4]], float)  # variances 4/3 and 16/3: trace 20/3
-    rows = _rows({"a": a, "solo": np.array([[5, 5]], float)})
-    with TestPipeline(runner=LOCAL_RUNNER) as p:
-        groups, errors = p | beam.Create(rows) | ScoreGroups(
-            GroupConfig(group_by="lot", method="covtrace"))
-        assert_that(groups | beam.Map(lambda g: (g["group"], round(g["score"], 9), g["rank"],
-                                                 g["size"])),
-                    equal_to([("a", round(20 / 3, 9), 1, 3)]), label="groups")
-        assert_that(errors | beam.Map(lambda e: (e["uri"].rsplit("/", 1)[1], e["stage"])),
-                    equal_to([("00.png", "group")]), label="errors")

@@ -49,6 +49,24 @@ def test_manifest_without_uri_column(tmp_path):
         list(list_source(str(tmp_path / "m.csv")))
 
 
+def test_csv_and_parquet_manifests_read_as_they_stream_give_every_row(tmp_path):
+    """Manifests are read as consumed (issue 19): across Parquet record batches and a CSV
+    with a byte-order mark and CRLF lines, every row arrives once, in order, as str."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 10_000  # more than one Parquet record batch
+    uris = [f"gs://b/i{i:05d}.png" for i in range(n)]
+    lots = [None if i % 7 == 0 else f"lot{i % 3}" for i in range(n)]
+    pq.write_table(pa.table({"uri": uris, "lot": lots}), tmp_path / "m.parquet",
+                   row_group_size=3000)
+    lines = ["uri,lot"] + [f"{u},{lot or ''}" for u, lot in zip(uris, lots, strict=True)]
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    want = [{"uri": u, "lot": lot or ""} for u, lot in zip(uris, lots, strict=True)]
+    assert list(list_source(str(tmp_path / "m.parquet"))) == want
+    assert list(list_source(str(tmp_path / "m.csv"))) == want
+
+
 def test_list_images_stage_lists_a_directory(tmp_path):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline

@@ -220,9 +220,6 @@ def store(tmp_path_factory):
     return root, root / "normal_features", root / "incoming_features", root / "index"
 
 
-def _brute_force_scores(xq: np.ndarray, xb: np.ndarray, k: int = 2) -> np.ndarray:
-    """Scores of the default index: mean distance between sqrt-l2 features."""
-    return brute_scores(sqrt_l2(xq), sqrt_l2(xb), k)
 
 
 def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
@@ -254,8 +251,9 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
     assert summary["count_in"] == table.num_rows + 1 == 13  # 12 images + broken.png
     assert (summary["scored"], summary["errored"]) == (12, 1)
     assert list(summary["errors_by_stage"].values()) == [1]
-    expected = sorted(zip(_brute_force_scores(xq, xb), table.column("uri").to_pylist(),
-                          strict=True), reverse=True)[:5]
+    scores = brute_scores(sqrt_l2(xq), sqrt_l2(xb), 2)
+    expected = sorted(zip(scores, table.column("uri").to_pylist(), strict=True),
+                      reverse=True)[:5]
     top = list(csv.DictReader(io.StringIO((out / "top_anomalies.csv").read_text())))
     assert [r["uri"] for r in top] == [u for _, u in expected]
     np.testing.assert_allclose([float(r["score"]) for r in top], [s for s, _ in expected],

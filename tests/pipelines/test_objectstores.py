@@ -220,3 +220,33 @@ def test_a_stray_shard_on_the_store_is_never_read(store_runs):
         assert main(["report", results, "--output", f"{out}/stray-report.html"]) == 0
     finally:
         fs.rm(f"{path}/anomalies-00007-of-00008.parquet")
+
+
+def test_reuse_and_add_with_everything_on_the_store(store_runs):
+    """dn2 embed --reuse (the earlier features read through fsspec, the copy written by
+    Beam's filesystem) and dn2 build-index --add (the parent's shards copied on the store)."""
+    store, out, _ = store_runs
+    dn2("embed", "--input", f"{store}/incoming/", "--output", f"{out}/reused",
+        "--reuse", f"{out}/run/features")
+    fs, path = outputs.fresh_fs_and_path(out)
+    marker = json.loads(fs.cat_file(f"{path}/reused/_SUCCESS"))
+    assert marker["reused"] == {"from": f"{out}/run/features", "images": 30}
+    assert marker["embedded"] == marker["count_in"] == 30  # every one copied, none embedded
+    t_new, X_new, _ = features.load_features(f"{out}/reused")
+    t_old, X_old, _ = features.load_features(f"{out}/run/features")
+    old = dict(zip(t_old.column("uri").to_pylist(), X_old, strict=True))
+    for uri, x in zip(t_new.column("uri").to_pylist(), X_new, strict=True):
+        np.testing.assert_array_equal(x, old[uri])
+    dn2("build-index", "--add", f"{out}/run/features", "--index", f"{out}/run/index",
+        "--output", f"{out}/grown")
+    grown = json.loads(fs.cat_file(f"{path}/grown/_SUCCESS"))
+    parent = json.loads(fs.cat_file(f"{path}/run/index/_SUCCESS"))
+    assert grown["parent_index_id"] == parent["index_id"]
+    assert grown["counts"]["kept"] == parent["counts"]["kept"] + 30
+    vectors = np.concatenate(list(LoadedIndex(f"{out}/grown", device="cpu").iter_shards()))
+    _, X_normal, _ = features.load_features(f"{out}/run/normal_features")
+    union = np.sqrt(np.concatenate([X_normal, X_old]).astype(np.float64))  # sqrt-l2
+    union /= np.linalg.norm(union, axis=1, keepdims=True)
+    np.testing.assert_allclose(vectors, union, rtol=1e-5, atol=1e-6)
+    fs.invalidate_cache(path)
+    assert [p for p in fs.find(f"{path}/grown") if outputs.STAGING_PREFIX in p] == []
