@@ -27,8 +27,8 @@ if REPO not in sys.path:  # run as a script from anywhere
 
 from benchmarks.embed_workloads import stores  # noqa: E402
 from dn2ops.backbones import get_spec  # noqa: E402
+from dn2ops.embed_images import prepare  # noqa: E402
 from dn2ops.engines import EngineConfig, installed, make_handler  # noqa: E402
-from dn2ops.inference import prepare  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 

@@ -144,7 +144,7 @@ def warm(files: list[str]) -> None:
 def decode_ms(files: list[str], decode: str) -> float:
     """Median ms per image of read + decode + crop, as dn2's prepare() does it."""
     from dn2ops.backbones import get_spec
-    from dn2ops.inference import prepare
+    from dn2ops.embed_images import prepare
 
     pre = get_spec(BACKBONE).preprocessing
     times = []

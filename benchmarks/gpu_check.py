@@ -8,7 +8,7 @@
   (benchmarks.datasets.write_photo_store): nvJPEG on the GPU
   (``torchvision.io.decode_jpeg(list, device="cuda")``, lists of 64 files,
   then resize + center crop on the GPU) against dn2's CPU path (draft decoding +
-  crop, dn2ops.inference.prepare, on a thread pool of all cores); decides whether
+  crop, dn2ops.embed_images.prepare, on a thread pool of all cores); decides whether
   a ``--decode gpu`` is worth adding. Skipped, with the reason, without CUDA;
 * faiss at N = 1M normal features (1280-d float32, seeded): bare
   IndexFlatL2 on all GPUs vs on the CPU, and dn2's exact sharded search
@@ -42,7 +42,7 @@ def embed_rate(name: str, device: str, batch: int, batches: int) -> float:
     import torch
 
     from dn2ops.backbones import get_spec, load_backbone
-    from dn2ops.embed import Embedder
+    from dn2ops.embedder import Embedder
 
     crop = get_spec(name).preprocessing.crop
     embedder = Embedder(load_backbone(name, "random"), device=device)
@@ -63,7 +63,7 @@ def decode_rates(paths: list[str], batch: int) -> dict:
     from torchvision.transforms.v2 import functional as F
 
     from dn2ops.backbones import get_spec
-    from dn2ops.inference import prepare
+    from dn2ops.embed_images import prepare
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU"}

@@ -22,7 +22,7 @@ GROUP_METHODS = ("knn", "covtrace")
 
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-    """How images become features (dn2ops.inference.EmbedImages's keywords)."""
+    """How images become features (dn2ops.embed_images.EmbedImages's keywords)."""
 
     backbone: str = "efficientnet_lite0"
     weights: str | None = None

@@ -1,9 +1,9 @@
 """Inference engines: which runtime runs the backbone, and with how many threads.
 
-``--engine torch`` runs the torch module (dn2ops.embed.Embedder, CPU or CUDA);
+``--engine torch`` runs the torch module (dn2ops.embedder.Embedder, CPU or CUDA);
 ``onnxruntime`` and ``openvino`` run the same backbone exported to ONNX
 (dn2ops.export) on the CPU. Each is a Beam ``ModelHandler``:
-``inference.TorchModelHandler``, ``onnx_engine.OnnxBackboneModelHandler`` and
+``embed_images.TorchModelHandler``, ``onnx_engine.OnnxBackboneModelHandler`` and
 ``openvino_engine.OpenVinoModelHandler`` (dn2's own, not Beam's ONNX handler, whose
 ``onnx`` import slows every worker's start: see dn2ops.onnx_engine).
 Their features are interchangeable: the exported graph computes the same
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from dn2ops.embed import resolve_device
+from dn2ops.embedder import resolve_device
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 # --engine auto on a CPU: the first installed of these (see the module docstring).
@@ -51,7 +51,7 @@ def resolve_engine(engine: str = "auto", device: str = "auto") -> str:
     """The engine that runs on this machine: 'auto' resolved, the others checked.
 
     Raises EngineError for an engine not installed, or a CPU-only engine with
-    ``device='cuda'``; DeviceError (dn2ops.embed) for 'cuda' without a GPU.
+    ``device='cuda'``; DeviceError (dn2ops.embedder) for 'cuda' without a GPU.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -125,7 +125,7 @@ def make_handler(config: EngineConfig) -> ModelHandler:
     if engine == "auto":
         return AutoModelHandler(config)
     if engine == "torch":
-        from dn2ops.inference import TorchModelHandler
+        from dn2ops.embed_images import TorchModelHandler
 
         return TorchModelHandler(config)
     if engine == "onnxruntime":

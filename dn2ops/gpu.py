@@ -23,7 +23,7 @@ import numpy as np
 
 from dn2ops.knn import ExactShard, as_float32, exact_distances, knn_sharded
 
-# The same choices as dn2ops.embed.DEVICES (the embedding side of --device).
+# The same choices as dn2ops.embedder.DEVICES (the embedding side of --device).
 DEVICES = ("auto", "cpu", "cuda")
 
 LOG = logging.getLogger("dn2")
@@ -48,7 +48,7 @@ def resolve_faiss_device(device: str = "auto") -> str:
                if has_gpu_build else
                "the installed faiss is CPU-only (faiss-cpu); install the gpu extra: "
                "pip install 'dn2[gpu]' (faiss-gpu-cu12)")
-        from dn2ops.embed import DeviceError  # imports torch: only on this error path
+        from dn2ops.embedder import DeviceError  # imports torch: only on this error path
 
         raise DeviceError(f"--device cuda was asked for but faiss cannot use a GPU: {why}; "
                           "use --device cpu or auto")

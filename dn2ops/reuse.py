@@ -128,8 +128,8 @@ class _CopyRows(beam.DoFn):
         self.backbone = backbone
 
     def setup(self):
-        # Here, not at the top: dn2ops.inference imports this module (PrepareImages).
-        from dn2ops.inference import ImageKey, feature_row
+        # Here, not at the top: dn2ops.embed_images imports this module (PrepareImages).
+        from dn2ops.embed_images import ImageKey, feature_row
         self._key, self._row = ImageKey, feature_row
 
     def process(self, shard: tuple[int, str], wanted) -> Iterator[dict[str, Any]]:

@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import (
 from dn2ops import features, outputs, sources
 from dn2ops.backbones import WeightsError, get_spec, load_backbone, resolve_weights
 from dn2ops.config import EmbedConfig, JobConfig
-from dn2ops.embed import resolve_device
+from dn2ops.embedder import resolve_device
 from dn2ops.engines import resolve_engine
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.index import LoadedIndex

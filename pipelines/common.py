@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from dn2ops.backbones import WeightsError
-from dn2ops.embed import DeviceError
+from dn2ops.embedder import DeviceError
 from dn2ops.engines import EngineError
 from dn2ops.features import MetadataMismatch
 from dn2ops.index import IndexError_

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from dn2ops import features, sources
 from dn2ops.config import GroupConfig, SearchConfig
-from dn2ops.inference import EmbedImages
+from dn2ops.embed_images import EmbedImages
 from dn2ops.progress import LogProgress
 from dn2ops.score_images import ScoreFeatures
 from dn2ops.score_sets import ScoreGroups, group_schema

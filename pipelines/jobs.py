@@ -29,7 +29,7 @@ from dn2ops.engines import resolve_engine
 from dn2ops.export import weights_sha256
 from dn2ops.gpu import resolve_faiss_device
 from dn2ops.index import build_index
-from dn2ops.index_add import add_to_index
+from dn2ops.index.add import add_to_index
 from dn2ops.reuse import check_reusable
 from dn2ops.score_sets import build_group_index
 from pipelines import checks, finalize, graphs

@@ -30,10 +30,10 @@ from dn2ops.config import (
     ScoreConfig,
     SearchConfig,
 )
-from dn2ops.embed import DEVICES
+from dn2ops.embed_images import DECODES, DEFAULT_MAX_IN_FLIGHT
+from dn2ops.embedder import DEVICES
 from dn2ops.engines import ENGINES
 from dn2ops.images import DEFAULT_MAX_PIXELS
-from dn2ops.inference import DECODES, DEFAULT_MAX_IN_FLIGHT
 from dn2ops.streams import REFERENCE_SAMPLE
 from dn2ops.transforms import DEFAULT as DEFAULT_TRANSFORM
 from dn2ops.transforms import TRANSFORMS
@@ -174,7 +174,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--features", help="FEATURES_DIR of the normal set")
         src.add_argument("--add", metavar="FEATURES_DIR",
-                         help="new normal images to append to --index (dn2ops.index_add)")
+                         help="new normal images to append to --index (dn2ops.index.add)")
         p.add_argument("--index", help="with --add: the committed INDEX_DIR to grow (left "
                                        "as it is)")
         p.add_argument("--retrain", action="store_true",

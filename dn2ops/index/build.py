@@ -115,7 +115,7 @@ def reference_scores(score: Callable[[np.ndarray, np.ndarray], np.ndarray],
     global ids are ``ids``; a row's score is their mean. ``xq``: the rows ``ids``, when
     already gathered (else read from ``chunks()``). ``keep`` = k': also return the
     distances, (n, k') float32 (NaN rows elsewhere), which ``--add`` merges with the
-    distances to the added images (dn2ops.index_add).
+    distances to the added images (dn2ops.index.add).
     """
     out = np.full(n, np.nan)
     kept = np.full((n, keep), np.nan, np.float32) if keep else None

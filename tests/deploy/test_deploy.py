@@ -264,7 +264,7 @@ def test_device_preflight_is_local_only_and_template_launches_do_not_wait(monkey
     import apache_beam as beam
     import torch
 
-    from dn2ops.embed import DeviceError
+    from dn2ops.embedder import DeviceError
     from pipelines import checks, jobs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -304,7 +304,7 @@ def test_score_with_cuda_and_no_gpu_fails_before_any_work(digit_store, tmp_path,
                  "--output", str(out), "--device", "cuda"])
     assert code == 1
     err = capsys.readouterr().err
-    # torch (dn2ops.embed) or faiss (dn2ops.gpu), whichever is checked first, says so
+    # torch (dn2ops.embedder) or faiss (dn2ops.gpu), whichever is checked first, says so
     assert err.startswith("dn2 score: error: --device cuda was asked for but "), err
     assert not out.exists()
 

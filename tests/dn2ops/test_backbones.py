@@ -17,7 +17,7 @@ from dn2ops.backbones import (
     read_state_dict,
     resolve_weights,
 )
-from dn2ops.embed import Embedder
+from dn2ops.embedder import Embedder
 
 OFFLINE = [n for n, s in REGISTRY.items() if s.default_weights is not None]
 

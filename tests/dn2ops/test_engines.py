@@ -12,7 +12,8 @@ from PIL import Image
 import dn2ops.engines
 from benchmarks.datasets import phone_photo
 from dn2ops.backbones import get_spec
-from dn2ops.embed import DeviceError
+from dn2ops.embed_images import prepare
+from dn2ops.embedder import DeviceError
 from dn2ops.engines import (
     EngineConfig,
     EngineError,
@@ -21,7 +22,6 @@ from dn2ops.engines import (
     resolve_engine,
     thread_plan,
 )
-from dn2ops.inference import prepare
 from tests.conftest import digit_images
 
 BACKBONE = "efficientnet_lite0"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dn2ops import gpu
-from dn2ops.embed import DeviceError
+from dn2ops.embedder import DeviceError
 from dn2ops.knn import knn_sharded
 
 NO_GPU = gpu.faiss_gpus() == 0

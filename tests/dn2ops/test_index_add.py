@@ -1,4 +1,4 @@
-"""dn2ops.index_add (dn2 build-index --add): an index grown by the added rows, against a
+"""dn2ops.index.add (dn2 build-index --add): an index grown by the added rows, against a
 fresh build of the union and brute-force numpy."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from dn2ops import features
 from dn2ops.config import IndexConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index
-from dn2ops.index_add import add_to_index
+from dn2ops.index.add import add_to_index
 from dn2ops.knn import knn_leave_one_out
 from pipelines.cli import main
 from tests.conftest import META, brute_scores, clustered, sqrt_l2, write_features

@@ -56,7 +56,7 @@ def test_copy_features_copies_each_known_row_under_its_new_key(tmp_path):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import BeamAssertException, assert_that
 
-    from dn2ops.inference import ImageKey
+    from dn2ops.embed_images import ImageKey
     from dn2ops.reuse import CopyFeatures
     from tests.conftest import clustered, write_features
 

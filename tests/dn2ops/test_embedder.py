@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dn2ops.backbones import load_backbone
-from dn2ops.embed import DeviceError, Embedder, resolve_device
+from dn2ops.embedder import DeviceError, Embedder, resolve_device
 
 
 @pytest.fixture(scope="module")

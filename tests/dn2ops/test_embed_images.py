@@ -11,13 +11,13 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+import dn2ops.embed_images
 import dn2ops.engines
-import dn2ops.inference
 from benchmarks.datasets import write_png_store
 from dn2ops.backbones import get_spec
+from dn2ops.embed_images import ERRORS, PrepareImages, prepare
 from dn2ops.engines import EngineConfig
 from dn2ops.images import DEFAULT_MAX_PIXELS
-from dn2ops.inference import ERRORS, PrepareImages, prepare
 from pipelines.options import LOCAL_RUNNER
 from tests.conftest import digit_images
 
@@ -82,7 +82,7 @@ class _SlowReads:
         self.delay_s, self.fail = delay_s, fail
         self.lock = threading.Lock()
         self.now = self.peak = 0
-        self.real = dn2ops.inference.read_bytes
+        self.real = dn2ops.embed_images.read_bytes
 
     def __call__(self, uri: str) -> bytes:
         with self.lock:
@@ -102,7 +102,7 @@ class _SlowReads:
 def test_reads_run_concurrently_up_to_the_bound(rows, monkeypatch, max_in_flight):
     good = rows[:14]
     slow = _SlowReads(0.05, fail=good[3]["uri"])
-    monkeypatch.setattr(dn2ops.inference, "read_bytes", slow)  # the in-process runner sees it
+    monkeypatch.setattr(dn2ops.embed_images, "read_bytes", slow)  # the in-process runner sees it
     p, images, errors = _prepared(good, max_in_flight)
     assert_that(images | beam.Map(lambda kt: kt[0].uri),
                 equal_to([r["uri"] for r in good if r is not good[3]]), label="images")
@@ -120,10 +120,10 @@ def test_max_in_flight_must_be_positive():
 
 
 class _CountedDecodes:
-    """dn2ops.inference._decode_and_crop, slowed down, counting the decodes running at once."""
+    """dn2ops.embed_images._decode_and_crop, slowed down, counting the decodes running at once."""
 
     def __init__(self, delay_s: float):
-        self.real = dn2ops.inference._decode_and_crop
+        self.real = dn2ops.embed_images._decode_and_crop
         self.delay_s = delay_s
         self.lock = threading.Lock()
         self.now = self.peak = 0
@@ -148,7 +148,7 @@ def test_decodes_at_once_follow_the_cores_of_the_thread_plan(rows, monkeypatch, 
     share of the cores (cores // workers; 1 per SDK process on Dataflow), never more."""
     monkeypatch.setattr(dn2ops.engines, "usable_cores", lambda: cores)
     counted = _CountedDecodes(0.05)
-    monkeypatch.setattr(dn2ops.inference, "_decode_and_crop", counted)
+    monkeypatch.setattr(dn2ops.embed_images, "_decode_and_crop", counted)
     engine = EngineConfig(backbone="efficientnet_lite0", engine="onnxruntime", device="cpu",
                           workers=workers)
     fn = PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=16, engine=engine)
@@ -167,8 +167,8 @@ def test_feature_row_carries_a_float32_array_of_its_own():
     import numpy as np
 
     batch = np.arange(12, dtype=np.float32).reshape(3, 4) / 3
-    key = dn2ops.inference.ImageKey("mem://a.png", "ab" * 32, (("lot", "7"),))
-    row = dn2ops.inference.feature_row(key, batch[1], "toy")
+    key = dn2ops.embed_images.ImageKey("mem://a.png", "ab" * 32, (("lot", "7"),))
+    row = dn2ops.embed_images.feature_row(key, batch[1], "toy")
     assert row == {**row, "uri": "mem://a.png", "sha256": "ab" * 32, "backbone": "toy",
                    "dim": 4, "lot": "7"}
     assert isinstance(row["embedding"], np.ndarray) and row["embedding"].dtype == np.float32

@@ -33,7 +33,7 @@ from apache_beam.utils.shared import Shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from dn2ops.backbones import get_spec, load_backbone
-from dn2ops.embed import Embedder
+from dn2ops.embedder import Embedder
 from dn2ops.engines import EngineConfig, make_handler, thread_plan
 from dn2ops.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, sha256_hex
 from dn2ops.preprocess import Preprocessing
@@ -209,7 +209,7 @@ class PrepareImages(beam.DoFn):
 
 class TorchModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
     """``--engine torch``: uint8 batches (N, 3, crop, crop) -> pooled backbone features
-    (dim,) float32, normalised with torchvision and run by dn2ops.embed.Embedder."""
+    (dim,) float32, normalised with torchvision and run by dn2ops.embedder.Embedder."""
 
     def __init__(self, config: EngineConfig, *, fast: bool = True):
         super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
