@@ -147,6 +147,7 @@ class _Grow:
         self.n = self.n_old + self.m
         self.files: dict[str, str] = {}
         self.flat_names: list[str] = []  # the staged flat shards, once written
+        self.n_parent_shards = 0  # the first of them, copied from the parent
 
     def new_chunks(self) -> Iterator[np.ndarray]:
         return read_chunks(self.features_dir, self.dim, transform=self.transform)
@@ -166,15 +167,18 @@ class _Grow:
     def union(self) -> Iterator[np.ndarray]:
         """Every vector of the new index, in id order (the parent's, then the added)."""
         if self.flat_names:
-            for name in self.flat_names:
-                index = read_index(self.fs, outputs.join(self.stage, name), name,
-                                    self.files[name])
-                x = flat_vectors(index).copy()
-                del index
-                yield x
+            yield from self._staged_vectors(self.flat_names)
             return
         yield from self.old_chunks()
         yield from self.new_chunks()
+
+    def _staged_vectors(self, names: list[str]) -> Iterator[np.ndarray]:
+        """The vectors of staged flat shards, one shard at a time (sha256 checked)."""
+        for name in names:
+            index = read_index(self.fs, outputs.join(self.stage, name), name, self.files[name])
+            x = flat_vectors(index).copy()
+            del index
+            yield x
 
     def build(self) -> dict[str, Any]:
         if self.m == 0:
@@ -245,16 +249,11 @@ class _Grow:
         return ids[order].astype(np.int64), D[order].astype(np.float32)
 
     def old_chunks_of_union(self) -> Iterator[np.ndarray]:
-        """The parent's vectors, read where union() reads them."""
-        if not self.flat_names:
-            yield from self.old_chunks()
-            return
-        start = 0
-        for x in self.union():
-            if start >= self.n_old:
-                return
-            yield x[:self.n_old - start]
-            start += len(x)
+        """The parent's vectors, read where union() reads them (its copied shards, when
+        flat: the added shards are not read)."""
+        if self.flat_names:
+            return self._staged_vectors(self.flat_names[:self.n_parent_shards])
+        return self.old_chunks()
 
     def _flat(self) -> tuple[Callable, int]:
         old = sorted(n for n in self.parent["files"] if n.startswith("shard-"))
@@ -268,7 +267,7 @@ class _Grow:
                             strict=True):
             self.files[name] = write_index(self.fs, outputs.join(self.stage, name),
                                            flat_of(xb))
-        self.flat_names = renamed
+        self.flat_names, self.n_parent_shards = renamed, len(old)
         load = shard_loader(self.fs, self.stage, renamed, self.device)
         return flat_loo(load, self.k, self.device), total
 
