@@ -7,7 +7,10 @@ directory) or a manifest column. A set is scored either
   (d,) vector, scored like an image against an index of pooled *normal* sets
   (mean Euclidean distance to the k nearest normal sets), or
 * ``covtrace``: by the trace of its features' covariance
-  (`dn2ops.set_features.covtrace_score`), which needs no normal data.
+  (`dn2ops.set_features.SetSummary.covtrace`), which needs no normal data.
+
+Sets are summarised as their members arrive (`SummariseSets`, a CombineFn), never
+held whole: O(d) floats and the member uris a set.
 
 Higher = more anomalous in both. Sets of fewer than `MIN_SET_SIZE` images are
 not scored: each of their images becomes an error row with stage ``group``,
@@ -31,7 +34,7 @@ from dn2ops import features, outputs
 from dn2ops.config import POOLS, GroupConfig, IndexConfig, SearchConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
 from dn2ops.score_images import IndexModelHandler, RankByScore
-from dn2ops.set_features import covtrace_score, pool_set
+from dn2ops.set_features import SetSummary, pool_set
 
 PARENT_DIR = "parent_dir"
 STAGE = "group"  # members of a set too small to score
@@ -182,45 +185,77 @@ def group_schema() -> pa.Schema:
 
 
 class _KeyRows(beam.DoFn):
-    """Feature row -> (group, row); an image without a key -> an error row."""
+    """Feature row -> (group, (uri, embedding, backbone)); an image without a key -> an
+    error row."""
 
     def __init__(self, key: str):
         self.key = key
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         try:
-            # Grouping holds every row until its set is complete: a float32 array is
-            # 4 bytes a value, a list of Python floats about 32 (issue 19).
-            yield group_key(row, self.key), {
-                **row, "embedding": np.asarray(row["embedding"], np.float32)}
+            yield group_key(row, self.key), (row["uri"], row["embedding"], row["backbone"])
         except GroupKeyError as e:
             yield beam.pvalue.TaggedOutput(ERRORS, {"uri": row["uri"], "stage": KEY_STAGE,
                                                     "error": str(e)})
 
 
-class _PoolGroup(beam.DoFn):
-    """(group, rows) -> an unscored group row with its pooled vector (covtrace: scored)."""
+class SummariseSets(beam.CombineFn):
+    """A set's members (uri, embedding, backbone) -> [SetSummary, member uris, backbone].
+
+    A set is summarised as its members arrive and partial summaries are merged (Beam
+    lifts the combine before the shuffle), so no stage holds a set's features: a set
+    costs O(d) floats and its member uris, whatever its size (issue 19).
+    """
+
+    def __init__(self, pool: str | None, covtrace: bool):
+        self.pool, self.covtrace = pool, covtrace
+
+    def create_accumulator(self) -> list[Any]:
+        return [SetSummary(None if self.covtrace else self.pool, self.covtrace), [], None]
+
+    def add_input(self, acc: list[Any], member: tuple[str, Any, str]) -> list[Any]:
+        uri, embedding, backbone = member
+        acc[0].add(embedding)
+        acc[1].append(uri)
+        acc[2] = acc[2] or backbone
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[list[Any]]) -> list[Any]:
+        accs = iter(accs)
+        out = next(accs)
+        for acc in accs:
+            out[0].merge(acc[0])
+            out[1].extend(acc[1])
+            out[2] = out[2] or acc[2]
+        return out
+
+    def extract_output(self, acc: list[Any]) -> list[Any]:
+        return acc
+
+
+class _GroupRow(beam.DoFn):
+    """(group, summary) -> an unscored group row with its pooled vector (covtrace:
+    scored); the members of a set too small to score -> error rows."""
 
     def __init__(self, key: str, method: str, pool: str | None, partition: str):
         self.key, self.method, self.pool, self.partition = key, method, pool, partition
 
-    def process(self, kv: tuple[str, Iterable[dict[str, Any]]]) -> Iterator[Any]:
-        name, rows = kv
-        rows = sorted(rows, key=lambda r: r["uri"])
-        if len(rows) < MIN_SET_SIZE:
-            for r in rows:
-                yield beam.pvalue.TaggedOutput(ERRORS, {"uri": r["uri"], "stage": STAGE,
-                                                        "error": _too_small(name, len(rows))})
+    def process(self, kv: tuple[str, list[Any]]) -> Iterator[Any]:
+        name, (summary, uris, backbone) = kv
+        uris = sorted(uris)
+        if len(uris) < MIN_SET_SIZE:
+            for uri in uris:
+                yield beam.pvalue.TaggedOutput(ERRORS, {"uri": uri, "stage": STAGE,
+                                                        "error": _too_small(name, len(uris))})
             return
-        X = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
         covtrace = self.method == "covtrace"
-        yield {"group": name, "score": covtrace_score(X) if covtrace else None, "rank": None,
-               "size": len(rows), "member_uris": [r["uri"] for r in rows],
+        yield {"group": name, "score": summary.covtrace() if covtrace else None,
+               "rank": None, "size": len(uris), "member_uris": uris,
                "neighbor_groups": [], "neighbor_distances": [], "percentile": None,
                "method": self.method, "pool": None if covtrace else self.pool,
                "group_by": self.key, "partition": self.partition,
-               "backbone": rows[0]["backbone"], "index_id": None,
-               "pooled": None if covtrace else pool_set(X, self.pool)}
+               "backbone": backbone, "index_id": None,
+               "pooled": None if covtrace else summary.pooled(self.pool)}
 
 
 def score_group_batch(groups: Sequence[dict[str, Any]], index: LoadedIndex
@@ -272,9 +307,9 @@ class ScoreGroups(beam.PTransform):
         keyed = rows | "Key" >> beam.ParDo(_KeyRows(g.group_by)).with_outputs(ERRORS,
                                                                                main="rows")
         pooled = (keyed.rows
-                  | "GroupByKey" >> beam.GroupByKey()
-                  | "Pool" >> beam.ParDo(_PoolGroup(g.group_by, g.method, g.pool,
-                                                    self.partition)
+                  | "Summarise" >> beam.CombinePerKey(SummariseSets(g.pool, g.covtrace))
+                  | "Pool" >> beam.ParDo(_GroupRow(g.group_by, g.method, g.pool,
+                                                   self.partition)
                                          ).with_outputs(ERRORS, main="groups"))
         groups = pooled.groups
         if not g.covtrace:

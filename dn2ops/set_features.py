@@ -3,6 +3,10 @@
 A group is a set of m images described by their features (m, d).  It is either
 pooled to one (d,) vector, which is then scored with kNN like a single image,
 or scored directly by the spread of its features (`covtrace_score`).
+
+`pool_set` and `covtrace_score` take the whole (m, d) array; `SetSummary`
+computes the same from one feature at a time and merges partial summaries, so a
+pipeline never holds a set's features (O(d) a set, whatever m is).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 
 from dn2ops.knn import as_float32
 
-__all__ = ["covtrace_score", "pool_set", "pool_sets"]
+__all__ = ["SetSummary", "covtrace_score", "pool_set", "pool_sets"]
 
 PoolHow = Literal["mean", "max"]
 
@@ -67,3 +71,93 @@ def covtrace_score(features: np.ndarray) -> float:
             f"covtrace_score needs at least 2 set members, got m={x.shape[0]}"
         )
     return float(x.astype(np.float64).var(axis=0, ddof=1).sum())
+
+
+class SetSummary:
+    """What a set's score needs, from one feature (d,) at a time: `add`, `merge`.
+
+    ``pool`` ("mean" or "max") keeps what `pool_set` needs, ``covtrace=True`` what
+    `covtrace_score` needs: the count, the mean (float64) and the sum over all
+    dimensions of the squared deviations from it, updated one row at a time
+    (Welford) and merged pairwise (Chan et al.), so no (m, d) array and no
+    per-dimension sum of squares (which cancels badly) is ever formed. Results
+    equal the whole-array functions up to float64 rounding (the order of the
+    additions differs), not bitwise.
+    """
+
+    __slots__ = ("count", "mean", "m2", "max")
+
+    def __init__(self, pool: PoolHow | None = None, covtrace: bool = False):
+        if pool not in (None, "mean", "max"):
+            raise ValueError(f"pool must be 'mean', 'max' or None, got {pool!r}")
+        self.count = 0
+        self.mean: np.ndarray | None = np.zeros(0) if covtrace or pool == "mean" else None
+        self.m2 = 0.0 if covtrace else None
+        self.max: np.ndarray | None = np.zeros(0, np.float32) if pool == "max" else None
+
+    def add(self, x: np.ndarray) -> SetSummary:
+        """Adds one feature vector (d,); returns self."""
+        x = np.asarray(x, np.float32)
+        if x.ndim != 1:
+            raise ValueError(f"a set member's feature must be a (d,) vector, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("a set member's feature has NaN or inf values")
+        self.count += 1
+        if self.max is not None:
+            self.max = x.copy() if self.count == 1 else np.maximum(self.max, x, out=self.max)
+        if self.mean is not None:
+            if self.count == 1:
+                self.mean = x.astype(np.float64)
+            else:
+                delta = x - self.mean
+                self.mean += delta / self.count
+                if self.m2 is not None:
+                    self.m2 += float(delta @ delta) * (self.count - 1) / self.count
+        return self
+
+    def merge(self, other: SetSummary) -> SetSummary:
+        """Folds another summary (of other members of the same set) into this one."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.count, self.mean, self.m2, self.max = (
+                other.count, other.mean.copy() if other.mean is not None else None,
+                other.m2, other.max.copy() if other.max is not None else None)
+            return self
+        n = self.count + other.count
+        if self.max is not None:
+            np.maximum(self.max, other.max, out=self.max)
+        if self.mean is not None:
+            delta = other.mean - self.mean
+            if self.m2 is not None:
+                self.m2 += other.m2 + float(delta @ delta) * self.count * other.count / n
+            self.mean += delta * (other.count / n)
+        self.count = n
+        return self
+
+    def pooled(self, how: PoolHow) -> np.ndarray:
+        """The set's pooled float32 vector (d,), as `pool_set` gives it."""
+        if self.count == 0:
+            raise ValueError("cannot pool an empty set: no member added")
+        got = self.mean if how == "mean" else self.max if how == "max" else None
+        if got is None:
+            raise ValueError(f"this summary does not keep what --pool {how} needs")
+        return got.astype(np.float32)
+
+    def covtrace(self) -> float:
+        """Trace of the set's feature covariance (ddof=1), as `covtrace_score` gives it."""
+        if self.m2 is None:
+            raise ValueError("this summary does not keep what covtrace needs")
+        if self.count < 2:
+            raise ValueError(f"covtrace needs at least 2 set members, got m={self.count}")
+        return max(self.m2, 0.0) / (self.count - 1)
+
+    def __getstate__(self):
+        return self.count, self.mean, self.m2, self.max
+
+    def __setstate__(self, state):
+        self.count, self.mean, self.m2, self.max = state
+
+    def __repr__(self) -> str:
+        d = next((len(a) for a in (self.mean, self.max) if a is not None), 0)
+        return f"SetSummary(count={self.count}, d={d})"

@@ -1,7 +1,9 @@
+import pickle
+
 import numpy as np
 import pytest
 
-from dn2ops.set_features import covtrace_score, pool_set, pool_sets
+from dn2ops.set_features import SetSummary, covtrace_score, pool_set, pool_sets
 
 
 def test_covtrace_hand_computed():
@@ -58,3 +60,60 @@ def test_pool_sets_errors():
         pool_sets([])
     with pytest.raises(ValueError, match="same number of features"):
         pool_sets([np.ones((2, 3)), np.ones((2, 4))])
+
+
+def _summarise(x, order, chunks, **kw):
+    """SetSummary of x's rows added in ``order``, in ``chunks`` partial summaries merged."""
+    parts = [SetSummary(**kw) for _ in range(chunks)]
+    for j, i in enumerate(order):
+        parts[j % chunks].add(x[i])
+    out = parts[0]
+    for p in parts[1:]:
+        out.merge(pickle.loads(pickle.dumps(p)))  # as Beam ships accumulators
+    return out
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 7])
+def test_set_summary_equals_the_whole_array_functions(chunks):
+    rng = np.random.default_rng(3)
+    # a large mean and a small spread: a per-dimension sum of squares would cancel
+    x = (1000.0 + rng.standard_normal((40, 16))).astype(np.float32)
+    s = _summarise(x, rng.permutation(len(x)), chunks, covtrace=True)
+    ref = np.trace(np.cov(x.astype(np.float64), rowvar=False))
+    assert s.count == 40
+    assert s.covtrace() == pytest.approx(ref, rel=1e-9)
+    assert s.covtrace() == pytest.approx(covtrace_score(x), rel=1e-9)
+    mean = _summarise(x, rng.permutation(len(x)), chunks, pool="mean").pooled("mean")
+    np.testing.assert_allclose(mean, pool_set(x, "mean"), rtol=1e-7)
+    mx = _summarise(x, rng.permutation(len(x)), chunks, pool="max").pooled("max")
+    np.testing.assert_array_equal(mx, pool_set(x, "max"))
+    assert mean.dtype == mx.dtype == np.float32
+
+
+def test_set_summary_hand_computed_and_empty_merges():
+    x = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])
+    s = SetSummary(covtrace=True).merge(SetSummary(covtrace=True))  # empty + empty
+    for row in x:
+        s.add(row)
+    s.merge(SetSummary(covtrace=True))
+    assert SetSummary(covtrace=True).merge(s).covtrace() == pytest.approx(16.0)  # see above
+    assert s.covtrace() == pytest.approx(16.0)
+    np.testing.assert_array_equal(s.mean, [3.0, 4.0])
+
+
+def test_set_summary_refuses():
+    one = SetSummary(covtrace=True).add(np.ones(3))
+    with pytest.raises(ValueError, match="at least 2"):
+        one.covtrace()
+    with pytest.raises(ValueError, match="does not keep"):
+        one.pooled("max")
+    with pytest.raises(ValueError, match="does not keep"):
+        SetSummary(pool="max").add(np.ones(3)).covtrace()
+    with pytest.raises(ValueError, match="empty"):
+        SetSummary(pool="mean").pooled("mean")
+    with pytest.raises(ValueError, match="NaN"):
+        SetSummary(pool="mean").add(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match=r"\(d,\)"):
+        SetSummary(pool="mean").add(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="pool"):
+        SetSummary(pool="median")
