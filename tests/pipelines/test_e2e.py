@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.datasets import write_png_store
+from dn2ops.config import DEFAULT_BACKBONE
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main
-from tests.conftest import brute_scores, digit_images, sqrt_l2
+from tests.conftest import brute_scores, digit_images, root4_l2
 
 
 def _results(results_dir) -> list[dict]:
@@ -42,13 +43,13 @@ def test_every_input_is_accounted_for(run_out, digit_store):
 
 
 def test_scores_equal_brute_force_over_written_shards(run_out):
-    """The default index (--feature-transform sqrt-l2, recorded in its manifest) scores
-    by distances between sqrt-l2 features, computed here by hand from the shards."""
+    """The default index (--feature-transform root4-l2, recorded in its manifest) scores
+    by distances between root4-l2 features, computed here by hand from the shards."""
     assert json.loads((run_out / "index" / "_SUCCESS").read_text())["feature_transform"] \
-        == "sqrt-l2"
+        == "root4-l2"
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
-    xq_all, xb = sqrt_l2(embeddings(incoming)), sqrt_l2(embeddings(normal))
+    xq_all, xb = root4_l2(embeddings(incoming)), root4_l2(embeddings(normal))
     expected = dict(zip(incoming.column("uri").to_pylist(),
                         brute_scores(xq_all, xb, k=2), strict=True))
     rows = _results(run_out / "results")
@@ -131,7 +132,7 @@ def test_feature_shards_are_named_and_typed(run_out):
     schema = pq.read_schema(files[0])
     assert schema.field("embedding").type.value_type == pa.float32()
     marker = json.loads((run_out / "features" / "_SUCCESS").read_text())
-    assert marker["backbone"] == "efficientnet_lite0" and marker["dim"] == 1280
+    assert marker["backbone"] == DEFAULT_BACKBONE and marker["dim"] == 2560  # lite0 + lite1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -182,7 +183,7 @@ def test_hnsw_index_through_the_command_line(run_out, tmp_path):
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
     exact = dict(zip(incoming.column("uri").to_pylist(), brute_scores(
-        sqrt_l2(embeddings(incoming)), sqrt_l2(embeddings(normal)), k=2), strict=True))
+        root4_l2(embeddings(incoming)), root4_l2(embeddings(normal)), k=2), strict=True))
     rows = _results(tmp_path / "res")
     got = np.array([r["score"] for r in rows])
     want = np.array([exact[r["uri"]] for r in rows])

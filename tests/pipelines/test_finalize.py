@@ -28,7 +28,7 @@ from dn2ops.score_images import anomaly_schema
 from dn2ops.score_sets import group_schema
 from pipelines import finalize, graphs, options
 from pipelines.cli import main
-from tests.conftest import brute_scores, digit_images, sqrt_l2
+from tests.conftest import brute_scores, digit_images, root4_l2
 
 SUMMARY_KEYS = ["count_in", "scored", "errored", "errors_by_stage", "partition", "backbone",
                 "index_id", "index_dir", "input", "timings", "created_at"]
@@ -221,8 +221,8 @@ def store(tmp_path_factory):
 
 
 def _brute_force_scores(xq: np.ndarray, xb: np.ndarray, k: int = 2) -> np.ndarray:
-    """Scores of the default index: mean distance between sqrt-l2 features."""
-    return brute_scores(sqrt_l2(xq), sqrt_l2(xb), k)
+    """Scores of the default index: mean distance between root4-l2 features."""
+    return brute_scores(root4_l2(xq), root4_l2(xb), k)
 
 
 def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):

@@ -97,10 +97,10 @@ def test_scores_equal_the_same_commands_on_local_disk(store_runs, local_runs):
 
 def test_kmeans_scores_equal_brute_force_over_the_stores_centres(store_runs):
     _, out, _ = store_runs
-    centres = LoadedIndex(f"{out}/kmeans", device="cpu").centroids  # (2, 1280)
+    centres = LoadedIndex(f"{out}/kmeans", device="cpu").centroids  # (2, dim)
     table, X, _ = features.load_features(f"{out}/run/features")
-    # The centres are of the default feature transform's features: sqrt-l2, by hand.
-    X = np.sqrt(X.astype(np.float64))  # pooled activations are non-negative
+    # The centres are of the default feature transform's features: root4-l2, by hand.
+    X = np.sqrt(np.sqrt(X.astype(np.float64)))  # pooled activations are non-negative
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     d = np.sqrt(((X[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1)).min(1)
     want = {_relative(u): s for u, s in zip(table.column("uri").to_pylist(), d, strict=True)}
@@ -245,7 +245,7 @@ def test_reuse_and_add_with_everything_on_the_store(store_runs):
     assert grown["counts"]["kept"] == parent["counts"]["kept"] + 30
     vectors = np.concatenate(list(LoadedIndex(f"{out}/grown", device="cpu").iter_shards()))
     _, X_normal, _ = features.load_features(f"{out}/run/normal_features")
-    union = np.sqrt(np.concatenate([X_normal, X_old]).astype(np.float64))  # sqrt-l2
+    union = np.sqrt(np.sqrt(np.concatenate([X_normal, X_old]).astype(np.float64)))  # root4
     union /= np.linalg.norm(union, axis=1, keepdims=True)
     np.testing.assert_allclose(vectors, union, rtol=1e-5, atol=1e-6)
     fs.invalidate_cache(path)

@@ -119,7 +119,7 @@ def test_parse_builds_one_validated_job_config():
                                     "--ivf", "64", "--pq", "8", "--batch-size", "16",
                                     "--reads-in-flight", "5", "--stream-shards", "--top", "3"])
     cfg = args.config
-    assert cfg.index == IndexConfig(ivf_lists=64, pq_m=8, feature_transform="sqrt-l2")
+    assert cfg.index == IndexConfig(ivf_lists=64, pq_m=8, feature_transform="root4-l2")
     assert cfg.embed.batch_size == 16 and cfg.embed.max_in_flight == 5
     assert cfg.search == SearchConfig(stream_shards=True, device="auto")
     assert cfg.score.top == 3 and cfg.group is None
