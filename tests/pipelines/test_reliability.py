@@ -36,6 +36,7 @@ from PIL import Image
 import dn2ops.embed_images
 from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops import outputs
+from dn2ops.config import DEFAULT_BACKBONE
 from dn2ops.embedder import Embedder
 from dn2ops.features import read_table
 from pipelines.cli import main
@@ -340,28 +341,28 @@ def prepare_mismatches(out: Path, corpus: Path, work: Path) -> list[Mismatch]:
                  ["score", "--input", good, "--index", str(index), "--backbone", "resnet18",
                   "--output", str(work / "results-backbone")],
                  ("--backbone and the index do not match",
-                  "backbone: index 'efficientnet_lite0', --backbone 'resnet18'",
-                  "dim: index 1280, --backbone 512"), work / "results-backbone")
+                  f"backbone: index '{DEFAULT_BACKBONE}', --backbone 'resnet18'",
+                  "dim: index 2560, --backbone 512"), work / "results-backbone")
     cases.append(m)
 
     resized = copy_features(feats, work / "features-resize288",
                             marker={"preprocessing": {"resize": 288}})
     m = score(resized, index, "preprocessing")
     m.label = "features made with other preprocessing (resize 288) than the index's"
-    m.expect = ("the features and the index do not match", "preprocessing.resize: index 256, "
-                "features 288")
+    m.expect = ("the features and the index do not match", "preprocessing.resize: index 274, "
+                "features 288")  # the default backbone's 274 -> 240
     cases.append(m)
 
     narrow = copy_features(feats, work / "features-dim512", marker={"dim": 512}, rows_dim=512)
     m = score(narrow, index, "dim")
-    m.label = "features of dimension 512, index of 1280"
-    m.expect = ("the features and the index do not match", "dim: index 1280, features 512")
+    m.label = "features of dimension 512, index of 2560"
+    m.expect = ("the features and the index do not match", "dim: index 2560, features 512")
     cases.append(m)
 
     lying = copy_features(feats, work / "features-rows512", rows_dim=512)
     m = score(lying, index, "rows")
-    m.label = "feature rows of dimension 512 under a marker that says 1280"
-    m.expect = ("have dimension [512]", f"{outputs.MARKER} marker says 1280")
+    m.label = "feature rows of dimension 512 under a marker that says 2560"
+    m.expect = ("have dimension [512]", f"{outputs.MARKER} marker says 2560")
     cases.append(m)
 
     unfinished = work / "features-unfinished"
@@ -773,8 +774,8 @@ def mismatches(corpus_run, tmp_path_factory):
 MISMATCH_LABELS = [
     "scoring with another backbone than the index's",
     "features made with other preprocessing (resize 288) than the index's",
-    "features of dimension 512, index of 1280",
-    "feature rows of dimension 512 under a marker that says 1280",
+    "features of dimension 512, index of 2560",
+    "feature rows of dimension 512 under a marker that says 2560",
     "features directory without its _SUCCESS marker",
     "normal set where every image is bad",
     "normal set directory with no images",

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dn2ops.config import DEFAULT_BACKBONE
 from dn2ops.features import embeddings, read_table
 from pipelines.cli import main
 
@@ -134,7 +135,7 @@ def test_another_backbone_is_refused(half_new, capsys):
                  "--weights", "random"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "backbone: this run 'resnet18', --reuse 'efficientnet_lite0'" in err
+    assert f"backbone: this run 'resnet18', --reuse '{DEFAULT_BACKBONE}'" in err
 
 
 def test_a_directory_without_weights_sha256_is_refused(half_new, tmp_path, capsys):
