@@ -40,9 +40,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script
     sys.path.insert(0, REPO)
 
-from benchmarks.score_memory import DIM, ROWS_PER_SHARD, measure, mixture  # noqa: E402
+from benchmarks import score_memory  # noqa: E402
+from benchmarks.score_memory import DIM, ROWS_PER_SHARD, measure  # noqa: E402
 from dn2ops import features, outputs  # noqa: E402
-from dn2ops.backbones import get_spec  # noqa: E402
 
 LOT = 20  # images a lot
 NORMAL = 20_000
@@ -55,34 +55,9 @@ def lot_of(i: int) -> str:
     return f"lot{i // LOT:07d}"
 
 
-def _shard(x: np.ndarray, start: int) -> pa.Table:
-    ids = range(start, start + len(x))
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)
-    return pa.table({"uri": [f"synthetic://{i:07d}" for i in ids],
-                     "sha256": [f"{i:064x}" for i in ids],
-                     "backbone": ["efficientnet_lite0"] * len(x), "dim": [DIM] * len(x),
-                     "embedding": emb.cast(pa.list_(pa.float32())),
-                     "lot": [lot_of(i) for i in ids]},
-                    schema=features.feature_schema(["lot"]))
-
-
 def write_features(directory: str, n: int, seed: int) -> None:
     """A committed features directory of n synthetic rows with a ``lot`` column."""
-    if outputs.read_marker(directory) is not None:
-        return
-    staging = outputs.new_staging(directory)
-    os.makedirs(staging)
-    shards = -(-n // ROWS_PER_SHARD)
-    for s in range(shards):
-        a = s * ROWS_PER_SHARD
-        m = min(ROWS_PER_SHARD, n - a)
-        x = np.concatenate(list(mixture(m, seed * 1000 + s)))
-        pq.write_table(_shard(x, a), os.path.join(
-            staging, f"features-{s:05d}-of-{shards:05d}.parquet"), compression="NONE")
-    outputs.commit(staging, directory, {
-        "kind": features.KIND, **get_spec("efficientnet_lite0").metadata(),
-        "input": f"synthetic mixture seed {seed}, lots of {LOT}", "count_in": n,
-        "embedded": n, "errored": 0, "extra_columns": ["lot"]})
+    score_memory.write_features(directory, n, seed, {"lot": lot_of})
 
 
 def score(dn2: list[str], mode: str, feats: str, index: str, out: str, code: str) -> dict:

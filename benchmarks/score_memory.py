@@ -29,6 +29,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +49,8 @@ NORMAL = 20_000
 KMEANS_C = 10
 SAMPLE = 2_000  # rows checked against brute force at each size
 SEED = 19
+Extra = Mapping[str, Callable[[int], str]]  # manifest column -> its value for row i
+NO_EXTRA: Extra = MappingProxyType({})
 
 
 def mixture(n: int, seed: int, block: int = 50_000):
@@ -61,24 +65,26 @@ def mixture(n: int, seed: int, block: int = 50_000):
         yield x
 
 
-def _shard(x: np.ndarray, start: int) -> pa.Table:
+def _shard(x: np.ndarray, start: int, extra: Extra) -> pa.Table:
     ids = range(start, start + len(x))
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)
     return pa.table({"uri": [f"synthetic://{i:07d}" for i in ids],
                      "sha256": [f"{i:064x}" for i in ids],
                      "backbone": ["efficientnet_lite0"] * len(x), "dim": [DIM] * len(x),
-                     "embedding": emb.cast(pa.list_(pa.float32()))},
-                    schema=features.feature_schema())
+                     "embedding": emb.cast(pa.list_(pa.float32())),
+                     **{c: [value(i) for i in ids] for c, value in extra.items()}},
+                    schema=features.feature_schema(list(extra)))
 
 
-def _commit(staging: str, directory: str, n: int, what: str) -> None:
+def _commit(staging: str, directory: str, n: int, what: str, extra: Extra = NO_EXTRA) -> None:
     outputs.commit(staging, directory, {
         "kind": features.KIND, **get_spec("efficientnet_lite0").metadata(), "input": what,
-        "count_in": n, "embedded": n, "errored": 0, "extra_columns": []})
+        "count_in": n, "embedded": n, "errored": 0, "extra_columns": list(extra)})
 
 
-def write_features(directory: str, n: int, seed: int) -> None:
-    """A committed features directory of n synthetic rows, ROWS_PER_SHARD a shard."""
+def write_features(directory: str, n: int, seed: int, extra: Extra = NO_EXTRA) -> None:
+    """A committed features directory of n synthetic rows, ROWS_PER_SHARD a shard; ``extra``
+    names manifest columns and the value of each for a row number."""
     if outputs.read_marker(directory) is not None:
         return
     staging = outputs.new_staging(directory)
@@ -88,10 +94,10 @@ def write_features(directory: str, n: int, seed: int) -> None:
     for s in range(shards):
         m = min(ROWS_PER_SHARD, n - done)
         x = np.concatenate(list(mixture(m, seed * 1000 + s)))
-        pq.write_table(_shard(x, done), os.path.join(
+        pq.write_table(_shard(x, done, extra), os.path.join(
             staging, f"features-{s:05d}-of-{shards:05d}.parquet"), compression="NONE")
         done += m
-    _commit(staging, directory, n, f"synthetic mixture seed {seed}")
+    _commit(staging, directory, n, f"synthetic mixture seed {seed}", extra)
 
 
 def link_features(src: str, directory: str, n: int) -> None:
