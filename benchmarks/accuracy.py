@@ -63,7 +63,11 @@ DEFAULT_NAME = "lite0+lite1 (dn2's default backbone)"
 # dn2's defaults: --backbone DEFAULT_BACKBONE, --feature-transform transforms.DEFAULT
 DEFAULT_TREATMENT = f"{DEFAULT_NAME}, {transforms.DEFAULT}"
 TREATMENTS_K = ("none (the paper; dn2's old default)",)
-TABLES = ("treatments", "k_sweep", "kmeans", "few_shot", "impurities")  # computed in this order
+TABLES = ("treatments", "k_sweep", "kmeans", "few_shot", "impurities", "curves")  # in order
+CURVE_TREATMENTS = ("none (the paper; dn2's old default)", "sqrt-l2")  # beside the default
+CURVE_LABELS = {CURVE_TREATMENTS[0]: "Lite0, none (the paper)",
+                CURVE_TREATMENTS[1]: "Lite0, sqrt-l2 (previous default)",
+                DEFAULT_TREATMENT: "default: Lite0+Lite1, root4-l2"}
 
 
 @dataclasses.dataclass
@@ -426,6 +430,55 @@ def kept_scores(D: np.ndarray, I: np.ndarray, kept: np.ndarray, train: np.ndarra
     return scores
 
 
+def plot_curves(trs: list[Treatment], prot: Protocol, k: int, classes: Sequence[str],
+                few_shot: list[dict[str, Any]] | None, out: str) -> dict[str, Any]:
+    """ROC curves of each treatment, one panel a normal class (roc.png), and the few-shot
+    curve of the default (few_shot.png), under ``out``; returns the files and the AUC of
+    each curve (sklearn's ``auc`` of the plotted points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc as area
+    from sklearn.metrics import roc_curve
+
+    cols = 5
+    rows = -(-len(prot.train_idx) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    aucs: dict[str, list[float]] = {tr.name: [] for tr in trs}
+    for ax, c in zip(axes.flat, prot.train_idx, strict=False):
+        for tr in trs:
+            train, test = class_features(tr, prot, c)
+            fpr, tpr, _ = roc_curve(prot.test_labels != c, knn_scores(train, test, k))
+            aucs[tr.name].append(round(float(area(fpr, tpr)), 4))
+            label = CURVE_LABELS.get(tr.name, tr.name)
+            ax.plot(fpr, tpr, lw=1, label=f"{label} ({aucs[tr.name][-1]:.4f})")
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+        ax.set_title(f"normal: {classes[c]}", fontsize=9)
+        ax.legend(fontsize=5, loc="lower right")
+    for ax in list(axes.flat)[len(prot.train_idx):]:
+        ax.axis("off")
+    fig.supxlabel("false positive rate (normal test images flagged)")
+    fig.supylabel("true positive rate (anomalies flagged)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "roc.png"), dpi=110)
+    plt.close(fig)
+    files = ["roc.png"]
+    if few_shot:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["n"] for r in few_shot], [r["mean"] for r in few_shot], "o-")
+        ax.set_xscale("log")
+        ax.set_xlabel("normal images per class")
+        ax.set_ylabel("mean ROC-AUC")
+        ax.set_title(CURVE_LABELS.get(trs[-1].name, trs[-1].name), fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "few_shot.png"), dpi=110)
+        plt.close(fig)
+        files.append("few_shot.png")
+    return {"files": files, "auc": aucs}
+
+
 def table_impurities(tr: Treatment, prot: Protocol, train_labels: np.ndarray, k: int,
                      rates: Sequence[float] = (0.05, 0.10, 0.15, 0.20),
                      rules: Sequence[tuple[str, int]] = CLEAN_RULES, seed: int = 0
@@ -487,6 +540,9 @@ def run_tables(args: argparse.Namespace) -> dict[str, Any]:
         "kmeans": lambda: table_kmeans(default, prot, args.k),
         "few_shot": lambda: table_few_shot(default, prot, args.k),
         "impurities": lambda: table_impurities(default, prot, ds.train_labels, args.k),
+        "curves": lambda: plot_curves(
+            [by_name[t] for t in CURVE_TREATMENTS] + [default], prot, args.k, ds.classes,
+            res.get("few_shot"), out),
     }
     out = os.path.join(args.out, f"{ds.name}-n{n}-t{m}")
     os.makedirs(out, exist_ok=True)
@@ -578,6 +634,11 @@ def render(res: dict[str, Any]) -> str:
                         for r in res["impurities"]]), "",
                 "removed = the fraction of the planted impurities that the rule dropped "
                 "(mean over classes).", ""]
+    if "curves" in res:
+        out += ["## Curves", "", "ROC curves, one panel a normal class (AUC in the legend):",
+                "", "![ROC curves](roc.png)", ""]
+        if "few_shot.png" in res["curves"]["files"]:
+            out += ["Few-shot (default treatment):", "", "![few-shot](few_shot.png)", ""]
     return "\n".join(out) + "\n"
 
 

@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from dn2ops import outputs
 from dn2ops.backbones import REGISTRY, get_spec
 from dn2ops.config import (
     DEFAULT_BACKBONE,
@@ -71,14 +72,17 @@ def _backbone(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_embed_args(p: argparse.ArgumentParser) -> None:
+def add_embed_args(p: argparse.ArgumentParser, *, index_decides: bool = False) -> None:
+    """``index_decides`` (dn2 score): without --backbone, the index's backbone."""
     g = p.add_argument_group("embedding")
-    g.add_argument("--backbone", default=DEFAULT_BACKBONE, type=_backbone,
-                   metavar="{" + ",".join(sorted(REGISTRY)) + "}[+...]",
-                   help=f"feature extractor (default: {DEFAULT_BACKBONE}, offline weights: "
-                        "the most accurate measured; efficientnet_lite0 alone is about twice "
-                        "as fast); EfficientNet-Lites joined with '+' run side by side and "
-                        "their features are concatenated")
+    default = (f"the index's backbone, else {DEFAULT_BACKBONE}" if index_decides
+               else DEFAULT_BACKBONE)
+    g.add_argument("--backbone", default=None if index_decides else DEFAULT_BACKBONE,
+                   type=_backbone, metavar="{" + ",".join(sorted(REGISTRY)) + "}[+...]",
+                   help=f"feature extractor (default: {default}; offline weights: the most "
+                        "accurate measured; efficientnet_lite0 alone is faster, see README); "
+                        "EfficientNet-Lites joined with '+' run side by side and their "
+                        "features are concatenated")
     g.add_argument("--weights", default=None,
                    help="state dict path or URI (needed for ResNets; 'random' for speed tests)")
     g.add_argument("--batch-size", type=_positive, default=64)
@@ -202,7 +206,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         src.add_argument("--features", help="FEATURES_DIR of already embedded images")
         p.add_argument("--index", help="INDEX_DIR (not needed with --group-score covtrace)")
         p.add_argument("--output", required=True, help="RESULTS_DIR")
-        add_embed_args(p)
+        add_embed_args(p, index_decides=True)
         add_score_args(p)
         add_group_args(p, scoring=True)
     elif command == "run":
@@ -237,6 +241,8 @@ def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     _check_group_args(p, command, args)
+    if command == "score" and args.backbone is None:
+        args.backbone = index_backbone(args.index) or DEFAULT_BACKBONE
     if command == "build-index":
         _check_add_args(p, args)
     try:
@@ -277,6 +283,17 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         search=SearchConfig(stream_shards=get("stream_shards", False),
                             device=get("device", "auto")),
         group=group)
+
+
+def index_backbone(index: str | None) -> str | None:
+    """The backbone an INDEX_DIR's manifest records, or None when there is no readable one
+    (dn2 score then reports the index itself, before any work)."""
+    if not index:
+        return None
+    try:
+        return (outputs.read_marker(index) or {}).get("backbone")
+    except Exception:  # noqa: BLE001 - any unreadable index is reported by dn2 score's checks
+        return None
 
 
 def resolve_partition(value: str, today: datetime.date | None = None) -> str:

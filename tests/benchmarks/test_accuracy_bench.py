@@ -98,7 +98,13 @@ def test_treatment_aucs_equal_brute_force(run):
 
 
 def test_every_table_is_written(run):
-    _, res = run
+    base, res = run
+    rows = {r["treatment"]: r["per_class"] for r in res["treatments"]}
+    for name, aucs in res["curves"]["auc"].items():  # the plotted curves' areas
+        assert aucs == rows[name], name
+    assert bench.DEFAULT_TREATMENT in res["curves"]["auc"]
+    for f in res["curves"]["files"]:
+        assert (base / "out" / "tiny-n14-t24" / f).read_bytes()[:4] == b"\x89PNG"
     assert [r["n"] for r in res["few_shot"]] == [1, 10, 14]
     assert [r["method"] for r in res["kmeans"]][1:] == [f"K-means C={c}" for c in (1, 3, 5, 10)]
     assert [r["impurity"] for r in res["impurities"]] == [0.05, 0.10, 0.15, 0.20]

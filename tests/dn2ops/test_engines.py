@@ -12,6 +12,7 @@ from PIL import Image
 import dn2ops.engines
 from benchmarks.datasets import phone_photo
 from dn2ops.backbones import get_spec
+from dn2ops.config import DEFAULT_BACKBONE
 from dn2ops.embed_images import prepare
 from dn2ops.embedder import DeviceError
 from dn2ops.engines import (
@@ -145,3 +146,26 @@ def test_with_a_gpu_every_core_of_the_share_decodes(monkeypatch):
     # openvino on a GPU machine still runs on the CPU: on every core, beside decoding
     monkeypatch.setattr(dn2ops.engines, "installed", lambda e: True)
     assert thread_plan(EngineConfig(backbone=BACKBONE, engine="openvino")) == (8, 8)
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_default_composite_backbone_runs_alike_on_every_engine(engine, tmp_path):
+    """dn2's default backbone (two networks in one exported graph) equals its torch
+    features on each CPU engine, on real images at its own 274 -> 240 crop."""
+    from sklearn.datasets import load_sample_images
+
+    spec = get_spec(DEFAULT_BACKBONE)
+    for i, image in enumerate(load_sample_images().images):
+        Image.fromarray(image).save(tmp_path / f"{i}.jpg", "JPEG", quality=90)
+    batch = np.stack([prepare({"uri": str(p)}, spec.preprocessing)[1]
+                      for p in sorted(tmp_path.glob("*.jpg"))])
+
+    def features(e: str) -> np.ndarray:
+        handler = make_handler(EngineConfig(backbone=DEFAULT_BACKBONE, engine=e,
+                                            device="cpu", batch_size=len(batch)))
+        model = handler.load_model()
+        return np.stack([r.inference for r in handler.run_inference(list(batch), model)])
+
+    want, got = features("torch"), features(engine)
+    assert batch.shape[1:] == (3, 240, 240) and got.shape == (2, 2560)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

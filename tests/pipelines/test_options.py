@@ -6,6 +6,8 @@ import datetime
 
 import pytest
 
+from dn2ops.config import DEFAULT_BACKBONE
+from dn2ops.features import read_table
 from pipelines import options
 
 
@@ -138,3 +140,41 @@ def test_parse_refuses_what_the_config_refuses(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         options.parse("build-index", ["--features", "/f", "--output", "/o", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_score_takes_the_index_backbone_unless_told(tmp_path):
+    """An index built with another backbone than today's default (e.g. before an upgrade)
+    keeps scoring: dn2 score embeds with the backbone its index records."""
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "_SUCCESS").write_text('{"kind": "index", "backbone": "efficientnet_lite0"}')
+    argv = ["--input", "/in", "--index", str(index), "--output", "/o"]
+    args, _ = options.parse("score", argv)
+    assert args.config.embed.backbone == "efficientnet_lite0"
+    args, _ = options.parse("score", [*argv, "--backbone", "resnet18"])
+    assert args.config.embed.backbone == "resnet18"  # told: checked against the index later
+    for missing in (tmp_path / "none", tmp_path / "none/{partition}"):
+        args, _ = options.parse("score", ["--input", "/in", "--index", str(missing),
+                                          "--output", "/o", "--partition", "p"])
+        assert args.config.embed.backbone == DEFAULT_BACKBONE
+    args, _ = options.parse("embed", ["--input", "/in", "--output", "/o"])
+    assert args.config.embed.backbone == DEFAULT_BACKBONE
+
+
+def test_score_of_a_lite0_index_without_backbone_equals_naming_it(digit_store, tmp_path):
+    from pipelines.cli import main
+    from pipelines.finalize import committed_summary
+
+    assert main(["embed", "--input", str(digit_store / "normal"), "--output",
+                 str(tmp_path / "nf"), "--backbone", "efficientnet_lite0"]) == 0
+    assert main(["build-index", "--features", str(tmp_path / "nf"), "--output",
+                 str(tmp_path / "ix")]) == 0
+    src = str(digit_store / "incoming.csv")
+    for out, extra in (("a", []), ("b", ["--backbone", "efficientnet_lite0"])):
+        assert main(["score", "--input", src, "--index", str(tmp_path / "ix"),
+                     "--output", str(tmp_path / out), *extra]) == 0
+    a = read_table(str(tmp_path / "a"), "anomalies").sort_by("uri")
+    b = read_table(str(tmp_path / "b"), "anomalies").sort_by("uri")
+    assert a.num_rows == committed_summary(str(tmp_path / "a"))["count_in"] == 30
+    assert a.column("score").to_pylist() == b.column("score").to_pylist()
+    assert set(a.column("backbone").to_pylist()) == {"efficientnet_lite0"}
