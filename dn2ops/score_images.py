@@ -159,8 +159,9 @@ def rank_shard(src: str, dst: str, sorted_scores: np.ndarray, *,
     return dst
 
 
-class _RankShards(beam.DoFn):
-    """An unranked shard's path -> the path of its ranked copy in ``directory``."""
+class RankShards(beam.DoFn):
+    """An unranked shard's path -> the path of its ranked copy in ``directory``
+    (rank_shard; anomaly or group shards: any table with ``score`` and ``rank``)."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -198,23 +199,4 @@ class ScoreFeatures(beam.PTransform):
                          | "Scores" >> beam.Map(lambda b: b.column("score").to_numpy())
                          | "SortedScores" >> beam.CombineGlobally(SortedScores()))
         return unranked | "Rank" >> beam.ParDo(
-            _RankShards(self.directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores))
-
-
-def _sorted(scores: list[float]) -> np.ndarray:
-    return np.sort(np.asarray(scores, dtype=np.float64))
-
-
-class RankByScore(beam.PTransform):
-    """Rows with a ``score`` -> the same rows with ``rank`` (see rank_of), over the whole
-    PCollection: its sorted scores (n floats) are a side input, and every row is held
-    until they are complete. Used for group rows (one a set, not one an image)."""
-
-    def expand(self, scored):
-        sorted_scores = (scored
-                         | "Scores" >> beam.Map(lambda r: r["score"])
-                         | "All" >> beam.combiners.ToList()
-                         | "Sort" >> beam.Map(_sorted))
-        return scored | "Rank" >> beam.Map(
-            lambda r, s: {**r, "rank": rank_of(r["score"], s)},
-            s=beam.pvalue.AsSingleton(sorted_scores))
+            RankShards(self.directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores))

@@ -9,8 +9,10 @@ directory) or a manifest column. A set is scored either
 * ``covtrace``: by the trace of its features' covariance
   (`dn2ops.set_features.SetSummary.covtrace`), which needs no normal data.
 
-Sets are summarised as their members arrive (`SummariseSets`, a CombineFn), never
-held whole: O(d) floats and the member uris a set.
+Sets are never held whole, and no stage holds every set: rows are spilled to disk by
+set into buckets, each bucket's sets are summarised on their own (O(d) floats and the
+member uris a set), and the scored sets are ranked in a second pass over the written,
+unranked shards (see ScoreGroups).
 
 Higher = more anomalous in both. Sets of fewer than `MIN_SET_SIZE` images are
 not scored: each of their images becomes an error row with stage ``group``,
@@ -22,18 +24,22 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import RunInference
+from apache_beam.transforms.window import GlobalWindows
 
 from dn2ops import features, outputs
 from dn2ops.config import POOLS, GroupConfig, IndexConfig, SearchConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
-from dn2ops.score_images import IndexModelHandler, RankByScore
+from dn2ops.score_images import IndexModelHandler, RankShards, SortedScores
 from dn2ops.set_features import SetSummary, pool_set
 
 PARENT_DIR = "parent_dir"
@@ -184,64 +190,159 @@ def group_schema() -> pa.Schema:
         ("partition", pa.string()), ("backbone", pa.string()), ("index_id", pa.string())])
 
 
-class _KeyRows(beam.DoFn):
-    """Feature row -> (group, (uri, embedding, backbone)); an image without a key -> an
-    error row."""
-
-    def __init__(self, key: str):
-        self.key = key
-
-    def process(self, row: dict[str, Any]) -> Iterator[Any]:
-        try:
-            yield group_key(row, self.key), (row["uri"], row["embedding"], row["backbone"])
-        except GroupKeyError as e:
-            yield beam.pvalue.TaggedOutput(ERRORS, {"uri": row["uri"], "stage": KEY_STAGE,
-                                                    "error": str(e)})
+# A bucket's sets are summarised together, in memory: at most about this many images'
+# summaries (O(d) floats a set) and member uris. A worker buffers up to SPILL_ROWS
+# feature rows (as Arrow: 5 KB a row at 1280-d) before it writes them out, sorted by
+# bucket, as one file with a row group a bucket: one writer open at a time, whatever the
+# number of buckets (a writer a bucket cost ~17 MB each, which grew with the images).
+BUCKET_IMAGES = 16_384
+SPILL_ROWS = 4_096
+SPILL_DIR = ".sets"  # under the results' staging: never committed (dn2ops.outputs)
+SPILL_SCHEMA = pa.schema([("bucket", pa.int32()), ("group", pa.string()),
+                          ("uri", pa.string()), ("backbone", pa.string()),
+                          ("embedding", pa.list_(pa.float32()))])
 
 
-class SummariseSets(beam.CombineFn):
-    """A set's members (uri, embedding, backbone) -> [SetSummary, member uris, backbone].
+def n_buckets(images: int, bucket_images: int = BUCKET_IMAGES) -> int:
+    """How many buckets ``images`` images are spilled into (``bucket_images`` a bucket)."""
+    return max(1, -(-int(images) // bucket_images))
 
-    A set is summarised as its members arrive and partial summaries are merged (Beam
-    lifts the combine before the shuffle), so no stage holds a set's features: a set
-    costs O(d) floats and its member uris, whatever its size (issue 19).
+
+def bucket_of(group: str, buckets: int) -> int:
+    """The bucket of a set: the same in every process and on every machine (Python's
+    own string hash is salted per process)."""
+    digest = hashlib.blake2b(group.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % buckets
+
+
+def write_spill(table: pa.Table, path: str) -> list[tuple[int, int]]:
+    """Writes spilled rows (SPILL_SCHEMA) to ``path``, sorted by bucket, one row group a
+    bucket. Returns [(bucket, row group index)]."""
+    table = table.take(pc.sort_indices(table, [("bucket", "ascending")]))
+    buckets = table.column("bucket").to_numpy()
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    stops = np.r_[starts[1:], len(buckets)]
+    fs, p = outputs.fs_and_path(path)
+    fs.makedirs(posixpath.dirname(p), exist_ok=True)
+    with fs.open(p, "wb") as f, pq.ParquetWriter(f, SPILL_SCHEMA, compression="none") as w:
+        for start, stop in zip(starts, stops, strict=True):
+            w.write_table(table.slice(start, stop - start), row_group_size=stop - start)
+    return [(int(buckets[s]), i) for i, s in enumerate(starts)]
+
+
+def read_spilled(path: str, row_group: int, bucket: int) -> pa.Table:
+    """One bucket's rows of a spill file (write_spill), checked to be that bucket's."""
+    fs, p = outputs.fs_and_path(path)
+    with fs.open(p, "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(row_group)
+    got = pc.unique(table.column("bucket")).to_pylist()
+    if got != [bucket]:
+        raise ValueError(f"{path} row group {row_group} holds buckets {got}, not {bucket}: "
+                         "a spill file was changed while the job ran")
+    return table
+
+
+class _SpillToBuckets(beam.DoFn):
+    """Feature record batch -> its rows, each tagged with its set's bucket (bucket_of),
+    buffered up to ``spill_rows`` and then written as one spill file (write_spill) under
+    ``directory/.sets/``; each (bucket, (file, row group)) is output when the bundle
+    finishes. An image without a key -> an error row.
+
+    ``images``: the number of images (an int, or a side input), which sets the number of
+    buckets (n_buckets, ``bucket_images`` a bucket). A retried bundle writes new files;
+    only the files of bundles that succeeded are output, so a failed attempt's files are
+    never read.
     """
 
-    def __init__(self, pool: str | None, covtrace: bool):
-        self.pool, self.covtrace = pool, covtrace
+    def __init__(self, key: str, directory: str, bucket_images: int = BUCKET_IMAGES,
+                 spill_rows: int = SPILL_ROWS):
+        self.key, self.directory = key, directory
+        self.bucket_images, self.spill_rows = bucket_images, spill_rows
 
-    def create_accumulator(self) -> list[Any]:
-        return [SetSummary(None if self.covtrace else self.pool, self.covtrace), [], None]
+    def start_bundle(self):
+        self._tables: list[pa.Table] = []
+        self._buffered = 0
+        self._parts: list[tuple[int, tuple[str, int]]] = []
 
-    def add_input(self, acc: list[Any], member: tuple[str, Any, str]) -> list[Any]:
-        uri, embedding, backbone = member
-        acc[0].add(embedding)
-        acc[1].append(uri)
-        acc[2] = acc[2] or backbone
-        return acc
+    def process(self, batch: pa.RecordBatch, images: int) -> Iterator[Any]:
+        uris = batch.column("uri").to_pylist()
+        values = (batch.column(self.key).to_pylist() if self.key in batch.schema.names
+                  else [None] * len(uris))
+        buckets = n_buckets(images, self.bucket_images)
+        names, keep = [], []
+        for i, (uri, value) in enumerate(zip(uris, values, strict=True)):
+            try:
+                names.append(group_key({"uri": uri, self.key: value}, self.key))
+            except GroupKeyError as e:
+                yield beam.pvalue.TaggedOutput(ERRORS, {"uri": uri, "stage": KEY_STAGE,
+                                                        "error": str(e)})
+                continue
+            keep.append(i)
+        if not keep:
+            return
+        rows = batch if len(keep) == len(uris) else batch.take(pa.array(keep))
+        embedding = rows.column("embedding")
+        if embedding.type != SPILL_SCHEMA.field("embedding").type:
+            embedding = embedding.cast(SPILL_SCHEMA.field("embedding").type)
+        self._tables.append(pa.Table.from_arrays(
+            [pa.array([bucket_of(n, buckets) for n in names], pa.int32()),
+             pa.array(names, pa.string()), rows.column("uri"), rows.column("backbone"),
+             embedding], schema=SPILL_SCHEMA))
+        self._buffered += len(keep)
+        if self._buffered >= self.spill_rows:
+            self._flush()
 
-    def merge_accumulators(self, accs: Iterable[list[Any]]) -> list[Any]:
-        accs = iter(accs)
-        out = next(accs)
-        for acc in accs:
-            out[0].merge(acc[0])
-            out[1].extend(acc[1])
-            out[2] = out[2] or acc[2]
-        return out
+    def _flush(self) -> None:
+        if not self._tables:
+            return
+        path = outputs.join(self.directory, SPILL_DIR, f"spill-{uuid.uuid4().hex}.parquet")
+        parts = write_spill(pa.concat_tables(self._tables), path)
+        self._parts.extend((bucket, (path, row_group)) for bucket, row_group in parts)
+        self._tables, self._buffered = [], 0
 
-    def extract_output(self, acc: list[Any]) -> list[Any]:
-        return acc
+    def finish_bundle(self) -> Iterator[Any]:
+        self._flush()
+        for part in self._parts:
+            yield GlobalWindows.windowed_value(part)
+        self._parts = []
 
 
-class _GroupRow(beam.DoFn):
-    """(group, summary) -> an unscored group row with its pooled vector (covtrace:
-    scored); the members of a set too small to score -> error rows."""
+class _SummariseBucket(beam.DoFn):
+    """(bucket, its spilled (file, row group)s) -> one unscored group row a set of the
+    bucket, with its pooled vector (covtrace: scored); the members of a set too small to
+    score -> error rows. Only this bucket's sets are in memory: a SetSummary and the
+    member uris each."""
 
     def __init__(self, key: str, method: str, pool: str | None, partition: str):
         self.key, self.method, self.pool, self.partition = key, method, pool, partition
 
-    def process(self, kv: tuple[str, list[Any]]) -> Iterator[Any]:
-        name, (summary, uris, backbone) = kv
+    def process(self, kv: tuple[int, Iterable[tuple[str, int]]]) -> Iterator[Any]:
+        bucket, parts = kv
+        covtrace = self.method == "covtrace"
+        sets: dict[str, list[Any]] = {}  # name -> [SetSummary, member uris, backbone]
+        for path, row_group in sorted({tuple(part) for part in parts}):
+            table = read_spilled(path, row_group, bucket)
+            for batch in table.to_batches(max_chunksize=features.READ_BATCH_ROWS):
+                X = features.embeddings(batch)
+                names = batch.column("group").to_pylist()
+                uris = batch.column("uri").to_pylist()
+                backbones = batch.column("backbone").to_pylist()
+                members: dict[str, list[int]] = {}
+                for i, name in enumerate(names):
+                    members.setdefault(name, []).append(i)
+                for name, idx in members.items():
+                    part = SetSummary.of(X[idx], None if covtrace else self.pool, covtrace)
+                    entry = sets.get(name)
+                    if entry is None:
+                        sets[name] = [part, [uris[i] for i in idx], backbones[idx[0]]]
+                    else:
+                        entry[0].merge(part)
+                        entry[1].extend(uris[i] for i in idx)
+        for name in sorted(sets):
+            yield from self._row(name, *sets.pop(name))
+
+    def _row(self, name: str, summary: SetSummary, uris: list[str], backbone: str
+             ) -> Iterator[Any]:
         uris = sorted(uris)
         if len(uris) < MIN_SET_SIZE:
             for uri in uris:
@@ -286,36 +387,65 @@ class GroupIndexModelHandler(IndexModelHandler):
 
 
 class ScoreGroups(beam.PTransform):
-    """Feature rows -> (ranked group rows (group_schema), image error rows (stage 'group')).
+    """Feature record batches -> (the paths of the ranked ``groups-*.parquet`` written in
+    ``directory`` (group_schema), image error rows (stages 'group_key' and 'group')).
 
     ``group.method`` knn needs ``index_dir`` (an index built with --group-by) and a
-    ``group.pool``; covtrace needs neither.
+    ``group.pool``; covtrace needs neither. ``images``: how many images are coming (an
+    int, or a singleton PCollection computed upstream of ``batches``' stage, such as the
+    listing's count), which sets the number of buckets (``bucket_images`` images a
+    bucket; ``spill_rows``: rows a worker buffers before it writes them).
+
+    Memory does not grow with the images (issue 19): pass 1 spills the rows by their
+    sets' buckets (files of ``spill_rows`` rows, a row group a bucket, under
+    ``directory/.sets/``); pass 2 summarises one bucket at a time (SetSummary: O(d)
+    floats a set), scores its sets and writes them unranked under
+    ``directory/.unranked/`` while their scores are combined into one sorted array (8
+    bytes a set); pass 3 rewrites each unranked shard ranked (rank = 1 + the number of
+    strictly higher scores). Each pass is parallel: over bundles, buckets, shards.
+    Nothing under a dot-folder is committed.
     """
 
-    def __init__(self, group: GroupConfig, *, index_dir: str | None = None,
-                 partition: str = "", batch_size: int = 256,
-                 search: SearchConfig = SearchConfig()):
+    def __init__(self, group: GroupConfig, directory: str, *, images: Any,
+                 index_dir: str | None = None, partition: str = "", batch_size: int = 256,
+                 search: SearchConfig = SearchConfig(), bucket_images: int = BUCKET_IMAGES,
+                 spill_rows: int = SPILL_ROWS):
         super().__init__()
         if not group.covtrace and (not index_dir or group.pool not in POOLS):
             raise ValueError("kNN group scoring needs an index built with --group-by and a pool")
-        self.group, self.index_dir, self.partition = group, index_dir, partition
+        self.group, self.directory, self.images = group, directory, images
+        self.bucket_images, self.spill_rows = bucket_images, spill_rows
+        self.index_dir, self.partition = index_dir, partition
         self.handler = GroupIndexModelHandler(
             index_dir, partition=partition, search=search, max_batch_size=batch_size)
 
-    def expand(self, rows):
+    def expand(self, batches):
         g = self.group
-        keyed = rows | "Key" >> beam.ParDo(_KeyRows(g.group_by)).with_outputs(ERRORS,
-                                                                               main="rows")
-        pooled = (keyed.rows
-                  | "Summarise" >> beam.CombinePerKey(SummariseSets(g.pool, g.covtrace))
-                  | "Pool" >> beam.ParDo(_GroupRow(g.group_by, g.method, g.pool,
-                                                   self.partition)
-                                         ).with_outputs(ERRORS, main="groups"))
+        images = (self.images if isinstance(self.images, int)
+                  else beam.pvalue.AsSingleton(self.images))
+        spilled = batches | "Spill" >> beam.ParDo(
+            _SpillToBuckets(g.group_by, self.directory, self.bucket_images, self.spill_rows),
+            images=images
+        ).with_outputs(ERRORS, main="files")
+        pooled = (spilled.files
+                  | "Buckets" >> beam.GroupByKey()
+                  | "Summarise" >> beam.ParDo(_SummariseBucket(
+                      g.group_by, g.method, g.pool, self.partition)
+                  ).with_outputs(ERRORS, main="groups"))
         groups = pooled.groups
         if not g.covtrace:
             groups = groups | "Knn" >> RunInference(self.handler)
         else:
             groups = groups | "DropPooled" >> beam.Map(
                 lambda r: {k: v for k, v in r.items() if k != "pooled"})
-        errors = (keyed[ERRORS], pooled[ERRORS]) | "Errors" >> beam.Flatten()
-        return groups | "Rank" >> RankByScore(), errors
+        unranked = groups | "WriteUnranked" >> beam.io.WriteToParquet(
+            outputs.join(self.directory, ".unranked", "groups"), group_schema(),
+            file_name_suffix=".parquet", shard_name_template="-SSSSS-of-NNNNN",
+            row_group_buffer_size=features.ROW_GROUP_BYTES)
+        sorted_scores = (groups
+                         | "Scores" >> beam.Map(lambda r: np.array([r["score"]], np.float64))
+                         | "SortedScores" >> beam.CombineGlobally(SortedScores()))
+        written = unranked | "Rank" >> beam.ParDo(
+            RankShards(self.directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores))
+        errors = (spilled[ERRORS], pooled[ERRORS]) | "Errors" >> beam.Flatten()
+        return written, errors

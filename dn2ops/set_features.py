@@ -115,6 +115,27 @@ class SetSummary:
                     self.m2 += float(delta @ delta) * (self.count - 1) / self.count
         return self
 
+    @classmethod
+    def of(cls, features: np.ndarray, pool: PoolHow | None = None,
+           covtrace: bool = False) -> SetSummary:
+        """The summary of some members at once (m, d), m >= 1: as adding them one by one
+        (count, float64 mean, squared deviations from it, max), computed with numpy."""
+        x = np.asarray(features, np.float32)
+        if x.ndim != 2 or not len(x):
+            raise ValueError(f"members must be a non-empty (m, d) array, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("a set member's feature has NaN or inf values")
+        s = cls(pool, covtrace)
+        s.count = len(x)
+        if s.max is not None:
+            s.max = x.max(axis=0)
+        if s.mean is not None:
+            x64 = x.astype(np.float64)
+            s.mean = x64.mean(axis=0)
+            if s.m2 is not None:
+                s.m2 = float(((x64 - s.mean) ** 2).sum(axis=0).sum())  # as np.var
+        return s
+
     def merge(self, other: SetSummary) -> SetSummary:
         """Folds another summary (of other members of the same set) into this one."""
         if other.count == 0:

@@ -12,7 +12,7 @@ from dn2ops.config import GroupConfig, SearchConfig
 from dn2ops.embed_images import EmbedImages
 from dn2ops.progress import LogProgress
 from dn2ops.score_images import ScoreFeatures
-from dn2ops.score_sets import ScoreGroups, group_schema
+from dn2ops.score_sets import ScoreGroups
 
 COUNTERS = "dn2"
 
@@ -95,11 +95,6 @@ def as_batches(rows, extra_columns: Sequence[str], batch_size: int = 256):
             | "AsRecordBatch" >> beam.Map(features.rows_batch, schema))
 
 
-def as_rows(batches):
-    """Feature record batches -> feature rows (dicts, embeddings float32 arrays)."""
-    return batches | "AsRows" >> beam.FlatMap(features.batch_rows)
-
-
 def score(
     batches,
     errors,
@@ -137,16 +132,19 @@ def score_groups(
     staging: str,
     group: GroupConfig,
     *,
+    images,
     index_dir: str | None,
     partition: str,
     search: SearchConfig = SearchConfig(),
 ) -> list:
-    """Group mode: groups-*.parquet (ranked sets) and errors-*.parquet (images, incl. the
-    members of sets too small to score, stage 'group'). Returns the PCollections of the file
-    names written (for finalize)."""
-    ranked, group_errors = feats | "ScoreGroups" >> ScoreGroups(
-        group, index_dir=index_dir, partition=partition, search=search)
-    written = ranked | "WriteGroups" >> features.WriteTable(staging, "groups", group_schema())
+    """Group mode, over feature record batches (read_features, as_batches):
+    groups-*.parquet (ranked sets) and errors-*.parquet (images, incl. the
+    members of sets too small to score, stage 'group'). ``images``: how many images come
+    (an int, or the listing's count; see ScoreGroups). Returns the PCollections of the
+    file names written (for finalize)."""
+    written, group_errors = feats | "ScoreGroups" >> ScoreGroups(
+        group, staging, images=images, index_dir=index_dir, partition=partition,
+        search=search)
     errors = (errors, group_errors) | "AllErrors" >> beam.Flatten()
     errors = errors | "Partition" >> beam.Map(
         lambda e: {"uri": e["uri"], "stage": e["stage"], "error": e["error"],

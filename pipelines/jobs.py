@@ -226,14 +226,15 @@ def _score_graph(p: beam.Pipeline, plan: checks.ScorePlan, index: str | None, in
         feats, errors, count_in = graphs.read_features(p, features_dir)
     else:
         feats, errors, count_in, _ = _embed_graph(p, input, options, config.embed)
-    if features_dir and group:
-        feats = graphs.as_rows(feats)
-    elif not features_dir and not group:
+    if not features_dir:
         feats = graphs.as_batches(feats, plan.extras)
     partition = config.score.partition
     if group:
+        # The number of buckets sets are spilled into: from the features' marker, or the
+        # listing's count (computed before embedding starts, so nothing waits on it).
+        images = outputs.read_marker(features_dir).get("embedded", 0) if features_dir else count_in
         written = graphs.score_groups(feats, errors, staging, dataclasses.replace(
-            group, pool=plan.pool), index_dir=index, partition=partition)
+            group, pool=plan.pool), images=images, index_dir=index, partition=partition)
     else:
         written = graphs.score(feats, errors, staging, index_dir=index, partition=partition,
                                extra_columns=plan.extras, search=config.search)

@@ -17,7 +17,6 @@ from dn2ops.config import IndexConfig, SearchConfig
 from dn2ops.index import build_index
 from dn2ops.score_images import (
     IndexModelHandler,
-    RankByScore,
     ScoreFeatures,
     SortedScores,
     anomaly_schema,
@@ -164,12 +163,3 @@ def test_kmeans_index_scores_are_distances_to_the_nearest_centre(index, tmp_path
     np.testing.assert_allclose(got.column("score").to_numpy(), expected, rtol=1e-5)
     assert got.column("neighbor_uris").to_pylist() == [[]] * 30
     assert got.column("neighbor_distances").to_pylist() == [[]] * 30
-
-
-def test_rank_by_score_stage_ranks_rows_over_the_whole_collection():
-    rows = [{"group": g, "score": s} for g, s in zip("abcde", (0.5, 2.0, 0.5, 9.0, 1.0),
-                                                      strict=True)]
-    with BeamTestPipeline() as p:
-        got = p | beam.Create(rows) | RankByScore() | beam.Map(lambda r: (r["group"], r["rank"]))
-        # 1 + the number of strictly higher scores: ties share the better rank
-        assert_that(got, equal_to([("d", 1), ("b", 2), ("e", 3), ("a", 4), ("c", 4)]))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -39,20 +42,25 @@ def _rows(groups: dict[str, np.ndarray], key: str = "lot") -> list[dict]:
 
 
 def _run_groups(rows: list[dict], tmp_path, *, key: str, method: str, pool: str | None,
-                **kwargs) -> tuple[list[dict], list[dict]]:
-    """Runs ScoreGroups on the FnApiRunner; returns (group rows, error rows) read back."""
-    out, err = str(tmp_path / "groups"), str(tmp_path / "errors")
+                images: int | None = None, batch_rows: int = 7, **kwargs
+                ) -> tuple[list[dict], list[dict]]:
+    """Runs ScoreGroups on the FnApiRunner over the rows in record batches of
+    ``batch_rows``; returns (group rows of the ranked shards it wrote, error rows).
+    ``images`` (default: the rows) sets the number of buckets."""
+    results, err = str(tmp_path / "results"), str(tmp_path / "errors")
     group = GroupConfig(group_by=key, method=method, pool=pool)
+    schema = features.feature_schema(["lot"])
+    batches = [features.rows_batch(rows[i:i + batch_rows], schema)
+               for i in range(0, len(rows), batch_rows)]
     with beam.Pipeline(options=beam_options([])) as p:
-        groups, errors = p | beam.Create(rows) | ScoreGroups(group, **kwargs)
-        groups | "G" >> beam.Map(json.dumps) | "WG" >> beam.io.WriteToText(out)
+        written, errors = p | beam.Create(batches, reshuffle=False) | ScoreGroups(
+            group, results, images=len(rows) if images is None else images, **kwargs)
         errors | "E" >> beam.Map(json.dumps) | "WE" >> beam.io.WriteToText(err)
-
-    def read(prefix):
-        return [json.loads(line) for f in sorted(glob.glob(prefix + "*"))
-                for line in open(f)]
-
-    return sorted(read(out), key=lambda g: g["group"]), read(err)
+    shards = sorted(glob.glob(f"{results}/groups-*.parquet"))
+    assert shards, "ScoreGroups wrote no groups shard"
+    groups = pa.concat_tables([pq.read_table(f) for f in shards]).to_pylist()
+    errors = [json.loads(line) for f in sorted(glob.glob(err + "*")) for line in open(f)]
+    return sorted(groups, key=lambda g: g["group"]), errors
 
 
 def test_group_key_parent_dir_and_column():
@@ -199,19 +207,81 @@ def test_index_mode_is_checked_both_ways():
         check_index_mode(set_index, "lot", "max")
 
 
-def test_score_groups_stage_with_assert_that():
-    from apache_beam.testing.test_pipeline import TestPipeline
-    from apache_beam.testing.util import assert_that, equal_to
+def test_sets_spilled_into_many_buckets_score_as_in_one(tmp_path):
+    """Many buckets and many small spills (each set's members written in several files)
+    give the table of one bucket, and both equal numpy: covtrace, sizes, members, ranks."""
+    rng = np.random.default_rng(4)
+    groups = {f"lot{i:02d}": rng.normal(size=(int(rng.integers(1, 7)), 4)) * (1 + i % 5)
+              for i in range(40)}
+    rows = _rows(groups)
+    rng.shuffle(rows)  # a set's members arrive apart
+    one, one_err = _run_groups(rows, tmp_path / "one", key="lot", method="covtrace",
+                               pool=None)
+    many, many_err = _run_groups(rows, tmp_path / "many", key="lot", method="covtrace",
+                                 pool=None, bucket_images=8, spill_rows=5)
+    spilled = glob.glob(str(tmp_path / "many" / "results" / ".sets" / "*.parquet"))
+    assert len(spilled) > 10  # a file every 5 rows or more, a row group a bucket in each
+    files = [pq.ParquetFile(f) for f in spilled]
+    row_groups = [f.read_row_group(i, columns=["bucket"]).column("bucket").to_pylist()
+                  for f in files for i in range(f.metadata.num_row_groups)]
+    assert all(len(set(rg)) == 1 for rg in row_groups)
+    used = {rg[0] for rg in row_groups}
+    assert len(used) > 5 and max(used) < -(-len(rows) // 8)  # of ceil(rows / 8) buckets
+    assert sum(f.metadata.num_rows for f in files) == len(rows)
+    np.testing.assert_allclose([g["score"] for g in many], [g["score"] for g in one],
+                               rtol=1e-12)
+    strip = [{k: v for k, v in g.items() if k != "score"} for g in many]
+    assert strip == [{k: v for k, v in g.items() if k != "score"} for g in one]
+    assert sorted(map(json.dumps, many_err)) == sorted(map(json.dumps, one_err))
+    scored = {n: X for n, X in groups.items() if len(X) >= 2}
+    assert [g["group"] for g in many] == sorted(scored)
+    expected = np.array([scored[n].astype(np.float32).astype(np.float64).var(axis=0, ddof=1)
+                         .sum() for n in sorted(scored)])  # features are stored float32
+    np.testing.assert_allclose([g["score"] for g in many], expected, rtol=1e-9)
+    assert [g["rank"] for g in many] == [1 + int((expected > e).sum()) for e in expected]
+    assert [g["size"] for g in many] == [len(scored[n]) for n in sorted(scored)]
+    assert all(g["member_uris"] == sorted(r["uri"] for r in rows if r["lot"] == g["group"])
+               for g in many)
+    assert sorted(e["uri"] for e in many_err) == sorted(
+        r["uri"] for r in rows if len(groups[r["lot"]]) < 2)
 
-    from pipelines.options import LOCAL_RUNNER
 
-    a = np.array([[0, 0], [2, 0], [0, 4]], float)  # variances 4/3 and 16/3: trace 20/3
-    rows = _rows({"a": a, "solo": np.array([[5, 5]], float)})
-    with TestPipeline(runner=LOCAL_RUNNER) as p:
-        groups, errors = p | beam.Create(rows) | ScoreGroups(
-            GroupConfig(group_by="lot", method="covtrace"))
-        assert_that(groups | beam.Map(lambda g: (g["group"], round(g["score"], 9), g["rank"],
-                                                 g["size"])),
-                    equal_to([("a", round(20 / 3, 9), 1, 3)]), label="groups")
-        assert_that(errors | beam.Map(lambda e: (e["uri"].rsplit("/", 1)[1], e["stage"])),
-                    equal_to([("00.png", "group")]), label="errors")
+def test_buckets_are_the_same_in_every_process():
+    """A set's bucket must not depend on the process (workers spill, others summarise):
+    another interpreter, with another string-hash seed, puts every set in the same bucket."""
+    from dn2ops.score_sets import bucket_of, n_buckets
+
+    names = [f"lot{i}" for i in range(50)] + ["gs://b/cam-7/2026-12-01", "ü"]
+    code = ("import json, sys; from dn2ops.score_sets import bucket_of; "
+            "print(json.dumps([bucket_of(n, 13) for n in json.loads(sys.argv[1])]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(names)], check=True,
+                         capture_output=True, text=True, env={"PYTHONHASHSEED": "123"},
+                         cwd=str(Path(__file__).parents[2]))
+    mine = [bucket_of(n, 13) for n in names]
+    assert json.loads(out.stdout) == mine
+    assert len(set(mine)) > 8  # spread over the buckets
+    assert [n_buckets(i, 10) for i in (0, 1, 10, 11, 95)] == [1, 1, 1, 2, 10]
+
+
+def test_spill_file_has_a_row_group_a_bucket(tmp_path):
+    """write_spill sorts rows by bucket into one row group each; read_spilled gives back
+    exactly a bucket's rows and refuses a row group that is another bucket's."""
+    from dn2ops.score_sets import SPILL_SCHEMA, read_spilled, write_spill
+
+    buckets = [3, 0, 3, 1, 0, 3]
+    X = np.arange(12, dtype=np.float32).reshape(6, 2)
+    table = pa.Table.from_pydict(
+        {"bucket": buckets, "group": [f"g{b}" for b in buckets],
+         "uri": [f"u{i}" for i in range(6)], "backbone": ["test"] * 6,
+         "embedding": [list(x) for x in X]}, schema=SPILL_SCHEMA)
+    path = str(tmp_path / "spill.parquet")
+    parts = write_spill(table, path)
+    assert parts == [(0, 0), (1, 1), (3, 2)]
+    assert pq.ParquetFile(path).metadata.num_row_groups == 3
+    for bucket, row_group in parts:
+        got = read_spilled(path, row_group, bucket)
+        want = [i for i, b in enumerate(buckets) if b == bucket]
+        assert got.column("uri").to_pylist() == [f"u{i}" for i in want]  # stable order
+        np.testing.assert_array_equal(features.embeddings(got), X[want])
+    with pytest.raises(ValueError, match="holds buckets \\[1\\], not 3"):
+        read_spilled(path, 1, 3)
