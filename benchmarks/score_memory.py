@@ -138,11 +138,26 @@ def read_results(out: str) -> pa.Table:
     return t.sort_by("uri")
 
 
+_POWERS = {"none": None, "l2": 1.0, "sqrt-l2": 0.5, "root4-l2": 0.25}
+
+
+def _transformed(x: np.ndarray, name: str) -> np.ndarray:
+    """The index's feature transform, in float64 by hand: signed power, unit length."""
+    x = x.astype(np.float64)
+    if _POWERS[name] is None:
+        return x
+    x = np.sign(x) * np.abs(x) ** _POWERS[name]
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def check_against_brute_force(table: pa.Table, feats: str, index: str, n: int) -> dict:
-    """Scores and ranks of SAMPLE rows recomputed with numpy from the raw features."""
+    """Scores and ranks of SAMPLE rows recomputed with numpy from the raw features (put
+    through the index's feature transform, by hand) and the index's K-means centres."""
     from dn2ops.index import LoadedIndex
 
-    centres = LoadedIndex(index).centroids.astype(np.float64)
+    loaded = LoadedIndex(index)
+    centres = loaded.centroids.astype(np.float64)
+    transform = loaded.manifest.get("feature_transform", "none")
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(n, size=min(SAMPLE, n), replace=False))
     shard_of = rows // ROWS_PER_SHARD
@@ -150,7 +165,8 @@ def check_against_brute_force(table: pa.Table, feats: str, index: str, n: int) -
     xq = np.concatenate([
         features.embeddings(pq.read_table(paths[s], columns=["embedding"]).take(
             rows[shard_of == s] % ROWS_PER_SHARD)) for s in np.unique(shard_of)])
-    d = np.sqrt(((xq[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1)).min(1)
+    xq = _transformed(xq, transform)
+    d = np.sqrt(((xq[:, None, :] - centres[None]) ** 2).sum(-1)).min(1)
     uris = [f"synthetic://{i:07d}" for i in rows]
     got = table.take(np.searchsorted(table.column("uri").to_numpy(zero_copy_only=False),
                                      uris))
