@@ -1,4 +1,4 @@
-"""Set scoring stage: feature rows -> sets of images -> ranked group rows.
+"""Set scoring stage: feature record batches -> sets of images -> ranked group rows.
 
 Images are grouped into sets by a key: ``parent_dir`` (the uri's parent
 directory) or a manifest column. A set is scored either
