@@ -74,13 +74,14 @@ def covtrace_score(features: np.ndarray) -> float:
 
 
 class SetSummary:
-    """What a set's score needs, from one feature (d,) at a time: `add`, `merge`.
+    """What a set's score needs, from some of its features at a time: `of`, `merge`
+    (`add`: one feature).
 
     ``pool`` ("mean" or "max") keeps what `pool_set` needs, ``covtrace=True`` what
     `covtrace_score` needs: the count, the mean (float64) and the sum over all
-    dimensions of the squared deviations from it, updated one row at a time
-    (Welford) and merged pairwise (Chan et al.), so no (m, d) array and no
-    per-dimension sum of squares (which cancels badly) is ever formed. Results
+    dimensions of the squared deviations from it, computed per batch of members and
+    merged pairwise (Chan et al.), so no whole set and no per-dimension sum of squares
+    (which cancels badly) is ever formed. Results
     equal the whole-array functions up to float64 rounding (the order of the
     additions differs), not bitwise.
     """
@@ -100,20 +101,8 @@ class SetSummary:
         x = np.asarray(x, np.float32)
         if x.ndim != 1:
             raise ValueError(f"a set member's feature must be a (d,) vector, got {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError("a set member's feature has NaN or inf values")
-        self.count += 1
-        if self.max is not None:
-            self.max = x.copy() if self.count == 1 else np.maximum(self.max, x, out=self.max)
-        if self.mean is not None:
-            if self.count == 1:
-                self.mean = x.astype(np.float64)
-            else:
-                delta = x - self.mean
-                self.mean += delta / self.count
-                if self.m2 is not None:
-                    self.m2 += float(delta @ delta) * (self.count - 1) / self.count
-        return self
+        pool = "max" if self.max is not None else "mean" if self.mean is not None else None
+        return self.merge(SetSummary.of(x[None], pool, self.m2 is not None))
 
     @classmethod
     def of(cls, features: np.ndarray, pool: PoolHow | None = None,
