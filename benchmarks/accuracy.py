@@ -287,7 +287,7 @@ def knn_scores(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
 
     With n <= k normal images (few-shot) the score is the mean distance to all n.
     """
-    from dn2ops.knn import knn
+    from dn2ops.index.knn import knn
 
     D, _ = knn(test, train, min(k, len(train)))
     return D.mean(axis=1, dtype=np.float64)
@@ -329,7 +329,7 @@ def _ms(seconds: float | None) -> float | None:
 def table_k(trs: list[Treatment], prot: Protocol, ks: Sequence[int] = (1, 2, 3, 5, 10)
             ) -> list[dict[str, Any]]:
     """Mean ROC-AUC at each k, one search of max(ks) neighbours per class and treatment."""
-    from dn2ops.knn import knn
+    from dn2ops.index.knn import knn
 
     rows = []
     for tr in trs:
@@ -346,7 +346,7 @@ def table_k(trs: list[Treatment], prot: Protocol, ks: Sequence[int] = (1, 2, 3, 
 def table_kmeans(tr: Treatment, prot: Protocol, k: int, cs: Sequence[int] = (1, 3, 5, 10)
                  ) -> list[dict[str, Any]]:
     """Exact kNN against distance to the nearest of C faiss K-means centres (dn2's --kmeans)."""
-    from dn2ops.knn import kmeans_centroids, knn
+    from dn2ops.index.knn import kmeans_centroids, knn
 
     rows = []
     for C in (None, *cs):
@@ -403,7 +403,7 @@ def clean_masks(X: np.ndarray, fraction: float, ks: Sequence[int]) -> dict[int, 
     """{k: kept mask (n,)}: each drops the round(fraction n) rows with the highest
     leave-one-out score (mean distance to the k nearest other rows), lower index first
     among ties (DN2Scorer's rule)."""
-    from dn2ops.knn import knn_leave_one_out
+    from dn2ops.index.knn import knn_leave_one_out
 
     n = len(X)
     D, _ = knn_leave_one_out(X, min(max(ks), n - 1))
@@ -486,7 +486,7 @@ def table_impurities(tr: Treatment, prot: Protocol, train_labels: np.ndarray, k:
     """Normal set = the class's images + round(p n / (1 - p)) random training images of the
     other classes (so a fraction p is impure). Mean ROC-AUC without cleaning and after
     each cleaning rule at the true rate, and the fraction of impurities each rule removed."""
-    from dn2ops.knn import knn
+    from dn2ops.index.knn import knn
 
     rng = np.random.default_rng(seed)
     rows = []

@@ -2,9 +2,9 @@
 
 The accuracy protocols embed whole datasets (Fashion-MNIST: 70,000 images) once per
 backbone; every table is then computed from the cached features. The images go through
-exactly what ``dn2 embed`` runs after decoding: grey -> RGB (dn2ops.images), the
+exactly what ``dn2 embed`` runs after decoding: grey -> RGB (dn2ops.embed.images), the
 backbone's resize and centre crop (``Preprocessing.crop_image``), and the engine's Beam
-model handler (``dn2ops.engines.make_handler``; ONNX Runtime on a CPU by default, whose
+model handler (``dn2ops.engines.base.make_handler``; ONNX Runtime on a CPU by default, whose
 exported graph normalises the uint8 batch). A lossless PNG of the image decodes to the
 same array, so the features are those of ``dn2 embed`` on a PNG store, without the PNG
 files, the Beam runner and the Parquet shards around them.
@@ -23,8 +23,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from dn2ops.backbones import get_spec
-from dn2ops.engines import EngineConfig, make_handler, resolve_engine, usable_cores
+from dn2ops.embed.backbones import get_spec
+from dn2ops.engines.base import EngineConfig, make_handler, resolve_engine, usable_cores
 
 LOG = logging.getLogger("dn2.bench")
 

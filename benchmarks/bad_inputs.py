@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the corpus builders live with the tests
 
 from benchmarks.datasets import write_png_store  # noqa: E402
-from dn2ops import outputs  # noqa: E402
+from dn2ops.io import outputs  # noqa: E402
 from pipelines.cli import main  # noqa: E402
 from tests.conftest import digit_images  # noqa: E402
 from tests.pipelines.test_reliability import (  # noqa: E402

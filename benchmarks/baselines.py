@@ -52,7 +52,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
 from benchmarks.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from dn2ops.estimator import DN2Scorer
+from dn2ops.score.estimator import DN2Scorer
 
 NU_GRID: tuple[float, ...] = (0.01, 0.1, 0.5)
 GAMMA_MULTS: tuple[float, ...] = (0.1, 1.0, 10.0)  # x 1/(d * var); 1.0 == gamma='scale'
@@ -461,7 +461,7 @@ def load_pipeline(root: str, train_per_class: int, n_test: int
     is checked against the dataset's.
     Returns (train features by class, test X, test y, raw train by class, raw test).
     """
-    from dn2ops.features import load_features
+    from dn2ops.io.features import load_features
 
     def ordered(d: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table, X, _ = load_features(d)

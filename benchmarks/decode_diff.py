@@ -26,9 +26,9 @@ if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
 from benchmarks.embed_workloads import stores  # noqa: E402
-from dn2ops.backbones import get_spec  # noqa: E402
-from dn2ops.embed_images import prepare  # noqa: E402
-from dn2ops.engines import EngineConfig, installed, make_handler  # noqa: E402
+from dn2ops.embed.backbones import get_spec  # noqa: E402
+from dn2ops.embed.stage import prepare  # noqa: E402
+from dn2ops.engines.base import EngineConfig, installed, make_handler  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 

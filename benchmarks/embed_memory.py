@@ -29,7 +29,7 @@ if REPO not in sys.path:  # run as a script
 
 from benchmarks.datasets import load_fashion_mnist, write_manifest, write_png_store  # noqa: E402
 from benchmarks.score_memory import measure  # noqa: E402
-from dn2ops import features  # noqa: E402
+from dn2ops.io import features  # noqa: E402
 
 LOT = 20  # images a lot (group mode)
 

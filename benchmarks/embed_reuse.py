@@ -58,7 +58,7 @@ def embed(manifest: str, output: str, *extra: str) -> dict:
 
 
 def max_diff(a: str, b: str) -> float:
-    from dn2ops.features import load_features
+    from dn2ops.io.features import load_features
 
     (ta, xa, _), (tb, xb, _) = load_features(a), load_features(b)
     ia = {u: i for i, u in enumerate(ta.column("uri").to_pylist())}

@@ -1,6 +1,6 @@
 """The engine table: images/s of torch, ONNX Runtime and OpenVINO, side by side in one run.
 
-Each engine runs through its dn2 model handler (dn2ops.engines.make_handler:
+Each engine runs through its dn2 model handler (dn2ops.engines.base.make_handler:
 ``load_model()`` then ``run_inference()`` on uint8 batches, normalisation
 included), on the same seeded batches, for EfficientNet-Lite0 and ResNet-50
 (``--weights random``, seeded: speed only) at batch 1, 16 and 64. Every engine
@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from dn2ops.backbones import get_spec
-from dn2ops.engines import ENGINES, EngineConfig, installed, make_handler, usable_cores
+from dn2ops.embed.backbones import get_spec
+from dn2ops.engines.base import ENGINES, EngineConfig, installed, make_handler, usable_cores
 
 WEIGHTS = {"efficientnet_lite0": None, "resnet50": "random"}
 

@@ -149,8 +149,8 @@ def warm(files: list[str]) -> None:
 
 def decode_ms(files: list[str], decode: str) -> float:
     """Median ms per image of read + decode + crop, as dn2's prepare() does it."""
-    from dn2ops.backbones import get_spec
-    from dn2ops.embed_images import prepare
+    from dn2ops.embed.backbones import get_spec
+    from dn2ops.embed.stage import prepare
 
     pre = get_spec(BACKBONE).preprocessing
     times = []
@@ -195,7 +195,7 @@ def workload(name: str, files: list[str], out: str, args, engine: str, model: st
 
 def feature_diff(out: str) -> dict:
     """max / mean |dn2 features - previous path's| (engine and decode together), by uri."""
-    from dn2ops.features import load_features
+    from dn2ops.io.features import load_features
 
     rows = {}
     for way in ("dn2", "previous"):
@@ -243,8 +243,8 @@ def stores(out: str, photos: str | None, n_photos: int, n_fashion: int
 
 
 def run(args) -> dict:
-    from dn2ops.engines import resolve_engine, usable_cores
-    from dn2ops.export import export_backbone
+    from dn2ops.embed.export import export_backbone
+    from dn2ops.engines.base import resolve_engine, usable_cores
 
     args.cores = usable_cores()
     engine = resolve_engine("auto", "cpu")

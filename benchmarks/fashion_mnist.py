@@ -18,8 +18,8 @@ What goes through the pipeline and what does not:
     ``dn2 score --features`` for every class; its ROC-AUC is computed from the
     written ``anomalies-*.parquet`` table (label from the carried manifest column).
   * The sweeps (K-means, few-shot, impurities, k, backbones, feature treatments)
-    score the pipeline's feature shards (dn2ops.features.load_features) with
-    dn2ops.estimator.DN2Scorer, the estimator that ``dn2 build-index`` wraps.
+    score the pipeline's feature shards (dn2ops.io.features.load_features) with
+    dn2ops.score.estimator.DN2Scorer, the estimator that ``dn2 build-index`` wraps.
 
 Cache layout (default ``bench-out/fmnist/``; reused between runs, never re-embedded
 when a features directory has its ``_SUCCESS`` marker):
@@ -80,10 +80,11 @@ from benchmarks.datasets import (  # noqa: E402
 )
 from benchmarks.markdown import fmt as _f  # noqa: E402
 from benchmarks.markdown import table as _table  # noqa: E402
-from dn2ops import features as features_mod  # noqa: E402
-from dn2ops import outputs, transforms  # noqa: E402
-from dn2ops.estimator import DN2Scorer  # noqa: E402
-from dn2ops.knn import knn  # noqa: E402
+from dn2ops import transforms  # noqa: E402
+from dn2ops.index.knn import knn  # noqa: E402
+from dn2ops.io import features as features_mod  # noqa: E402
+from dn2ops.io import outputs  # noqa: E402
+from dn2ops.score.estimator import DN2Scorer  # noqa: E402
 
 LOG = logging.getLogger("dn2.bench")
 
@@ -805,9 +806,9 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], classes: Sequenc
         "decoded to RGB, resized and centre-cropped by the pipeline).",
         "* Table 1 runs `dn2 build-index` and `dn2 score --features` per class; its ROC-AUC is "
         "computed from the written anomalies table (label from the carried manifest column). "
-        "The other tables score the pipeline's feature shards with `dn2ops.estimator.DN2Scorer` "
-        "(the estimator `dn2 build-index` wraps); the second column of table 1 checks the two "
-        "agree.",
+        "The other tables score the pipeline's feature shards with "
+        "`dn2ops.score.estimator.DN2Scorer` (the estimator `dn2 build-index` wraps); the "
+        "second column of table 1 checks the two agree.",
         "* Few-shot: n random images of the class, mean over 5 draws (1 draw for all); with "
         "n <= k the score is the mean distance to all n. 'all' = every embedded image "
         f"({prot['train_per_class']} per class).",

@@ -8,11 +8,11 @@
   (benchmarks.datasets.write_photo_store): nvJPEG on the GPU
   (``torchvision.io.decode_jpeg(list, device="cuda")``, lists of 64 files,
   then resize + center crop on the GPU) against dn2's CPU path (draft decoding +
-  crop, dn2ops.embed_images.prepare, on a thread pool of all cores); decides whether
+  crop, dn2ops.embed.stage.prepare, on a thread pool of all cores); decides whether
   a ``--decode gpu`` is worth adding. Skipped, with the reason, without CUDA;
 * faiss at N = 1M normal features (1280-d float32, seeded): bare
   IndexFlatL2 on all GPUs vs on the CPU, and dn2's exact sharded search
-  (dn2ops.gpu.knn_sharded_gpu vs dn2ops.knn.knn_sharded, 10 shards of 100k,
+  (dn2ops.index.gpu.knn_sharded_gpu vs dn2ops.index.knn.knn_sharded, 10 shards of 100k,
   both re-ranked exactly), with the largest distance difference between
   the two paths.
 
@@ -41,8 +41,8 @@ if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
 def embed_rate(name: str, device: str, batch: int, batches: int) -> float:
     import torch
 
-    from dn2ops.backbones import get_spec, load_backbone
-    from dn2ops.embedder import Embedder
+    from dn2ops.embed.backbones import get_spec, load_backbone
+    from dn2ops.engines.torch import Embedder
 
     crop = get_spec(name).preprocessing.crop
     embedder = Embedder(load_backbone(name, "random"), device=device)
@@ -62,8 +62,8 @@ def decode_rates(paths: list[str], batch: int) -> dict:
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
-    from dn2ops.backbones import get_spec
-    from dn2ops.embed_images import prepare
+    from dn2ops.embed.backbones import get_spec
+    from dn2ops.embed.stage import prepare
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU"}
@@ -142,7 +142,7 @@ def decode_part(args) -> dict:
 def faiss_part(args) -> dict:
     import faiss
 
-    from dn2ops import gpu
+    from dn2ops.index import gpu
 
     if gpu.faiss_gpus() == 0:
         print("faiss: skipped, faiss sees no GPU (install dn2[gpu])", file=sys.stderr)
@@ -178,8 +178,8 @@ def faiss_part(args) -> dict:
 
 
 def _sharded(xq, xb, k, args) -> dict:
-    from dn2ops import gpu
-    from dn2ops.knn import knn_sharded
+    from dn2ops.index import gpu
+    from dn2ops.index.knn import knn_sharded
 
     shards = np.array_split(xb, 10)
     t = time.perf_counter()

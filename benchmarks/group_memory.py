@@ -42,7 +42,7 @@ if REPO not in sys.path:  # run as a script
 
 from benchmarks import score_memory  # noqa: E402
 from benchmarks.score_memory import DIM, ROWS_PER_SHARD, measure  # noqa: E402
-from dn2ops import features, outputs  # noqa: E402
+from dn2ops.io import features, outputs  # noqa: E402
 
 LOT = 20  # images a lot
 NORMAL = 20_000

@@ -5,7 +5,7 @@ Features, not pixels: every image is embedded once with ``dn2 embed``
 
 Protocol 1 (no training): normal sets hold 10-50 images of one class, anomalous
 sets 10-50 images drawn from all classes; each set is scored by
-`dn2ops.set_features.covtrace_score` (trace of its features' covariance). ROC-AUC on
+`dn2ops.score.set_features.covtrace_score` (trace of its features' covariance). ROC-AUC on
 scikit-learn's handwritten digits and on Fashion-MNIST.
 
 Protocol 2 (the paper's harder task): a normal set holds exactly one image of
@@ -44,10 +44,10 @@ if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
     sys.path.insert(0, REPO)
 
 from benchmarks.datasets import load_fashion_mnist, write_manifest, write_png_store  # noqa: E402
-from dn2ops import outputs  # noqa: E402
-from dn2ops.estimator import DN2Scorer  # noqa: E402
-from dn2ops.features import load_features  # noqa: E402
-from dn2ops.set_features import covtrace_score, pool_sets  # noqa: E402
+from dn2ops.io import outputs  # noqa: E402
+from dn2ops.io.features import load_features  # noqa: E402
+from dn2ops.score.estimator import DN2Scorer  # noqa: E402
+from dn2ops.score.set_features import covtrace_score, pool_sets  # noqa: E402
 from pipelines.cli import main as dn2  # noqa: E402
 
 SHARED_FMNIST = "bench-out/fmnist/features/efficientnet_lite0"

@@ -27,11 +27,11 @@ if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
     sys.path.insert(0, REPO)
 
 from benchmarks.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
-from dn2ops.backbones import get_spec, load_backbone  # noqa: E402
-from dn2ops.embedder import Embedder  # noqa: E402
-from dn2ops.estimator import DN2Scorer  # noqa: E402
-from dn2ops.images import load_image  # noqa: E402
-from dn2ops.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: E402
+from dn2ops.embed.backbones import get_spec, load_backbone  # noqa: E402
+from dn2ops.embed.images import load_image  # noqa: E402
+from dn2ops.embed.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: E402
+from dn2ops.engines.torch import Embedder  # noqa: E402
+from dn2ops.score.estimator import DN2Scorer  # noqa: E402
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -35,10 +35,10 @@ if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
     sys.path.insert(0, REPO)
 
 from benchmarks.datasets import load_fashion_mnist, write_png_store  # noqa: E402
-from dn2ops.backbones import get_spec  # noqa: E402
-from dn2ops.embed_images import ERRORS, PrepareImages  # noqa: E402
-from dn2ops.images import DEFAULT_MAX_PIXELS  # noqa: E402
-from dn2ops.sources import ListImages  # noqa: E402
+from dn2ops.config import DEFAULT_MAX_PIXELS  # noqa: E402
+from dn2ops.embed.backbones import get_spec  # noqa: E402
+from dn2ops.embed.stage import ERRORS, PrepareImages  # noqa: E402
+from dn2ops.io.sources import ListImages  # noqa: E402
 from pipelines.cli import main as dn2  # noqa: E402
 from pipelines.options import beam_options  # noqa: E402
 

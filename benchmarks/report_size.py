@@ -31,7 +31,7 @@ if REPO not in sys.path:  # run as a script from anywhere (benchmarks.datasets)
     sys.path.insert(0, REPO)
 
 from benchmarks.datasets import load_fashion_mnist, write_png_store  # noqa: E402
-from dn2ops import outputs  # noqa: E402
+from dn2ops.io import outputs  # noqa: E402
 from dn2ops.report import write_report  # noqa: E402
 
 K = 5  # neighbours per row, as `dn2 score` is usually run

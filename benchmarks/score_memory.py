@@ -40,8 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script
     sys.path.insert(0, REPO)
 
-from dn2ops import features, outputs  # noqa: E402
-from dn2ops.backbones import get_spec  # noqa: E402
+from dn2ops.embed.backbones import get_spec  # noqa: E402
+from dn2ops.io import features, outputs  # noqa: E402
 
 DIM = 1280
 ROWS_PER_SHARD = 100_000

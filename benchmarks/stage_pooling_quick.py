@@ -37,7 +37,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from benchmarks import accuracy as acc  # noqa: E402
 from benchmarks.array_features import crops  # noqa: E402
-from dn2ops.backbones import get_spec, load_backbone  # noqa: E402
+from dn2ops.embed.backbones import get_spec, load_backbone  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 # The last block of stages 5, 6 and 7 of Lite0 (16 blocks: 1, 2, 2, 3, 3, 4, 1).

@@ -95,8 +95,8 @@ def write_features(directory: str, n: int, seed: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dn2ops import features
-    from dn2ops.backbones import get_spec
+    from dn2ops.embed.backbones import get_spec
+    from dn2ops.io import features
 
     if os.path.exists(os.path.join(directory, "_SUCCESS")):
         return

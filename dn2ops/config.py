@@ -2,19 +2,26 @@
 
 pipelines.options builds them from the command line; the jobs, graphs and stages take
 them whole. Checks that need the data (the number of normal images, say) happen where
-the data is read: dn2ops.estimator.check_fit_size.
+the data is read: check_fit_size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 from dn2ops import transforms
-from dn2ops.estimator import check_params
-from dn2ops.images import DEFAULT_MAX_PIXELS
-from dn2ops.ivf import RECALL_QUERIES
-from dn2ops.streams import REFERENCE_SAMPLE
+
+# Images declaring more pixels are refused as decompression bombs: PIL's own default
+# (Image.MAX_IMAGE_PIXELS), ~ 9459 x 9459, about 256 MiB of 24-bit RGB once decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
+# Normal images whose leave-one-out scores form the percentile reference by default:
+# enough to put every percentile within about one point (index.streams.percentile_error),
+# and a build that stays linear in n (exact leave-one-out over all n costs n^2 d).
+REFERENCE_SAMPLE = 20_000
+# Sampled normal rows on which an approximate index's recall@k is measured at build time.
+RECALL_QUERIES = 500
 
 # The most accurate backbone measured with offline weights (README, "Accuracy, as
 # measured"); efficientnet_lite0 alone embeds about twice as fast.
@@ -22,10 +29,57 @@ DEFAULT_BACKBONE = "efficientnet_lite0+efficientnet_lite1"
 POOLS = ("mean", "max")
 GROUP_METHODS = ("knn", "covtrace")
 
+# Neighbours of the cleaning pass's leave-one-out score (``clean_k=None``). Impurities
+# from another class sit next to each other, so a score over 2 neighbours finds only
+# part of them; on Fashion-MNIST with 5-20 % impurities (benchmarks/accuracy.py, README)
+# a wider neighbourhood removes more of them and recovers more ROC-AUC.
+CLEAN_K = 200
+
+
+def cleaning_k(k: int, clean_k: int | None, n: int) -> int:
+    """Neighbours of the cleaning score: ``clean_k`` (None: max(k, CLEAN_K)), at most n - 1."""
+    return min(max(k, CLEAN_K) if clean_k is None else clean_k, n - 1)
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_params(*, k: Any, n_centroids: Any, clean_fraction: Any, clean_k: Any) -> None:
+    """Raises ValueError unless the hyperparameters are of the right type and range."""
+    if not is_int(k) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if n_centroids is not None and (not is_int(n_centroids) or n_centroids < 1):
+        raise ValueError(
+            f"n_centroids must be None or a positive integer, got {n_centroids!r}")
+    cf = clean_fraction
+    if not isinstance(cf, numbers.Real) or isinstance(cf, bool) or not 0.0 <= cf < 1.0:
+        raise ValueError(f"clean_fraction must be a float in [0, 1), got {cf!r}")
+    if clean_k is not None and (not is_int(clean_k) or clean_k < 1):
+        raise ValueError(f"clean_k must be None or a positive integer, got {clean_k!r}")
+
+
+def check_fit_size(*, k: int, n_centroids: int | None, clean_fraction: float, n: int) -> None:
+    """Raises ValueError unless n training rows suffice for these hyperparameters."""
+    if n < 1:
+        raise ValueError("X must contain at least one training sample, got n=0")
+    # kNN mode needs k neighbours for scoring and k OTHER points for the
+    # leave-one-out train_scores_; cleaning needs the latter in any mode.
+    if (n_centroids is None or clean_fraction > 0) and k > n - 1:
+        raise ValueError(
+            f"k={k} is too large for n={n} training samples: need "
+            f"k <= n - 1 because leave-one-out scoring excludes each point itself"
+        )
+    if n_centroids is not None and n_centroids > n:
+        raise ValueError(
+            f"n_centroids={n_centroids} is larger than the number of "
+            f"training samples n={n}"
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-    """How images become features (dn2ops.embed_images.EmbedImages's keywords)."""
+    """How images become features (dn2ops.embed.stage.EmbedImages's keywords)."""
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
@@ -91,7 +145,7 @@ class IndexConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GroupConfig:
-    """Scoring sets of images (dn2ops.score_sets): the key, the pooling, the method.
+    """Scoring sets of images (dn2ops.score.sets): the key, the pooling, the method.
 
     ``pool`` None: the index's own (scoring) or mean (building an index of sets).
     """

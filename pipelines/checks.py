@@ -16,14 +16,14 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from dn2ops import features, outputs, sources
-from dn2ops.backbones import WeightsError, get_spec, load_backbone, resolve_weights
 from dn2ops.config import EmbedConfig, JobConfig
-from dn2ops.embedder import resolve_device
-from dn2ops.engines import resolve_engine
-from dn2ops.gpu import resolve_faiss_device
+from dn2ops.embed.backbones import WeightsError, get_spec, load_backbone, resolve_weights
+from dn2ops.engines.base import resolve_engine
+from dn2ops.engines.torch import resolve_device
 from dn2ops.index import LoadedIndex
-from dn2ops.score_sets import check_index_mode, check_key
+from dn2ops.index.gpu import resolve_faiss_device
+from dn2ops.io import features, outputs, sources
+from dn2ops.score.sets import check_index_mode, check_key
 
 
 def preflight(backbone: str, weights: str | None, device: str,

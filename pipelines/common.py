@@ -6,13 +6,13 @@ import logging
 import sys
 from collections.abc import Callable
 
-from dn2ops.backbones import WeightsError
-from dn2ops.embedder import DeviceError
-from dn2ops.engines import EngineError
-from dn2ops.features import MetadataMismatch
+from dn2ops.embed.backbones import WeightsError
+from dn2ops.engines.base import EngineError
+from dn2ops.engines.torch import DeviceError
 from dn2ops.index import IndexError_
-from dn2ops.outputs import OutputError
-from dn2ops.sources import SourceError
+from dn2ops.io.features import MetadataMismatch
+from dn2ops.io.outputs import OutputError
+from dn2ops.io.sources import SourceError
 from pipelines.jobs import JobError
 
 # Errors whose message is the whole story for the user: no traceback.

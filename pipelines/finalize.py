@@ -9,7 +9,7 @@ the staged files, so they are tested without Beam.
 
 A step Dataflow retries after its commit went through finds the output's ``_SUCCESS``
 naming this run (``run_id``): it finishes the commit's clean-up and returns the
-committed summary instead of failing (see dn2ops.outputs for the commit protocol).
+committed summary instead of failing (see dn2ops.io.outputs for the commit protocol).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dn2ops import features, outputs
+from dn2ops.io import features, outputs
 
 LOG = logging.getLogger("dn2")
 

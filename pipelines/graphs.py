@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import apache_beam as beam
 import pyarrow as pa
 
-from dn2ops import features, sources
 from dn2ops.config import GroupConfig, SearchConfig
-from dn2ops.embed_images import EmbedImages
-from dn2ops.progress import LogProgress
-from dn2ops.score_images import ScoreFeatures
-from dn2ops.score_sets import ScoreGroups
+from dn2ops.embed.stage import EmbedImages
+from dn2ops.io import features, sources
+from dn2ops.io.progress import LogProgress
+from dn2ops.score.images import ScoreFeatures
+from dn2ops.score.sets import ScoreGroups
 
 COUNTERS = "dn2"
 

@@ -3,7 +3,7 @@
 Each job takes the dn2ops.config objects built once in pipelines.options. The checks
 that can fail (pipelines.checks) run before any heavy work; outputs are committed only
 after every write succeeded, by the pipeline's own last step (pipelines.finalize),
-so a job launched from a Dataflow template commits too (see dn2ops.outputs).
+so a job launched from a Dataflow template commits too (see dn2ops.io.outputs).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from apache_beam.options.pipeline_options import (
     PipelineOptions,
 )
 
-from dn2ops import features, outputs
-from dn2ops.backbones import get_spec, load_backbone
 from dn2ops.config import EmbedConfig, JobConfig
-from dn2ops.engines import resolve_engine
-from dn2ops.export import weights_sha256
-from dn2ops.gpu import resolve_faiss_device
+from dn2ops.embed.backbones import get_spec, load_backbone
+from dn2ops.embed.export import weights_sha256
+from dn2ops.embed.reuse import check_reusable
+from dn2ops.engines.base import resolve_engine
 from dn2ops.index import build_index
 from dn2ops.index.add import add_to_index
-from dn2ops.reuse import check_reusable
-from dn2ops.score_sets import build_group_index
+from dn2ops.index.gpu import resolve_faiss_device
+from dn2ops.io import features, outputs
+from dn2ops.score.sets import build_group_index
 from pipelines import checks, finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -52,7 +52,7 @@ def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, config: E
 
 def _model_workers(options: PipelineOptions) -> int | None:
     """Model calls that run at once on one machine, which share its cores
-    (dn2ops.engines.engine_threads): the local runner's workers (threads or processes);
+    (dn2ops.engines.base.engine_threads): the local runner's workers (threads or processes);
     None for a remote runner, which runs one SDK process per vCPU (Dataflow's default for
     Python), unless told to run one process (no_use_multiple_sdk_containers)."""
     if checks.runs_here(options):

@@ -21,10 +21,10 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from dn2ops import outputs
-from dn2ops.backbones import REGISTRY, get_spec
 from dn2ops.config import (
     DEFAULT_BACKBONE,
+    DEFAULT_MAX_PIXELS,
+    REFERENCE_SAMPLE,
     EmbedConfig,
     GroupConfig,
     IndexConfig,
@@ -32,11 +32,11 @@ from dn2ops.config import (
     ScoreConfig,
     SearchConfig,
 )
-from dn2ops.embed_images import DECODES, DEFAULT_MAX_IN_FLIGHT
-from dn2ops.embedder import DEVICES
-from dn2ops.engines import ENGINES
-from dn2ops.images import DEFAULT_MAX_PIXELS
-from dn2ops.streams import REFERENCE_SAMPLE
+from dn2ops.embed.backbones import REGISTRY, get_spec
+from dn2ops.embed.stage import DECODES, DEFAULT_MAX_IN_FLIGHT
+from dn2ops.engines.base import ENGINES
+from dn2ops.engines.torch import DEVICES
+from dn2ops.io import outputs
 from dn2ops.transforms import DEFAULT as DEFAULT_TRANSFORM
 from dn2ops.transforms import TRANSFORMS
 
@@ -166,7 +166,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_group_args(p: argparse.ArgumentParser, *, scoring: bool) -> None:
-    g = p.add_argument_group("groups (score sets of images, see dn2ops.score_sets)")
+    g = p.add_argument_group("groups (score sets of images, see dn2ops.score.sets)")
     g.add_argument("--group-by", default=None, metavar="KEY",
                    help="group images into sets by 'parent_dir' or a manifest column")
     g.add_argument("--pool", choices=("mean", "max"), default=None,

@@ -11,7 +11,7 @@ import sys
 
 import fsspec
 
-from dn2ops.outputs import OutputError
+from dn2ops.io.outputs import OutputError
 from dn2ops.report import write_report
 
 

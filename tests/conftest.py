@@ -25,7 +25,10 @@ from sklearn.datasets import load_digits
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from benchmarks.datasets import write_manifest, write_png_store  # noqa: E402
-from dn2ops import features, outputs  # noqa: E402
+from dn2ops.io import (
+    features,  # noqa: E402
+    outputs,
+)
 from tests.objectstores import FakeGcs, MotoS3, fake_gcs_compatible  # noqa: E402
 
 

@@ -11,14 +11,14 @@ Layout of INDEX_DIR:
                                counts, sha256 per file, created_at, index_id
 
   ivf.faiss, ivf.ivfdata        with --ivf NLIST instead of the flat shards: a
-                               centred IVF-Flat / IVF-PQ index (dn2ops.ivf);
+                               centred IVF-Flat / IVF-PQ index (dn2ops.index.ivf);
                                ivf.ivfdata holds its inverted lists on disk
                                (--ondisk, memory-mapped when scoring)
   hnsw.faiss                   with --hnsw M instead: an HNSW graph index
-                               (dn2ops.hnsw), held in memory when scoring
+                               (dn2ops.index.hnsw), held in memory when scoring
 
 Scores are plain Euclidean (not squared) distances, averaged over k, as in
-dn2ops.estimator; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
+dn2ops.score.estimator; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
 scores are approximate (>= exact; the manifest records recall@k).
 
 `build_index` streams: it reads the feature shards one at a time (several

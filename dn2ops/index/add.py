@@ -35,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dn2ops import features, hnsw, ivf, outputs, streams
+from dn2ops.config import REFERENCE_SAMPLE
+from dn2ops.index import hnsw, ivf, streams
 from dn2ops.index.build import (
     KMEANS_SAMPLE_PER_CENTROID,
     approx_loo,
@@ -58,14 +59,15 @@ from dn2ops.index.files import (
     shard_name,
     write_index,
 )
+from dn2ops.index.knn import flat_vectors, kmeans_centroids, knn, knn_sharded
 from dn2ops.index.search import LoadedIndex
-from dn2ops.knn import flat_vectors, kmeans_centroids, knn, knn_sharded
+from dn2ops.io import features, outputs
 
 LOG = logging.getLogger("dn2")
 
 
 def add_to_index(features_dir: str, index_dir: str, output: str, *, retrain: bool = False,
-                 reference_sample: int | None = streams.REFERENCE_SAMPLE,
+                 reference_sample: int | None = REFERENCE_SAMPLE,
                  device: str = "cpu", seed: int = 1234) -> dict[str, Any]:
     """Builds NEW index ``output``: the committed index ``index_dir`` plus the rows of the
     committed features directory ``features_dir``. Returns the new manifest."""

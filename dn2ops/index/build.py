@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from dn2ops import features, gpu, hnsw, ivf, outputs, streams, transforms
-from dn2ops import progress as progress_log
-from dn2ops.config import IndexConfig
-from dn2ops.estimator import check_fit_size, cleaning_k
+from dn2ops import transforms
+from dn2ops.config import IndexConfig, check_fit_size, cleaning_k
+from dn2ops.index import gpu, hnsw, ivf, streams
 from dn2ops.index.files import (
     KIND,
     IndexError_,
@@ -30,7 +29,9 @@ from dn2ops.index.files import (
     shard_name,
     write_index,
 )
-from dn2ops.knn import FlatShard, as_float32, flat_vectors, kmeans_centroids, knn, knn_sharded
+from dn2ops.index.knn import FlatShard, as_float32, flat_vectors, kmeans_centroids, knn, knn_sharded
+from dn2ops.io import features, outputs
+from dn2ops.io import progress as progress_log
 
 # Rows per centroid that K-means trains on when the normal set is streamed
 # (a uniform sample; sets smaller than this times C train on every row, as
@@ -84,7 +85,7 @@ def write_flat_shards(fs, directory: str, chunks: Iterable[np.ndarray],
 def shard_loader(fs, directory: str, names: list[str], device: str
                   ) -> Callable[[], Iterator[FlatShard | np.ndarray]]:
     """Loads the flat shards one at a time: a FlatShard on the CPU (the read index, shifted
-    in place: one copy in memory), the vectors for dn2ops.gpu."""
+    in place: one copy in memory), the vectors for dn2ops.index.gpu."""
     def load() -> Iterator[FlatShard | np.ndarray]:
         for name in names:
             index = read_index(fs, outputs.join(directory, name), name)
@@ -190,7 +191,7 @@ def build_index(features_dir: str, output: str, config: IndexConfig = IndexConfi
     (tested), without holding them: the features are read shard by shard in
     several passes, and each index shard is written as soon as it is full.
     ``config``: the index's shape (dn2ops.config.IndexConfig documents each field);
-    ``device``: 'cpu' | 'cuda' | 'auto' for the exact searches (dn2ops.gpu).
+    ``device``: 'cpu' | 'cuda' | 'auto' for the exact searches (dn2ops.index.gpu).
     Returns the manifest.
     """
     device = gpu.resolve_faiss_device(device)
@@ -458,7 +459,7 @@ def build_index_from_arrays(uris: list[str], sha256s: list[str], X: np.ndarray,
     """Builds INDEX_DIR ``output`` over vectors X (n, dim) named ``uris``, held in memory.
 
     For vectors that are not a features directory and are few, e.g. the pooled
-    features of normal sets (dn2ops.score_sets); the same builder, layout and
+    features of normal sets (dn2ops.score.sets); the same builder, layout and
     scores as build_index. ``fmeta`` is the backbone metadata (backbone, dim,
     preprocessing); ``extra`` keys are added to the manifest (e.g. group_by and
     pool for an index of sets). Returns the manifest.

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from dn2ops import features, gpu, hnsw, ivf, outputs, transforms
+from dn2ops import transforms
+from dn2ops.index import gpu, hnsw, ivf
 from dn2ops.index.files import (
     KIND,
     IndexError_,
@@ -24,7 +25,8 @@ from dn2ops.index.files import (
     mismatch,
     read_index,
 )
-from dn2ops.knn import ExactShard, FlatShard, as_float32, flat_vectors, knn, knn_sharded
+from dn2ops.index.knn import ExactShard, FlatShard, as_float32, flat_vectors, knn, knn_sharded
+from dn2ops.io import features, outputs
 
 
 class LoadedIndex:
@@ -36,7 +38,7 @@ class LoadedIndex:
     shard is read straight into its faiss index and held as that one copy
     (knn.FlatShard). IVF indexes are read whole, or memory-mapped when their
     lists are on disk. ``device``: 'auto' puts the search on the GPU when
-    faiss sees one (see dn2ops.gpu), 'cpu' forces the CPU, 'cuda' without a
+    faiss sees one (see dn2ops.index.gpu), 'cpu' forces the CPU, 'cuda' without a
     GPU raises DeviceError.
     """
 
@@ -165,7 +167,7 @@ class LoadedIndex:
 
     def _search_shards(self) -> Iterator[ExactShard]:
         """Each flat shard loaded: as a FlatShard on the CPU (the read index, shifted in
-        place: one copy in memory), or put on the GPU (dn2ops.gpu.GpuFlat)."""
+        place: one copy in memory), or put on the GPU (dn2ops.index.gpu.GpuFlat)."""
         if self.device == "cuda":
             for xb in self.iter_shards():
                 yield gpu.GpuFlat(xb)

@@ -10,7 +10,7 @@ Sections, each a ``<section id=...>``: ``summary``, ``histogram``, ``top``,
 results carry the label column) and ``errors``.
 
 Modules, one job each: `inputs` (reading the results and the index through
-`dn2ops.features`), `content` (choosing what to show), `thumbs`, `plots`
+`dn2ops.io.features`), `content` (choosing what to show), `thumbs`, `plots`
 (matplotlib), `page` (the Jinja template, autoescaped, in ``templates/``).
 """
 

@@ -1,6 +1,6 @@
 """Reading what a report shows: a committed results directory and the normal index.
 
-Tables are read through `dn2ops.features` (shard listing and Parquet reads), so
+Tables are read through `dn2ops.io.features` (shard listing and Parquet reads), so
 the report takes exactly the shards that the directory's commit vouches for.
 Only the columns the report uses are read; every score is used, but only
 through the plots.
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dn2ops import features, outputs
+from dn2ops.io import features, outputs
 
 RESULTS_KIND = "results"
 INDEX_KIND = "index"
@@ -51,7 +51,7 @@ def read_inputs(results_dir: str, index_dir: str | None, label_column: str) -> R
     """Read the results tables, summary and (optional) normal scores.
 
     Raises:
-        dn2ops.outputs.OutputError: ``results_dir`` does not exist or was not
+        dn2ops.io.outputs.OutputError: ``results_dir`` does not exist or was not
             committed (no ``_SUCCESS`` marker: a run stopped mid-way), or
             holds another kind of dn2 output.
         FileNotFoundError: an explicit ``index_dir`` has no ``normal.parquet``.

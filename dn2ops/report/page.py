@@ -54,7 +54,7 @@ def render_report(
         The HTML document as a string.
 
     Raises:
-        dn2ops.outputs.OutputError: ``results_dir`` does not exist or is not a
+        dn2ops.io.outputs.OutputError: ``results_dir`` does not exist or is not a
             committed results directory; or ``index_dir`` is not a committed index.
         FileNotFoundError: ``index_dir`` has no ``normal.parquet``.
         ValueError: a negative ``top``/``sample`` or non-positive ``thumb_px``.

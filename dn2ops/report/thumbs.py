@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from dn2ops.images import load_image
+from dn2ops.embed.images import load_image
 
 JPEG_QUALITY = 80
 # Concurrent thumbnail reads: object stores answer one small read in tens of

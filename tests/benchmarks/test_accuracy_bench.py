@@ -18,7 +18,7 @@ from benchmarks import accuracy as bench
 from benchmarks import array_features
 from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops.config import DEFAULT_BACKBONE
-from dn2ops.features import embeddings, read_table
+from dn2ops.io.features import embeddings, read_table
 from pipelines.cli import main as dn2
 from tests.conftest import brute_scores, root4_l2, sqrt_l2
 
@@ -118,7 +118,7 @@ def test_kept_scores_equal_a_search_of_the_kept_rows():
     train = rng.standard_normal((300, 8)).astype(np.float32)
     test = rng.standard_normal((200, 8)).astype(np.float32)
     kept = rng.random(300) > 0.7  # deep lists run out of kept rows: re-searched
-    from dn2ops.knn import knn
+    from dn2ops.index.knn import knn
 
     D, I = knn(test, train, 4)
     assert (kept[I].sum(axis=1) < 2).any()

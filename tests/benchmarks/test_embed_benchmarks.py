@@ -8,8 +8,8 @@ from PIL import Image
 
 from benchmarks import embed_speed, embed_workloads, gpu_check
 from benchmarks.datasets import phone_photo
-from dn2ops.backbones import get_spec
-from dn2ops.embed_images import prepare
+from dn2ops.embed.backbones import get_spec
+from dn2ops.embed.stage import prepare
 
 
 @pytest.mark.parametrize("orientation", [1, 6])

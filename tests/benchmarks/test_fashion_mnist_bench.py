@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import fashion_mnist as bench
-from dn2ops.features import embeddings, read_table
+from dn2ops.io.features import embeddings, read_table
 from tests.conftest import brute_scores, sqrt_l2
 
 N_TRAIN, N_TEST, FLIP_TRAIN, FLIP_TEST = 5, 15, 3, 9

@@ -7,7 +7,7 @@ import time
 import fsspec
 
 from benchmarks.read_latency import PROTOCOL
-from dn2ops.sources import list_source
+from dn2ops.io.sources import list_source
 
 
 def test_slow_store_lists_and_reads_like_local_disk_after_the_delay(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.array_features import crops
 from benchmarks.stage_pooling_quick import BACKBONE, pooled_stages, treatment
-from dn2ops.backbones import get_spec, load_backbone
+from dn2ops.embed.backbones import get_spec, load_backbone
 from tests.conftest import digit_images, sqrt_l2
 
 

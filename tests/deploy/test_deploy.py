@@ -23,8 +23,8 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from dn2ops.backbones import REGISTRY
 from dn2ops.config import DEFAULT_BACKBONE, SearchConfig
+from dn2ops.embed.backbones import REGISTRY
 from pipelines import options
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,7 +269,7 @@ def test_device_preflight_is_local_only_and_template_launches_do_not_wait(monkey
     import apache_beam as beam
     import torch
 
-    from dn2ops.embedder import DeviceError
+    from dn2ops.engines.torch import DeviceError
     from pipelines import checks, jobs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -309,7 +309,7 @@ def test_score_with_cuda_and_no_gpu_fails_before_any_work(digit_store, tmp_path,
                  "--output", str(out), "--device", "cuda"])
     assert code == 1
     err = capsys.readouterr().err
-    # torch (dn2ops.embedder) or faiss (dn2ops.gpu), whichever is checked first, says so
+    # torch (dn2ops.engines.torch) or faiss (dn2ops.index.gpu), whichever is checked first, says so
     assert err.startswith("dn2 score: error: --device cuda was asked for but "), err
     assert not out.exists()
 

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from dn2ops.config import (
+    REFERENCE_SAMPLE,
     EmbedConfig,
     GroupConfig,
     IndexConfig,
@@ -14,7 +15,6 @@ from dn2ops.config import (
     ScoreConfig,
     SearchConfig,
 )
-from dn2ops.streams import REFERENCE_SAMPLE
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -2,7 +2,7 @@
 
 Runs in fresh interpreters (the import order of this test process is already fixed) and
 does what a Beam worker does: embed with torch, then search with faiss with its threads
-capped by dn2ops.knn.set_faiss_threads, in the parent and in forked children.
+capped by dn2ops.index.knn.set_faiss_threads, in the parent and in forked children.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import {second}
 import multiprocessing as mp
 import numpy as np
 import torch
-from dn2ops.knn import knn, set_faiss_threads
+from dn2ops.index.knn import knn, set_faiss_threads
 
 def work(seed):
-    set_faiss_threads(1)  # what dn2ops.score_images does in every worker's setup
+    set_faiss_threads(1)  # what dn2ops.score.images does in every worker's setup
     rng = np.random.default_rng(seed)
     xb, xq = rng.random((2000, 64), np.float32), rng.random((50, 64), np.float32)
     feats = torch.nn.functional.relu(torch.from_numpy(xq) @ torch.ones(64, 8))
@@ -39,8 +39,9 @@ print("ok", parent)
 
 # The orders a dn2 process can meet: a stage module that uses faiss imported before
 # torch, or after it, or the command-line entry point.
-@pytest.mark.parametrize("first, second", [("dn2ops.knn", "torch"), ("torch", "dn2ops.knn"),
-                                           ("pipelines.cli", "dn2ops.score_images")])
+@pytest.mark.parametrize("first, second", [("dn2ops.index.knn", "torch"),
+                                           ("torch", "dn2ops.index.knn"),
+                                           ("pipelines.cli", "dn2ops.score.images")])
 def test_torch_and_faiss_in_either_order_and_in_forked_workers(first, second):
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(first=first, second=second)],
                           capture_output=True, text=True, timeout=180)

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.datasets import write_png_store
 from dn2ops.config import DEFAULT_BACKBONE
-from dn2ops.features import embeddings, read_table
+from dn2ops.io.features import embeddings, read_table
 from pipelines.cli import main
 from tests.conftest import brute_scores, digit_images, root4_l2
 

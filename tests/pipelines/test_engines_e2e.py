@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from dn2ops.engines import installed
-from dn2ops.features import embeddings, read_table
+from dn2ops.engines.base import installed
+from dn2ops.io.features import embeddings, read_table
 from pipelines.cli import main
 
 ENGINES = ["torch"] + [e for e in ("openvino", "onnxruntime") if installed(e)]
@@ -78,9 +78,9 @@ def test_full_decoding_is_recorded(digit_store, tmp_path):
 
 def test_an_engine_that_cannot_run_fails_before_any_work(digit_store, tmp_path, capsys,
                                                          monkeypatch):
-    import dn2ops.engines
+    import dn2ops.engines.base
 
-    monkeypatch.setattr(dn2ops.engines, "installed", lambda e: e == "torch")
+    monkeypatch.setattr(dn2ops.engines.base, "installed", lambda e: e == "torch")
     assert main(["embed", "--input", str(digit_store / "normal"), "--output",
                  str(tmp_path / "f"), "--engine", "openvino"]) == 1
     assert "--engine openvino needs the openvino package" in capsys.readouterr().err

@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.datasets import write_png_store
-from dn2ops import outputs
 from dn2ops.config import SearchConfig
-from dn2ops.features import ERROR_SCHEMA, feature_schema, load_features, read_table
-from dn2ops.score_images import anomaly_schema
-from dn2ops.score_sets import group_schema
+from dn2ops.io import outputs
+from dn2ops.io.features import ERROR_SCHEMA, feature_schema, load_features, read_table
+from dn2ops.score.images import anomaly_schema
+from dn2ops.score.sets import group_schema
 from pipelines import finalize, graphs, options
 from pipelines.cli import main
 from tests.conftest import brute_scores, digit_images, root4_l2

@@ -10,8 +10,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from benchmarks.datasets import write_manifest, write_png_store
-from dn2ops.features import embeddings, read_table
-from dn2ops.score_sets import group_schema
+from dn2ops.io.features import embeddings, read_table
+from dn2ops.score.sets import group_schema
 from pipelines.cli import main
 
 MIXED = "lot-mixed"

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dn2ops import features, outputs
 from dn2ops.index import LoadedIndex
+from dn2ops.io import features, outputs
 from pipelines.cli import main
 from tests.pipelines.test_reliability import kill_when_staged
 

@@ -7,7 +7,7 @@ import datetime
 import pytest
 
 from dn2ops.config import DEFAULT_BACKBONE
-from dn2ops.features import read_table
+from dn2ops.io.features import read_table
 from pipelines import options
 
 

@@ -33,12 +33,12 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-import dn2ops.embed_images
+import dn2ops.embed.stage
 from benchmarks.datasets import write_manifest, write_png_store
-from dn2ops import outputs
 from dn2ops.config import DEFAULT_BACKBONE
-from dn2ops.embedder import Embedder
-from dn2ops.features import read_table
+from dn2ops.engines.torch import Embedder
+from dn2ops.io import outputs
+from dn2ops.io.features import read_table
 from pipelines.cli import main
 from tests.conftest import digit_images
 
@@ -620,7 +620,7 @@ def test_directory_named_like_an_image(tmp_path):
 
 
 def _compiled_backbone():
-    from dn2ops.openvino_engine import CompiledBackbone
+    from dn2ops.engines.openvino import CompiledBackbone
 
     return CompiledBackbone
 
@@ -636,7 +636,7 @@ def test_worker_faults_become_error_rows(corpus_run, tmp_path, monkeypatch, engi
     victim = normal[5]
     victim_bytes = victim.read_bytes()
     model_class = ENGINE_CALLS[engine]()
-    real_load, real_call = dn2ops.embed_images.load_image, model_class.__call__
+    real_load, real_call = dn2ops.embed.stage.load_image, model_class.__call__
     calls = []
 
     def load_image(data, **kwargs):  # a bug that bites one image only
@@ -650,7 +650,7 @@ def test_worker_faults_become_error_rows(corpus_run, tmp_path, monkeypatch, engi
             raise RuntimeError("simulated backbone failure on this batch")
         return real_call(self, batch)
 
-    monkeypatch.setattr(dn2ops.embed_images, "load_image", load_image)
+    monkeypatch.setattr(dn2ops.embed.stage, "load_image", load_image)
     monkeypatch.setattr(model_class, "__call__", call)
     out = tmp_path / "f"
     assert main(["embed", "--input", str(root / "normal"), "--output", str(out),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dn2ops import outputs
+from dn2ops.io import outputs
 from pipelines.report import run
 from tests.conftest import make_results_dir
 

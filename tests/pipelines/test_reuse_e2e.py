@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dn2ops.config import DEFAULT_BACKBONE
-from dn2ops.features import embeddings, read_table
+from dn2ops.io.features import embeddings, read_table
 from pipelines.cli import main
 
 

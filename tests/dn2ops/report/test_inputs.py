@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops import outputs
+from dn2ops.io import outputs
 from dn2ops.report import render_report
 from dn2ops.report.inputs import ANOMALY_COLUMNS, read_inputs, read_normal_scores
 from tests.conftest import make_results_dir

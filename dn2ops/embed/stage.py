@@ -1,0 +1,309 @@
+"""Embedding stage: image rows -> feature rows, through Beam's RunInference.
+
+Per element (plain functions, testable without Beam): read the bytes, hash
+them, decode to RGB (only the pixels needed, see dn2ops.embed.images), resize and
+crop to a uint8 array (3, crop, crop), on a small thread pool so that several
+images are read at once and decoding overlaps inference (PrepareImages).
+Batched: the model handler of the chosen engine (dn2ops.engines.base) normalises and
+runs the backbone (one model per worker process, loaded in ``load_model``).
+Anything that fails for one image becomes an error row with its stage and
+reason; it never fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import torch
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
+from apache_beam.utils.shared import Shared
+from apache_beam.utils.windowed_value import WindowedValue
+
+from dn2ops.config import DEFAULT_MAX_PIXELS
+from dn2ops.embed.backbones import get_spec, load_backbone
+from dn2ops.embed.images import ImageDecodeError, load_image, sha256_hex
+from dn2ops.embed.preprocess import Preprocessing
+from dn2ops.embed.reuse import CopyFeatures, Known, Location
+from dn2ops.engines.base import EngineConfig, make_handler, thread_plan
+from dn2ops.engines.torch import Embedder
+from dn2ops.rows import ImageKey, error_row, feature_row
+
+ERRORS = "errors"
+REUSED = "reused"  # images whose features --reuse copies (PrepareImages' third output)
+# draft: decode only the pixels the resize needs (JPEG DCT scaling, integer reduction);
+# full: every pixel, then resize (dn2's path before draft decoding; for comparisons).
+DECODES = ("draft", "full")
+
+
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def prepare(row: dict[str, Any], preprocessing: Preprocessing,
+            max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "draft",
+            cpu: threading.Semaphore | None = None, known: Known | None = None
+            ) -> tuple[ImageKey, np.ndarray | Location]:
+    """Row -> (key, uint8 array (3, crop, crop)). Raises _StageError naming the stage.
+
+    ``cpu``: held while hashing, decoding and cropping (not while reading), so that
+    threads waiting on storage do not count against the cores set aside for decoding.
+    ``known`` (``--reuse``): an image whose sha256 it holds is not decoded; its key
+    comes with the Location of its earlier features instead of pixels.
+    """
+    uri = row["uri"]
+    try:
+        data = read_bytes(uri)
+    except Exception as e:  # every storage backend has its own errors
+        raise _StageError("read", _read_reason(e)) from e
+    extras = tuple((k, v) for k, v in row.items() if k != "uri")
+    with cpu or contextlib.nullcontext():
+        key = ImageKey(uri, sha256_hex(data), extras)
+        found = known.find(key.sha256) if known is not None else None
+        if found is not None:
+            return key, found
+        return key, _decode_and_crop(data, preprocessing, max_pixels, decode)
+
+
+def _decode_and_crop(data: bytes, preprocessing: Preprocessing, max_pixels: int,
+                     decode: str) -> np.ndarray:
+    min_side = preprocessing.resize if decode == "draft" else None
+    try:
+        image = load_image(data, max_pixels=max_pixels, min_side=min_side)
+    except ImageDecodeError as e:
+        raise _StageError("decode", str(e)) from e
+    try:
+        return preprocessing.crop_image(image)
+    except Exception as e:
+        raise _StageError("preprocess", f"{type(e).__name__}: {e}") from e
+
+
+def _read_reason(e: Exception) -> str:
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not an image file"
+    if isinstance(e, PermissionError):
+        return "permission denied: the file is not readable by this worker"
+    if isinstance(e, FileNotFoundError):
+        return "file not found (deleted after listing, or a manifest points nowhere)"
+    return f"{type(e).__name__}: {e}"
+
+
+class _StageError(Exception):
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+
+
+# Reads (each with its decode and crop) in flight per PrepareImages instance. An object
+# store answers a small read in 20-100 ms: 16 at once keep 160-800 images/s coming, more
+# than a worker embeds; each holds one encoded and one decoded image, and the image size
+# limit (--max-pixels) bounds those.
+DEFAULT_MAX_IN_FLIGHT = 16
+
+
+def _prepared(row: dict[str, Any], preprocessing: Preprocessing, max_pixels: int,
+              decode: str, cpu: threading.Semaphore | None, known: Known | None
+              ) -> tuple[str | None, Any]:
+    """prepare() as an outcome that never raises: (None, (key, array)),
+    (REUSED, (key, Location)) or (ERRORS, row)."""
+    try:
+        key, value = prepare(row, preprocessing, max_pixels, decode, cpu, known)
+        return (REUSED if isinstance(value, Location) else None), (key, value)
+    except _StageError as e:
+        return ERRORS, error_row(row["uri"], e.stage, str(e))
+    except Exception as e:  # a bug or a surprise for one image: report it, go on
+        return ERRORS, error_row(row["uri"], "prepare", e)
+
+
+class PrepareImages(beam.DoFn):
+    """Row -> (ImageKey, uint8 tensor); failures to the ``errors`` output; with
+    ``reuse`` (an earlier features directory), images it holds to the ``reused`` output
+    as (ImageKey, Location), not decoded.
+
+    Each row's read, decode and crop (``prepare``) runs on a thread pool, at most
+    ``max_in_flight`` rows at once: storage latency is hidden, and decoding overlaps the
+    model's inference downstream in the same fused stage. ``process`` hands on whatever
+    has finished and blocks only when ``max_in_flight`` rows are pending; ``finish_bundle``
+    drains the rest. Outputs come in completion order, each in its own row's window.
+    ``max_in_flight=1`` reads one image at a time. Of the rows in flight, only the
+    decode threads of ``engine``'s thread plan (dn2ops.engines.base.thread_plan) decode at
+    once, so decoding and the model's threads together fit the cores (None: no limit
+    beyond ``max_in_flight``). ``decode``: one of DECODES.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, max_pixels: int, *,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, decode: str = "draft",
+                 engine: EngineConfig | None = None, reuse: str | None = None):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.preprocessing = preprocessing
+        self.max_pixels = max_pixels
+        self.max_in_flight = max_in_flight
+        self.decode = decode
+        self.engine = engine
+        self.reuse = reuse
+        self._shared = Shared()  # one Known per worker process, whatever its threads
+
+    def setup(self):
+        self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dn2-prepare")
+        self._pending: dict[Future, tuple[Any, Any]] = {}
+        # Planned here, on the worker: its cores and its GPU, not the launcher's.
+        self._cpu = (threading.BoundedSemaphore(thread_plan(self.engine)[1])
+                     if self.engine is not None else None)
+        self._known = (self._shared.acquire(lambda: Known.load(self.reuse), tag=self.reuse)
+                       if self.reuse else None)
+
+    def start_bundle(self):
+        self._pending = {}  # a failed bundle's leftovers are retried by the runner
+
+    def process(self, row: dict[str, Any], timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam) -> Iterator[Any]:
+        future = self._pool.submit(_prepared, row, self.preprocessing, self.max_pixels,
+                                   self.decode, self._cpu, self._known)
+        self._pending[future] = (timestamp, window)
+        done = [f for f in self._pending if f.done()]
+        if not done and len(self._pending) >= self.max_in_flight:
+            done = wait(self._pending, return_when=FIRST_COMPLETED).done
+        yield from self._emit(done)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._emit(as_completed(list(self._pending)))
+
+    def _emit(self, futures: Iterable[Future]) -> Iterator[Any]:
+        """Outcomes as WindowedValues in their rows' windows (finish_bundle has no element)."""
+        for future in futures:
+            timestamp, window = self._pending.pop(future)
+            tag, value = future.result()
+            out = WindowedValue(value, timestamp, (window,))
+            yield out if tag is None else beam.pvalue.TaggedOutput(tag, out)
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TorchModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
+    """``--engine torch``: uint8 batches (N, 3, crop, crop) -> pooled backbone features
+    (dim,) float32, normalised with torchvision and run by dn2ops.engines.torch.Embedder."""
+
+    def __init__(self, config: EngineConfig, *, fast: bool = True):
+        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
+        self.config = config
+        self.fast = fast
+        self.preprocessing = get_spec(config.backbone).preprocessing
+
+    def load_model(self) -> Embedder:
+        threads, _ = thread_plan(self.config)
+        torch.set_num_threads(threads)
+        logging.getLogger("dn2").info("engine torch %s: %s on %s, %d threads",
+                                      torch.__version__, self.config.backbone,
+                                      self.config.device, threads)
+        return Embedder(load_backbone(self.config.backbone, self.config.weights),
+                        device=self.config.device, fast=self.fast)
+
+    def run_inference(self, batch: Sequence[np.ndarray], model: Embedder,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        features = model(self.preprocessing.normalize(torch.from_numpy(np.stack(batch))))
+        # The example is not kept: it would carry 150 KB per image downstream.
+        return [PredictionResult(None, f) for f in features]
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(x.nbytes for x in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "dn2"
+
+
+def _exception_reason(exc: Any) -> str:
+    """``Type: message`` of an exception as Beam's exception handling hands it on.
+
+    Beam passes ``(type, repr, formatted traceback lines)`` rather than the
+    exception; the traceback's last line is the familiar ``Type: message``.
+    """
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, tuple) and len(exc) == 3 and exc[2]:
+        return "".join(exc[2]).rstrip().splitlines()[-1]
+    if isinstance(exc, tuple) and len(exc) >= 2:
+        return str(exc[1])
+    return str(exc)
+
+
+def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Any]):
+    """A batch the backbone failed on -> one error row per image of it (stage 'embed')."""
+    batch, exc = failed
+    reason = (f"the backbone failed on a batch of {len(batch)} images "
+              f"(this image may be fine; rerun to retry it): {_exception_reason(exc)}")
+    for key, _ in batch:
+        yield error_row(key.uri, "embed", reason)
+
+
+class EmbedImages(beam.PTransform):
+    """Rows {"uri", ...} -> (feature rows, error rows, reused keys).
+
+    ``reuse``: an earlier features directory (checked by reuse.check_reusable); images
+    it holds are not decoded or embedded, their rows are copied (reuse.CopyFeatures) and
+    their (ImageKey, Location) pairs are the third output (empty without ``reuse``).
+
+    ``engine``: auto | torch | openvino | onnxruntime (dn2ops.engines.base); ``decode``:
+    draft | full (DECODES); ``threads`` / ``decode_threads``: the engine's threads per
+    model call and the images decoded at once beside it (None: engines.thread_plan
+    splits the cores that ``workers``, the model calls running at once on a machine,
+    leave to each; None for one SDK process per core, as on Dataflow);
+    ``max_in_flight``: rows read at once (PrepareImages; None: a batch plus
+    DEFAULT_MAX_IN_FLIGHT, so that decoding goes on through a whole model call, which
+    blocks the thread that feeds PrepareImages).
+    """
+
+    def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
+                 batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 engine: str = "auto", decode: str = "draft", threads: int | None = None,
+                 decode_threads: int | None = None, workers: int | None = 1,
+                 max_in_flight: int | None = None, reuse: str | None = None):
+        super().__init__()
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        self.backbone = backbone
+        self.config = EngineConfig(
+            backbone=backbone, engine=engine, weights=weights, device=device,
+            batch_size=batch_size, threads=threads, decode_threads=decode_threads,
+            workers=workers)
+        self.handler = make_handler(self.config)
+        self.preprocessing = get_spec(backbone).preprocessing
+        self.max_pixels = max_pixels
+        self.decode = decode
+        self.max_in_flight = max_in_flight or batch_size + DEFAULT_MAX_IN_FLIGHT
+        self.reuse = reuse
+
+    def expand(self, rows):
+        prepared = rows | "Prepare" >> beam.ParDo(
+            PrepareImages(self.preprocessing, self.max_pixels, max_in_flight=self.max_in_flight,
+                          decode=self.decode, engine=self.config, reuse=self.reuse)
+        ).with_outputs(ERRORS, REUSED, main="images")
+        inferred, failed = (prepared.images
+                            | "Embed" >> RunInference(KeyedModelHandler(self.handler))
+                            .with_exception_handling())
+        features = inferred | "ToRow" >> beam.MapTuple(
+            lambda key, result, name=self.backbone: feature_row(key, result.inference,
+                                                                        name))
+        embed_errors = failed.failed_inferences | "FailedBatch" >> beam.FlatMap(
+            _failed_batch_rows)
+        errors = (prepared[ERRORS], embed_errors) | "AllErrors" >> beam.Flatten()
+        if self.reuse:
+            copied = prepared[REUSED] | "CopyReused" >> CopyFeatures(self.reuse, self.backbone)
+            features = (features, copied) | "AllFeatures" >> beam.Flatten()
+        return features, errors, prepared[REUSED]

@@ -1,0 +1,1 @@
+"""Storage: sources listed, feature and result tables, committed outputs, progress."""

@@ -1,0 +1,1 @@
+"""Scoring: images and sets against an index, the estimator, set features."""

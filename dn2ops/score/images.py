@@ -1,0 +1,202 @@
+"""Image scoring stage: feature record batches -> anomaly record batches, ranked after.
+
+Feature rows travel as Arrow record batches (an embedding column of float32, never
+Python lists), are scored a batch at a time through Beam's RunInference with an
+index model handler (the index loaded once per worker process, in load_model) and
+written unranked. The global rank is a second pass over the written shards: its
+only global state is the sorted array of every score (8 bytes an image), so no
+scored row is held until the whole partition is scored. rank = 1 + the number of
+strictly higher scores, so ties share the better rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from dn2ops.config import SearchConfig
+from dn2ops.index import LoadedIndex
+from dn2ops.index.knn import set_faiss_threads
+from dn2ops.io import features, outputs
+
+FEATURE_COLUMNS = ("uri", "sha256", "backbone", "dim", "embedding")
+# Rows of an unranked shard ranked and rewritten at once (about 200 bytes a row
+# without neighbours).
+_RANK_BATCH = 65_536
+
+
+def anomaly_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
+    fields = [("uri", pa.string()), ("score", pa.float64()), ("rank", pa.int64()),
+              ("percentile", pa.float64()), ("neighbor_uris", pa.list_(pa.string())),
+              ("neighbor_distances", pa.list_(pa.float64())), ("partition", pa.string()),
+              ("backbone", pa.string()), ("index_id", pa.string()), ("sha256", pa.string())]
+    return pa.schema(fields + [(c, pa.string()) for c in extra_columns])
+
+
+def extra_columns_of(schema: pa.Schema) -> list[str]:
+    """The manifest columns a feature batch carries beside FEATURE_COLUMNS."""
+    return [c for c in schema.names if c not in FEATURE_COLUMNS]
+
+
+def _lists(values: pa.Array, n: int, k: int) -> pa.ListArray:
+    """n lists of k values each (k may be 0: K-means mode), from their n*k values."""
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), values)
+
+
+def score_batch(batch: pa.RecordBatch, index: LoadedIndex, partition: str) -> pa.RecordBatch:
+    """A feature record batch (features.feature_schema) -> unranked anomaly rows
+    (anomaly_schema; ``rank`` null), in the same order. Higher score = more anomalous."""
+    xq = features.embeddings(batch)
+    if not len(xq):
+        xq = np.zeros((0, index.manifest["dim"]), np.float32)
+    scores, D, I = index.search(xq)
+    n, k = I.shape
+    extras = extra_columns_of(batch.schema)
+    columns = {
+        "uri": batch.column("uri"), "score": pa.array(scores, pa.float64()),
+        "rank": pa.nulls(n, pa.int64()),
+        "percentile": pa.array(index.percentile(scores), pa.float64()),
+        "neighbor_uris": _lists(pa.array([index.uris[j] for j in I.ravel()], pa.string()),
+                                n, k),
+        "neighbor_distances": _lists(pa.array(D.ravel().astype(np.float64)), n, k),
+        "partition": pa.array([partition] * n, pa.string()),
+        "backbone": pa.array([index.manifest["backbone"]] * n, pa.string()),
+        "index_id": pa.array([index.index_id] * n, pa.string()),
+        "sha256": batch.column("sha256"),
+        **{c: batch.column(c).cast(pa.string()) for c in extras},
+    }
+    schema = anomaly_schema(extras)
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+class IndexModelHandler(ModelHandler[pa.RecordBatch, pa.RecordBatch, LoadedIndex]):
+    """RunInference's view of a dn2 index: feature record batch -> unranked anomaly batch.
+
+    The index is loaded only in load_model(), once per worker process, and shared by
+    its threads (RunInference's shared model), held and searched as ``search`` says.
+    """
+
+    def __init__(self, index_dir: str, *, partition: str = "",
+                 search: SearchConfig = SearchConfig(), max_batch_size: int = 1):
+        # Each feature element is already a batch of rows: RunInference passes one at a
+        # time. Group rows (dn2ops.score.sets) are one set each: batched here.
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        self.index_dir = index_dir
+        self.partition = partition
+        self.search = search
+
+    def load_model(self) -> LoadedIndex:
+        set_faiss_threads(self.search.faiss_threads)
+        return LoadedIndex(self.index_dir, stream_shards=self.search.stream_shards,
+                           device=self.search.device)
+
+    def run_inference(self, batch: Sequence[pa.RecordBatch], model: LoadedIndex,
+                      inference_args: dict[str, Any] | None = None) -> list[pa.RecordBatch]:
+        return [score_batch(b, model, self.partition) for b in batch]
+
+    def get_num_bytes(self, batch: Sequence[pa.RecordBatch]) -> int:
+        return sum(b.nbytes for b in batch)  # the default pickles the batch to measure it
+
+    def get_metrics_namespace(self) -> str:
+        return "dn2_score"
+
+
+def rank_of(score: float, sorted_scores: np.ndarray) -> int:
+    """1 + the number of scores strictly greater than ``score`` (ties share a rank)."""
+    return int(len(sorted_scores) - np.searchsorted(sorted_scores, score, side="right") + 1)
+
+
+def ranks(scores: np.ndarray, sorted_scores: np.ndarray) -> np.ndarray:
+    """rank_of for each of ``scores`` (n,), as int64 (n,); ``sorted_scores`` ascending."""
+    right = np.searchsorted(sorted_scores, scores, side="right")
+    return (len(sorted_scores) - right + 1).astype(np.int64)
+
+
+class SortedScores(beam.CombineFn):
+    """Score arrays -> all of them in one ascending float64 array (8 bytes a score)."""
+
+    def create_accumulator(self) -> list[np.ndarray]:
+        return []
+
+    def add_input(self, acc: list[np.ndarray], scores: np.ndarray) -> list[np.ndarray]:
+        acc.append(np.asarray(scores, np.float64))
+        if len(acc) > 64:  # one array, not thousands of small ones
+            acc[:] = [np.concatenate(acc)]
+        return acc
+
+    def merge_accumulators(self, accs: Sequence[list[np.ndarray]]) -> list[np.ndarray]:
+        merged = [a for acc in accs for a in acc]
+        return [np.concatenate(merged)] if merged else []
+
+    def extract_output(self, acc: list[np.ndarray]) -> np.ndarray:
+        return np.sort(np.concatenate(acc)) if acc else np.zeros(0, np.float64)
+
+
+def rank_shard(src: str, dst: str, sorted_scores: np.ndarray, *,
+               batch_size: int = _RANK_BATCH) -> str:
+    """Rewrites the unranked anomaly shard ``src`` to ``dst`` with its ``rank`` column
+    filled in (see ranks), a slice of rows at a time. Returns ``dst``.
+
+    Writing ``dst`` whole again is harmless, so a retried step gives the same file.
+    """
+    fs, src_path = outputs.fs_and_path(src)
+    dst_fs, dst_path = outputs.fs_and_path(dst)
+    with fs.open(src_path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        at = schema.get_field_index("rank")
+        with dst_fs.open(dst_path, "wb") as out, pq.ParquetWriter(
+                out, schema, compression="none") as writer:
+            for batch in pf.iter_batches(batch_size=batch_size):
+                rank = ranks(batch.column("score").to_numpy(), sorted_scores)
+                writer.write_batch(batch.set_column(at, schema.field(at), pa.array(rank)))
+    return dst
+
+
+class RankShards(beam.DoFn):
+    """An unranked shard's path -> the path of its ranked copy in ``directory``
+    (rank_shard; anomaly or group shards: any table with ``score`` and ``rank``)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def process(self, src: str, sorted_scores: np.ndarray) -> Iterator[str]:
+        name = src.rstrip("/").rsplit("/", 1)[-1]
+        yield rank_shard(src, outputs.join(self.directory, name), sorted_scores)
+
+
+class ScoreFeatures(beam.PTransform):
+    """Feature record batches -> ranked anomaly shards ``anomalies-*.parquet`` in
+    ``directory``; returns the PCollection of their paths (for finalize).
+
+    Pass 1 scores each batch and writes it unranked under ``directory/.unranked/``
+    (a name the commit never copies: dn2ops.io.outputs) while the scores are combined
+    into one sorted array; pass 2, once both are complete, rewrites each unranked
+    shard ranked against that array. Both passes are parallel over batches / shards.
+    """
+
+    def __init__(self, index_dir: str, directory: str, *, extra_columns: Sequence[str] = (),
+                 partition: str = "", search: SearchConfig = SearchConfig()):
+        super().__init__()
+        self.directory = directory
+        self.schema = anomaly_schema(extra_columns)
+        self.handler = IndexModelHandler(index_dir, partition=partition, search=search)
+
+    def expand(self, batches):
+        scored = batches | "Score" >> RunInference(self.handler)
+        unranked = (scored
+                    | "AsTables" >> beam.Map(lambda b: pa.Table.from_batches([b]))
+                    | "WriteUnranked" >> beam.io.WriteToParquetBatched(
+                        outputs.join(self.directory, ".unranked", "anomalies"), self.schema,
+                        file_name_suffix=".parquet", shard_name_template="-SSSSS-of-NNNNN"))
+        sorted_scores = (scored
+                         | "Scores" >> beam.Map(lambda b: b.column("score").to_numpy())
+                         | "SortedScores" >> beam.CombineGlobally(SortedScores()))
+        return unranked | "Rank" >> beam.ParDo(
+            RankShards(self.directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores))
