@@ -4,7 +4,7 @@ The accuracy protocols embed whole datasets (Fashion-MNIST: 70,000 images) once 
 backbone; every table is then computed from the cached features. The images go through
 exactly what ``dn2 embed`` runs after decoding: grey -> RGB (dn2ops.embed.images), the
 backbone's resize and centre crop (``Preprocessing.crop_image``), and the engine's Beam
-model handler (``dn2ops.engines.base.make_handler``; ONNX Runtime on a CPU by default, whose
+model handler (``dn2ops.engines.auto.make_handler``; ONNX Runtime on a CPU by default, whose
 exported graph normalises the uint8 batch). A lossless PNG of the image decodes to the
 same array, so the features are those of ``dn2 embed`` on a PNG store, without the PNG
 files, the Beam runner and the Parquet shards around them.
@@ -23,8 +23,11 @@ import time
 import numpy as np
 from PIL import Image
 
+from dn2ops.config import EmbedConfig
 from dn2ops.embed.backbones import get_spec
-from dn2ops.engines.base import EngineConfig, make_handler, resolve_engine, usable_cores
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.auto import make_handler
+from dn2ops.engines.base import resolve_engine, usable_cores
 
 LOG = logging.getLogger("dn2.bench")
 
@@ -44,11 +47,12 @@ def embed(images: np.ndarray, backbone: str, *, engine: str = "auto", batch_size
     process: ``threads`` engine threads (default: every usable core).
     """
     threads = threads or usable_cores()
-    config = EngineConfig(backbone=backbone, engine=engine, device="cpu",
-                          batch_size=batch_size, threads=threads, decode_threads=1)
-    handler = make_handler(config)
+    plan = EmbedPlan.resolve(EmbedConfig(backbone=backbone, engine=engine, device="cpu",
+                                         batch_size=batch_size, threads=threads,
+                                         decode_threads=1))
+    handler = make_handler(plan)
     model = handler.load_model()
-    out = np.empty((len(images), get_spec(backbone).dim), np.float32)
+    out = np.empty((len(images), plan.spec.dim), np.float32)
     t0 = time.perf_counter()
     for at in range(0, len(images), batch_size):
         batch = crops(images[at:at + batch_size], backbone)

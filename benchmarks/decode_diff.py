@@ -26,9 +26,12 @@ if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
 from benchmarks.embed_workloads import stores  # noqa: E402
+from dn2ops.config import EmbedConfig  # noqa: E402
 from dn2ops.embed.backbones import get_spec  # noqa: E402
+from dn2ops.embed.plan import EmbedPlan  # noqa: E402
 from dn2ops.embed.stage import prepare  # noqa: E402
-from dn2ops.engines.base import EngineConfig, installed, make_handler  # noqa: E402
+from dn2ops.engines.auto import make_handler  # noqa: E402
+from dn2ops.engines.base import installed  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 
@@ -39,8 +42,8 @@ def crops(files: list[str], decode: str) -> np.ndarray:
 
 
 def embed(engine: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    handler = make_handler(EngineConfig(backbone=BACKBONE, engine=engine, device="cpu",
-                                        threads=os.cpu_count()))
+    handler = make_handler(EmbedPlan.resolve(EmbedConfig(
+        backbone=BACKBONE, engine=engine, device="cpu", threads=os.cpu_count())))
     model = handler.load_model()
     return np.concatenate([np.stack([r.inference for r in handler.run_inference(
         list(x[a:a + batch]), model)]) for a in range(0, len(x), batch)])

@@ -1,6 +1,6 @@
 """The engine table: images/s of torch, ONNX Runtime and OpenVINO, side by side in one run.
 
-Each engine runs through its dn2 model handler (dn2ops.engines.base.make_handler:
+Each engine runs through its dn2 model handler (dn2ops.engines.auto.make_handler:
 ``load_model()`` then ``run_inference()`` on uint8 batches, normalisation
 included), on the same seeded batches, for EfficientNet-Lite0 and ResNet-50
 (``--weights random``, seeded: speed only) at batch 1, 16 and 64. Every engine
@@ -26,17 +26,20 @@ import time
 
 import numpy as np
 
+from dn2ops.config import EmbedConfig
 from dn2ops.embed.backbones import get_spec
-from dn2ops.engines.base import ENGINES, EngineConfig, installed, make_handler, usable_cores
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.auto import make_handler
+from dn2ops.engines.base import ENGINES, installed, usable_cores
 
 WEIGHTS = {"efficientnet_lite0": None, "resnet50": "random"}
 
 
 def load(engine: str, backbone: str, threads: int):
     """(handler, model, load seconds), the export already cached."""
-    handler = make_handler(EngineConfig(backbone=backbone, engine=engine, device="cpu",
-                                        weights=WEIGHTS.get(backbone, "random"),
-                                        threads=threads))
+    handler = make_handler(EmbedPlan.resolve(EmbedConfig(
+        backbone=backbone, engine=engine, device="cpu",
+        weights=WEIGHTS.get(backbone, "random"), threads=threads)))
     t = time.perf_counter()
     model = handler.load_model()
     return handler, model, time.perf_counter() - t

@@ -4,9 +4,9 @@ Features, not pixels: every image is embedded once with ``dn2 embed``
 (EfficientNet-Lite0), then sets are formed by sampling feature rows (seeded).
 
 Protocol 1 (no training): normal sets hold 10-50 images of one class, anomalous
-sets 10-50 images drawn from all classes; each set is scored by
-`dn2ops.score.set_features.covtrace_score` (trace of its features' covariance). ROC-AUC on
-scikit-learn's handwritten digits and on Fashion-MNIST.
+sets 10-50 images drawn from all classes; each set is scored by covtrace, the trace
+of its features' covariance (`covtrace` below, as dn2's ``--group-score covtrace``
+computes it). ROC-AUC on scikit-learn's handwritten digits and on Fashion-MNIST.
 
 Protocol 2 (the paper's harder task): a normal set holds exactly one image of
 each of the classes 0..M-1, an anomalous set M images whose classes are drawn
@@ -47,7 +47,6 @@ from benchmarks.datasets import load_fashion_mnist, write_manifest, write_png_st
 from dn2ops.io import outputs  # noqa: E402
 from dn2ops.io.features import load_features  # noqa: E402
 from dn2ops.score.estimator import DN2Scorer  # noqa: E402
-from dn2ops.score.set_features import covtrace_score, pool_sets  # noqa: E402
 from pipelines.cli import main as dn2  # noqa: E402
 
 SHARED_FMNIST = "bench-out/fmnist/features/efficientnet_lite0"
@@ -131,6 +130,20 @@ def fmnist_features(out: str, n_train: int, n_test: int
             {"source": features_dir, "embed_seconds": round(seconds, 1)})
 
 
+def covtrace(x: np.ndarray) -> float:
+    """Trace of the covariance of a set's features (m, d): the sum of the per-dimension
+    sample variances (ddof=1), in float64."""
+    return float(np.asarray(x, np.float32).astype(np.float64).var(axis=0, ddof=1).sum())
+
+
+def pool(x: np.ndarray, how: str) -> np.ndarray:
+    """A set's features (m, d) pooled to one float32 vector (d,): the mean (accumulated in
+    float64) or the per-dimension max."""
+    x = np.asarray(x, np.float32)
+    return (x.mean(axis=0, dtype=np.float64) if how == "mean" else x.max(axis=0)).astype(
+        np.float32)
+
+
 # -- protocol 1: one-class sets vs mixed sets, covtrace, no training ---------------------------
 
 def protocol1(X: np.ndarray, y: np.ndarray, n_sets: int, rng: np.random.Generator,
@@ -151,7 +164,7 @@ def protocol1(X: np.ndarray, y: np.ndarray, n_sets: int, rng: np.random.Generato
                 idx = rng.choice(by_class[c], size=m, replace=False)
             else:
                 idx = rng.choice(len(X), size=m, replace=False)
-            s = covtrace_score(X[idx])
+            s = covtrace(X[idx])
             scores.append(s)
             labels.append(label)
             if label == 0:
@@ -192,7 +205,7 @@ def _set_features(X: np.ndarray, sets: list[np.ndarray], how: str,
         return np.stack([X[s].reshape(-1) for s in sets]).astype(np.float32)
     if how == "concat_any":
         return np.stack([X[rng.permutation(s)].reshape(-1) for s in sets]).astype(np.float32)
-    return pool_sets([X[s] for s in sets], how)
+    return np.stack([pool(X[s], how) for s in sets])
 
 
 METHODS = ("mean", "max", "concat", "concat_any")

@@ -40,11 +40,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def normalised(pre: Preprocessing, image: Image.Image) -> torch.Tensor:
+    """One RGB PIL image -> float32 (3, crop, crop): the crop, then the normalisation."""
+    return pre.normalize(torch.from_numpy(pre.crop_image(image)))
+
+
 def embed(images: np.ndarray, embedder: Embedder, pre: Preprocessing, batch: int) -> np.ndarray:
     """uint8 (n, 28, 28) -> features (n, dim), through the same decode path as the pipeline."""
     out = []
     for i in range(0, len(images), batch):
-        tensors = [pre(load_image(png_bytes(x))) for x in images[i:i + batch]]
+        tensors = [normalised(pre, load_image(png_bytes(x))) for x in images[i:i + batch]]
         out.append(embedder(torch.stack(tensors)))
     return np.concatenate(out)
 

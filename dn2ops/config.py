@@ -2,7 +2,8 @@
 
 pipelines.options builds them from the command line; the jobs, graphs and stages take
 them whole. Checks that need the data (the number of normal images, say) happen where
-the data is read: check_fit_size.
+the data is read: check_fit_size. Every refusal here is a ConfigError (dn2ops.errors: the
+user's mistake, and a ValueError, as scikit-learn's estimators raise for bad parameters).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numbers
 from typing import Any
 
 from dn2ops import transforms
+from dn2ops.errors import ConfigError
 
 # Images declaring more pixels are refused as decompression bombs: PIL's own default
 # (Image.MAX_IMAGE_PIXELS), ~ 9459 x 9459, about 256 MiB of 24-bit RGB once decoded.
@@ -46,32 +48,34 @@ def is_int(x: Any) -> bool:
 
 
 def check_params(*, k: Any, n_centroids: Any, clean_fraction: Any, clean_k: Any) -> None:
-    """Raises ValueError unless the hyperparameters are of the right type and range."""
+    """Raises ConfigError (a ValueError) unless the hyperparameters are of the right type
+    and range."""
     if not is_int(k) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
     if n_centroids is not None and (not is_int(n_centroids) or n_centroids < 1):
-        raise ValueError(
+        raise ConfigError(
             f"n_centroids must be None or a positive integer, got {n_centroids!r}")
     cf = clean_fraction
     if not isinstance(cf, numbers.Real) or isinstance(cf, bool) or not 0.0 <= cf < 1.0:
-        raise ValueError(f"clean_fraction must be a float in [0, 1), got {cf!r}")
+        raise ConfigError(f"clean_fraction must be a float in [0, 1), got {cf!r}")
     if clean_k is not None and (not is_int(clean_k) or clean_k < 1):
-        raise ValueError(f"clean_k must be None or a positive integer, got {clean_k!r}")
+        raise ConfigError(f"clean_k must be None or a positive integer, got {clean_k!r}")
 
 
 def check_fit_size(*, k: int, n_centroids: int | None, clean_fraction: float, n: int) -> None:
-    """Raises ValueError unless n training rows suffice for these hyperparameters."""
+    """Raises ConfigError (a ValueError) unless n training rows suffice for these
+    hyperparameters."""
     if n < 1:
-        raise ValueError("X must contain at least one training sample, got n=0")
+        raise ConfigError("X must contain at least one training sample, got n=0")
     # kNN mode needs k neighbours for scoring and k OTHER points for the
     # leave-one-out train_scores_; cleaning needs the latter in any mode.
     if (n_centroids is None or clean_fraction > 0) and k > n - 1:
-        raise ValueError(
+        raise ConfigError(
             f"k={k} is too large for n={n} training samples: need "
             f"k <= n - 1 because leave-one-out scoring excludes each point itself"
         )
     if n_centroids is not None and n_centroids > n:
-        raise ValueError(
+        raise ConfigError(
             f"n_centroids={n_centroids} is larger than the number of "
             f"training samples n={n}"
         )
@@ -79,7 +83,8 @@ def check_fit_size(*, k: int, n_centroids: int | None, clean_fraction: float, n:
 
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-    """How images become features (dn2ops.embed.stage.EmbedImages's keywords)."""
+    """How images become features: the embedding flags, passed whole to
+    dn2ops.embed.plan.EmbedPlan, which the embedding stage and the engines take."""
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
@@ -92,16 +97,19 @@ class EmbedConfig:
     decode_threads: int | None = None
     max_in_flight: int | None = None
 
-    def kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
     """The shape of an index (dn2 build-index's flags; see dn2ops.index.build_index).
 
-    ``feature_transform``: a dn2ops.transforms name (pipelines.options resolves the
-    flag's default: transforms.DEFAULT for images, none for sets).
+    ``feature_transform``: a dn2ops.transforms name. Its two defaults differ on purpose:
+
+    - here, for code that builds an ``IndexConfig`` itself: ``none``, the identity (the
+      paper's raw features), so that nothing transforms vectors unasked, and the one
+      transform an index of sets takes (GroupConfig.check_index refuses the others);
+    - on the command line (pipelines.options.job_config, without --feature-transform):
+      ``root4-l2`` (transforms.DEFAULT, the most accurate measured; see dn2ops.transforms)
+      for single images, and ``none`` with --group-by.
     """
 
     k: int = 2
@@ -125,18 +133,18 @@ class IndexConfig:
         check_params(k=self.k, n_centroids=self.n_centroids,
                      clean_fraction=self.clean_fraction, clean_k=self.clean_k)
         if self.shards is not None and self.shards < 1:
-            raise ValueError(f"--shards must be >= 1, got {self.shards}")
+            raise ConfigError(f"--shards must be >= 1, got {self.shards}")
         modes = [f for f, v in (("--ivf", self.ivf_lists), ("--kmeans", self.n_centroids),
                                 ("--hnsw", self.hnsw_m)) if v is not None]
         if len(modes) > 1:
-            raise ValueError(f"{' and '.join(modes)} are different index modes; choose one")
+            raise ConfigError(f"{' and '.join(modes)} are different index modes; choose one")
         if self.ivf_lists is None and (self.pq_m or self.nprobe or self.ondisk):
-            raise ValueError("--pq, --nprobe and --ondisk need --ivf NLIST")
+            raise ConfigError("--pq, --nprobe and --ondisk need --ivf NLIST")
         if self.hnsw_m is None and self.ef_search is not None:
-            raise ValueError("--ef-search needs --hnsw M")
+            raise ConfigError("--ef-search needs --hnsw M")
         transforms.check(self.feature_transform)
         if self.reference_sample is not None and self.reference_sample < 1:
-            raise ValueError(f"--reference-sample must be >= 1, got {self.reference_sample}")
+            raise ConfigError(f"--reference-sample must be >= 1, got {self.reference_sample}")
 
     @property
     def approximate(self) -> bool:
@@ -156,13 +164,13 @@ class GroupConfig:
 
     def __post_init__(self) -> None:
         if self.method not in GROUP_METHODS:
-            raise ValueError(f"--group-score must be one of {GROUP_METHODS}, "
-                             f"got {self.method!r}")
+            raise ConfigError(f"--group-score must be one of {GROUP_METHODS}, "
+                              f"got {self.method!r}")
         if self.pool is not None and self.pool not in POOLS:
-            raise ValueError(f"--pool must be one of {POOLS}, got {self.pool!r}")
+            raise ConfigError(f"--pool must be one of {POOLS}, got {self.pool!r}")
         if self.method == "covtrace" and self.pool:
-            raise ValueError("--pool is not used by --group-score covtrace (it scores the "
-                             "members' spread)")
+            raise ConfigError("--pool is not used by --group-score covtrace (it scores the "
+                              "members' spread)")
 
     @property
     def covtrace(self) -> bool:
@@ -172,8 +180,8 @@ class GroupConfig:
         """An index of sets is a small exact one: refuses the flags it does not take."""
         if (index.approximate or index.reference_sample != REFERENCE_SAMPLE
                 or index.feature_transform != "none" or index.clean_k is not None):
-            raise ValueError("--ivf, --hnsw, --reference-sample, --feature-transform and "
-                             "--clean-k are not available with --group-by")
+            raise ConfigError("--ivf, --hnsw, --reference-sample, --feature-transform and "
+                              "--clean-k are not available with --group-by")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,10 +209,10 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if self.top is not None and self.top < 1:
-            raise ValueError(f"--top must be >= 1, got {self.top}")
+            raise ConfigError(f"--top must be >= 1, got {self.top}")
         if self.max_error_fraction is not None and not 0 <= self.max_error_fraction < 1:
-            raise ValueError(f"--max-error-fraction must be in [0, 1), "
-                             f"got {self.max_error_fraction}")
+            raise ConfigError(f"--max-error-fraction must be in [0, 1), "
+                              f"got {self.max_error_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +233,8 @@ class JobConfig:
         if self.group is not None:
             self.group.check_index(self.index)
             if self.score.report:
-                raise ValueError("--report shows single images; it is not available with "
-                                 "--group-by")
+                raise ConfigError("--report shows single images; it is not available with "
+                                  "--group-by")
 
     @property
     def covtrace(self) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dn2ops.errors import ConfigError
+
 TRANSFORMS = ("none", "l2", "sqrt-l2", "root4-l2")
 DEFAULT = "root4-l2"
 _SQUARE_ROOTS = {"sqrt-l2": 1, "root4-l2": 2}  # of |x|, signed, before the unit length
@@ -20,7 +22,7 @@ _SQUARE_ROOTS = {"sqrt-l2": 1, "root4-l2": 2}  # of |x|, signed, before the unit
 
 def check(name: str) -> str:
     if name not in TRANSFORMS:
-        raise ValueError(f"feature transform must be one of {TRANSFORMS}, got {name!r}")
+        raise ConfigError(f"feature transform must be one of {TRANSFORMS}, got {name!r}")
     return name
 
 

@@ -11,43 +11,55 @@ import posixpath
 import re
 
 from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
     GoogleCloudOptions,
     PipelineOptions,
     StandardOptions,
 )
 
 from dn2ops.config import EmbedConfig, JobConfig
-from dn2ops.embed.backbones import WeightsError, get_spec, load_backbone, resolve_weights
-from dn2ops.engines.base import resolve_engine
-from dn2ops.engines.torch import resolve_device
+from dn2ops.embed.backbones import (
+    RANDOM_WEIGHTS,
+    BackboneSpec,
+    WeightsError,
+    get_spec,
+    resolve_weights,
+)
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.base import resolve_device, resolve_engine
+from dn2ops.errors import ConfigError
 from dn2ops.index import LoadedIndex
 from dn2ops.index.gpu import resolve_faiss_device
 from dn2ops.io import features, outputs, sources
-from dn2ops.score.sets import check_index_mode, check_key
+from dn2ops.score.grouping import check_index_mode, check_key
 
 
-def preflight(backbone: str, weights: str | None, device: str,
-              options: PipelineOptions | None = None, engine: str = "auto") -> None:
+def preflight(config: EmbedConfig, options: PipelineOptions, *,
+              spec: BackboneSpec | None = None) -> EmbedPlan:
     """Fails before any pipeline starts: unknown backbone, missing weights, missing GPU,
-    an engine that cannot run here.
+    an engine that cannot run here. Returns the plan of ``config`` (dn2ops.embed.plan),
+    which every embedding of the job takes whole: a dn2 command checks and plans once.
 
     The GPU is checked here only when the pipeline runs in this process: a Dataflow job is
     launched from a machine without one, and its workers check ``--device cuda`` themselves.
-    Weights the user names are untrusted files: they are loaded once here (with
-    ``torch.load(weights_only=True)``), so a damaged, hostile or ill-fitting file fails now
-    with a short reason, not later inside every worker.
+    The weights are loaded once here, to hash them for the plan. Weights the user names
+    are untrusted files, loaded with ``torch.load(weights_only=True)``: a damaged, hostile
+    or ill-fitting file fails now with a short reason, not later inside every worker.
+    ``spec``: the spec of ``config.backbone``, when the caller has it already.
     """
-    spec = get_spec(backbone)
-    if weights != "random":
-        resolve_weights(spec, weights)
-    if options is None or runs_here(options):
-        resolve_device(device)
-        resolve_engine(engine, device)
-    if weights not in (None, "random"):
-        try:
-            load_backbone(backbone, weights)
-        except WeightsError as e:
-            raise WeightsError(_weights_reason(str(e))) from None
+    spec = spec or get_spec(config.backbone)
+    if config.weights != RANDOM_WEIGHTS:
+        resolve_weights(spec, config.weights)
+    if runs_here(options):
+        resolve_device(config.device)
+        resolve_engine(config.engine, config.device)
+    try:
+        return EmbedPlan.resolve(config, spec=spec, workers=model_workers(options))
+    except WeightsError as e:
+        if config.weights in (None, RANDOM_WEIGHTS):
+            raise
+        raise WeightsError(_weights_reason(str(e))) from None
 
 
 def _weights_reason(message: str) -> str:
@@ -72,6 +84,22 @@ def runs_here(options: PipelineOptions) -> bool:
 # Runners that execute the pipeline in (or beside) this process, on this machine's devices.
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner",
                  "SwitchingDirectRunner", "direct")
+
+
+def local_workers(options: PipelineOptions) -> int:
+    """The local runner's workers (threads or processes; --direct_num_workers)."""
+    return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
+
+
+def model_workers(options: PipelineOptions) -> int | None:
+    """Model calls that run at once on one machine, which share its cores
+    (dn2ops.engines.base.thread_plan): the local runner's workers (threads or processes);
+    None for a remote runner, which runs one SDK process per vCPU (Dataflow's default for
+    Python), unless told to run one process (no_use_multiple_sdk_containers)."""
+    if runs_here(options):
+        return local_workers(options)
+    experiments = options.view_as(DebugOptions).experiments or []
+    return 1 if "no_use_multiple_sdk_containers" in experiments else None
 
 
 def check_source(src: str, flag: str = "--input") -> None:
@@ -137,20 +165,21 @@ def extra_columns(src: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class ScorePlan:
     """What dn2 score's checks found: the index's manifest, the backbone, the manifest
-    columns carried, the pool of a set index."""
+    columns carried, the pool of a set index, and with --input the embedding's plan."""
 
     manifest: dict | None
     backbone: str
     extras: list
     pool: str | None
+    embed: EmbedPlan | None = None
 
 
 def check_score(index: str | None, output: str, input: str | None, features_dir: str | None,
                  config: JobConfig, options: PipelineOptions) -> ScorePlan:
     """Everything dn2 score can check before the pipeline starts."""
     if is_template(options) and config.score.report:
-        raise ValueError("--report needs the results, which a template launch does not wait "
-                         "for; run dn2 report RESULTS_DIR after the job")
+        raise ConfigError("--report needs the results, which a template launch does not "
+                          "wait for; run dn2 report RESULTS_DIR after the job")
     if not config.covtrace and runs_here(options):  # Dataflow workers check their own GPUs
         resolve_faiss_device(config.search.device)  # a GPU asked for but missing fails here
     # Verifies checksums before heavy work; the workers load their own.
@@ -159,16 +188,18 @@ def check_score(index: str | None, output: str, input: str | None, features_dir:
     pool = group.pool if group else None
     if loaded is not None:
         pool = check_index_mode(loaded.manifest, group.group_by if group else None, pool)
+    embed = None
     if features_dir:
         backbone, extras = _check_features(features_dir, loaded)
     else:
-        backbone, extras = _check_images(input, loaded, config.embed, options)
+        embed, extras = _check_images(input, loaded, config.embed, options)
+        backbone = embed.backbone
     if group:
         check_key(group.group_by, extras)
     outputs.check_writable(output, "results")
     return ScorePlan(loaded.manifest if loaded is not None else None,
                       loaded.manifest["backbone"] if loaded is not None else backbone,
-                      extras, pool)
+                      extras, pool, embed)
 
 
 def _check_features(features_dir: str, loaded: LoadedIndex | None) -> tuple[str, list]:
@@ -181,13 +212,13 @@ def _check_features(features_dir: str, loaded: LoadedIndex | None) -> tuple[str,
 
 
 def _check_images(input: str, loaded: LoadedIndex | None, config: EmbedConfig,
-                  options: PipelineOptions) -> tuple[str, list]:
+                  options: PipelineOptions) -> tuple[EmbedPlan, list]:
+    spec = get_spec(config.backbone)
     if loaded is not None and config.backbone != loaded.manifest["backbone"]:
-        features.check_compatible(
-            loaded.metadata(), get_spec(config.backbone).metadata(),
-            "--backbone and the index", names=("index", "--backbone"))
-    preflight(config.backbone, config.weights, config.device, options, config.engine)
+        features.check_compatible(loaded.metadata(), spec.metadata(),
+                                  "--backbone and the index", names=("index", "--backbone"))
+    plan = preflight(config, options, spec=spec)
     check_source(input)
-    return config.backbone, extra_columns(input)
+    return plan, extra_columns(input)
 
 

@@ -1,31 +1,27 @@
-"""What every entry point shares: turn expected failures into a message and an exit code."""
+"""What every entry point shares: the user's mistakes become one line and exit code 1.
+
+A ``dn2ops.errors.UserError`` (a missing input, a flag that does not fit, an index built
+with another backbone, ...) says everything the user needs in its message, so it prints
+as ``dn2 COMMAND: error: MESSAGE``, without a traceback. Any other exception is a bug in
+dn2 or a failure it does not expect: guarded lets it propagate, and Python prints its
+traceback and exits with status 1 (tests calling an entry point see the exception
+itself). Bad arguments never get here: argparse exits with status 2.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 
-from dn2ops.embed.backbones import WeightsError
-from dn2ops.engines.base import EngineError
-from dn2ops.engines.torch import DeviceError
-from dn2ops.index import IndexError_
-from dn2ops.io.features import MetadataMismatch
-from dn2ops.io.outputs import OutputError
-from dn2ops.io.sources import SourceError
-from pipelines.jobs import JobError
-
-# Errors whose message is the whole story for the user: no traceback.
-USER_ERRORS = (WeightsError, DeviceError, EngineError, MetadataMismatch, IndexError_,
-               OutputError, SourceError, JobError, ValueError)
+from dn2ops.errors import UserError
 
 
 def guarded(job: Callable[[], object], command: str) -> int:
-    """Runs ``job``; a user error prints ``dn2 COMMAND: error: ...`` and returns 1."""
+    """Runs ``job``: 0 when it returns; a UserError prints ``dn2 COMMAND: error: ...`` and
+    returns 1; any other exception propagates with its traceback."""
     try:
         job()
-    except USER_ERRORS as e:
-        logging.getLogger("dn2").debug("failed", exc_info=True)
+    except UserError as e:
         print(f"dn2 {command}: error: {e}", file=sys.stderr)
         return 1
     return 0

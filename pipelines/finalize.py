@@ -27,12 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dn2ops.errors import UserError
 from dn2ops.io import features, outputs
 
 LOG = logging.getLogger("dn2")
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """A run finished but its outcome is not acceptable (e.g. too many errors)."""
 
 

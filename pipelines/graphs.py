@@ -8,6 +8,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from dn2ops.config import GroupConfig, SearchConfig
+from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.stage import EmbedImages
 from dn2ops.io import features, sources
 from dn2ops.io.progress import LogProgress
@@ -27,9 +28,12 @@ def _count(name: str):
     return inc
 
 
-def embed(p: beam.Pipeline, src: str, *, embed_kwargs: dict, workers: int = 1):
-    """Lists SRC and embeds it. Returns (feature rows, error rows, count of listed images,
-    count of images whose features were copied by ``--reuse``).
+def embed(p: beam.Pipeline, src: str, plan: EmbedPlan, *, reuse: str | None = None,
+          workers: int = 1):
+    """Lists SRC and embeds it as ``plan`` says (EmbedImages). Returns (feature rows, error
+    rows, count of listed images, count of images whose features were copied from
+    ``reuse``, an earlier features directory). ``workers``: the local runner's, for the
+    progress log.
 
     The counts (singleton PCollections) are what finalize checks and records.
     """
@@ -38,7 +42,7 @@ def embed(p: beam.Pipeline, src: str, *, embed_kwargs: dict, workers: int = 1):
     rows = rows | "Progress" >> beam.ParDo(
         LogProgress("embedding", workers=workers), total=beam.pvalue.AsSingleton(total)
     )
-    feats, errors, reused = rows | "Embed" >> EmbedImages(**embed_kwargs)
+    feats, errors, reused = rows | "Embed" >> EmbedImages(plan, reuse=reuse)
     return feats, errors, total, reused | "Reused" >> beam.combiners.Count.Globally()
 
 

@@ -15,59 +15,40 @@ import time
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import (
-    DebugOptions,
-    DirectOptions,
-    GoogleCloudOptions,
-    PipelineOptions,
-)
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from dn2ops.config import EmbedConfig, JobConfig
-from dn2ops.embed.backbones import get_spec, load_backbone
-from dn2ops.embed.export import weights_sha256
+from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.reuse import check_reusable
 from dn2ops.engines.base import resolve_engine
-from dn2ops.index import build_index
+from dn2ops.errors import ConfigError
+from dn2ops.index import build_index, kinds
 from dn2ops.index.add import add_to_index
 from dn2ops.index.gpu import resolve_faiss_device
 from dn2ops.io import features, outputs
-from dn2ops.score.sets import build_group_index
+from dn2ops.score.grouping import build_group_index
 from pipelines import checks, finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
 LOG = logging.getLogger("dn2")
 
 
-def _workers(options: PipelineOptions) -> int:
-    return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
-
-
-def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, config: EmbedConfig,
+def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, plan: EmbedPlan,
                  reuse: str | None = None):
-    """Lists and embeds SRC on ``p``: (feature rows, error rows, count of listed images,
-    count of images copied by ``reuse``)."""
-    return graphs.embed(p, src, workers=_workers(options), embed_kwargs={
-        **config.kwargs(), "reuse": reuse, "workers": _model_workers(options)})
+    """Lists and embeds SRC on ``p`` as ``plan`` says: (feature rows, error rows, count of
+    listed images, count of images copied by ``reuse``)."""
+    return graphs.embed(p, src, plan, reuse=reuse, workers=checks.local_workers(options))
 
 
-def _model_workers(options: PipelineOptions) -> int | None:
-    """Model calls that run at once on one machine, which share its cores
-    (dn2ops.engines.base.engine_threads): the local runner's workers (threads or processes);
-    None for a remote runner, which runs one SDK process per vCPU (Dataflow's default for
-    Python), unless told to run one process (no_use_multiple_sdk_containers)."""
-    if checks.runs_here(options):
-        return _workers(options)
-    experiments = options.view_as(DebugOptions).experiments or []
-    return 1 if "no_use_multiple_sdk_containers" in experiments else None
-
-
-def _finalize_features(count_in: int, *, engine: str, device: str, decode: str,
-                       metadata: dict[str, Any], reuse: str | None = None,
+def _finalize_features(count_in: int, *, plan: EmbedPlan, reuse: str | None = None,
                        reused: int = 0, **kwargs) -> dict[str, Any]:
-    """finalize.finalize_features, recording the engine that ``engine`` resolves to where
-    the pipeline's last step runs (beside the model: a Dataflow worker, GPU or not), and
-    with ``reuse``, the images whose features were copied from it."""
-    metadata = {**metadata, "engine": resolve_engine(engine, device), "decode": decode}
+    """finalize.finalize_features with ``plan``'s metadata, recording the engine that
+    ``plan.config.engine`` resolves to where the pipeline's last step runs (beside the
+    model: a Dataflow worker, GPU or not), and with ``reuse``, the images whose features
+    were copied from it."""
+    config = plan.config
+    metadata = {**plan.metadata(), "engine": resolve_engine(config.engine, config.device),
+                "decode": config.decode}
     if reuse:
         metadata["reused"] = {"from": reuse, "images": reused}
     return finalize.finalize_features(count_in, metadata=metadata, **kwargs)
@@ -95,32 +76,31 @@ def _run_staged(pipeline: beam.Pipeline, staging: str) -> bool:
 
 
 def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = None,
-          options: PipelineOptions, test_pipeline: beam.Pipeline | None = None) -> dict:
+          options: PipelineOptions, test_pipeline: beam.Pipeline | None = None,
+          plan: EmbedPlan | None = None) -> dict:
     """dn2 embed: SRC -> FEATURES_DIR. Returns the features marker, which records the
     engine (resolved), the decode and the weights' sha256 beside the backbone metadata,
-    and with ``reuse`` (an earlier FEATURES_DIR) how many images were copied from it."""
+    and with ``reuse`` (an earlier FEATURES_DIR) how many images were copied from it.
+
+    ``plan``: the plan that checks.preflight returned for ``config`` already (dn2 run
+    checks once for both of its embeddings); None: checked and planned here."""
     started = time.time()
-    backbone, device, engine, decode = (config.backbone, config.device, config.engine,
-                                        config.decode)
-    checks.preflight(backbone, config.weights, device, options, engine)
+    plan = plan or checks.preflight(config, options)
     checks.check_source(input)
     outputs.check_writable(output, features.KIND)
-    metadata = {**get_spec(backbone).metadata(),
-                "weights_sha256": weights_sha256(load_backbone(backbone, config.weights))}
     if reuse:
         checks.check_source(reuse, "--reuse")
-        check_reusable(reuse, metadata, metadata["weights_sha256"])
+        check_reusable(reuse, plan.metadata(), plan.weights_sha256)
     extras = checks.extra_columns(input)
     staging = outputs.new_staging(output)
     p = test_pipeline or beam.Pipeline(options=options)
-    feats, errors, count_in, reused = _embed_graph(p, input, options, config, reuse=reuse)
+    feats, errors, count_in, reused = _embed_graph(p, input, options, plan, reuse=reuse)
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
-        _finalize_features, engine=engine, device=device, decode=decode, staging=staging,
-        output=output, metadata=metadata, input=input, reuse=reuse,
-        extra_columns=extras, started=started), count_in=count_in, written=written,
-        counts={"reused": reused})
+        _finalize_features, plan=plan, staging=staging, output=output, input=input,
+        reuse=reuse, extra_columns=extras, started=started), count_in=count_in,
+        written=written, counts={"reused": reused})
     if not _run_staged(p, staging):
         return {}
     marker = outputs.require_complete(output, features.KIND)
@@ -161,17 +141,7 @@ def add(*, features_dir: str, index: str, output: str, retrain: bool = False,
 
 
 def _log_built(manifest: dict, k: int) -> None:
-    for mode, effort in (("ivf", "nprobe"), ("hnsw", "ef_search")):
-        if manifest.get(mode):
-            info = manifest[mode]
-            recall = info["recall"]
-            LOG.info("%s: %s %s, recall@%s %.3f (approximate scores)", mode.upper(), effort,
-                     info[effort], k, recall["recall_at_k"])
-            if not recall["target_reached"]:
-                LOG.warning("%s recall@%s %.3f is below the target %.3f even at %s %s: scores "
-                            "are often above the exact ones; use exact shards or another "
-                            "index", mode.upper(), k, recall["recall_at_k"], recall["target"],
-                            effort, info[effort])
+    kinds.for_manifest(manifest).log_built(manifest, k)  # e.g. an approximate index's recall
     LOG.info(
         "index %s: %s normal images kept of %s, %s shard(s)",
         manifest["index_id"],
@@ -225,7 +195,7 @@ def _score_graph(p: beam.Pipeline, plan: checks.ScorePlan, index: str | None, in
     if features_dir:
         feats, errors, count_in = graphs.read_features(p, features_dir)
     else:
-        feats, errors, count_in, _ = _embed_graph(p, input, options, config.embed)
+        feats, errors, count_in, _ = _embed_graph(p, input, options, plan.embed)
     if not features_dir:
         feats = graphs.as_batches(feats, plan.extras)
     partition = config.score.partition
@@ -262,14 +232,14 @@ def run(*, normal: str | None, input: str, output: str, config: JobConfig,
         options: PipelineOptions) -> dict:
     """dn2 run: embed normal -> build index -> embed input -> score, under OUT_DIR."""
     if checks.is_template(options):  # each step needs the one before it committed
-        raise ValueError("dn2 run waits between its steps and cannot be launched as a "
-                         "template; template-launch dn2 score (README: Run on Dataflow)")
+        raise ConfigError("dn2 run waits between its steps and cannot be launched as a "
+                          "template; template-launch dn2 score (README: Run on Dataflow)")
     normal_features = outputs.join(output, "normal_features")
     index_dir = outputs.join(output, "index")
     input_features = outputs.join(output, "features")
     # Everything that can be checked before hours of embedding: sources, outputs, backbone.
     e = config.embed
-    checks.preflight(e.backbone, e.weights, e.device, options, e.engine)
+    plan = checks.preflight(e, options)
     if not config.covtrace:
         checks.check_source(normal, "--normal")
     checks.check_source(input, "--input")
@@ -278,9 +248,9 @@ def run(*, normal: str | None, input: str, output: str, config: JobConfig,
         if normal:
             LOG.warning("--normal %s is not used by --group-score covtrace", normal)
     else:
-        embed(input=normal, output=normal_features, config=e, options=options)
+        embed(input=normal, output=normal_features, config=e, options=options, plan=plan)
         build(features_dir=normal_features, output=index_dir, config=config)
-    embed(input=input, output=input_features, config=e, options=options)
+    embed(input=input, output=input_features, config=e, options=options, plan=plan)
     return score(index=None if config.covtrace else index_dir,
                  output=outputs.join(output, "results"), features_dir=input_features,
                  source=input, config=config, options=options)

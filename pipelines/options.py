@@ -2,8 +2,8 @@
 
 dn2's own flags are parsed here; everything else is handed to Beam's
 PipelineOptions (``--runner``, ``--temp_location``, ``--direct_num_workers``,
-the Dataflow flags). Configuration flows one way: flags -> typed keyword
-arguments of the jobs in pipelines.jobs.
+the Dataflow flags); dn2 report, which runs no pipeline, takes none. Configuration
+flows one way: flags -> typed keyword arguments of the jobs in pipelines.jobs.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from dn2ops.config import (
 )
 from dn2ops.embed.backbones import REGISTRY, get_spec
 from dn2ops.embed.stage import DECODES, DEFAULT_MAX_IN_FLIGHT
-from dn2ops.engines.base import ENGINES
-from dn2ops.engines.torch import DEVICES
+from dn2ops.engines.base import DEVICES, ENGINES
+from dn2ops.errors import ConfigError
 from dn2ops.io import outputs
 from dn2ops.transforms import DEFAULT as DEFAULT_TRANSFORM
 from dn2ops.transforms import TRANSFORMS
@@ -63,6 +63,17 @@ def _fraction(value: str) -> float:
     if not 0.0 <= f < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return f
+
+
+def _non_negative(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _backbone(value: str) -> str:
@@ -177,6 +188,24 @@ def add_group_args(p: argparse.ArgumentParser, *, scoring: bool) -> None:
                             "covtrace: trace of the set's feature covariance, no index")
 
 
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    """dn2 report's arguments: it reads a results directory and runs no pipeline."""
+    p.description = "Render a dn2 results directory as one self-contained HTML report."
+    p.add_argument("results_dir", metavar="RESULTS_DIR",
+                   help="output of `dn2 score` (committed: with its _SUCCESS marker)")
+    p.add_argument("--output", metavar="PATH",
+                   help="where to write (default: RESULTS_DIR/report.html)")
+    p.add_argument("--index", metavar="DIR",
+                   help="normal index dir; its leave-one-out scores are drawn under the "
+                        "partition's (default: summary.json's index_dir when reachable)")
+    p.add_argument("--top", type=_non_negative, default=20, metavar="N",
+                   help="anomalies shown (default 20)")
+    p.add_argument("--sample", type=_non_negative, default=200, metavar="N",
+                   help="random other images shown (default 200)")
+    p.add_argument("--label-column", default="label", metavar="NAME",
+                   help="ground-truth column for the ROC curve (default: label)")
+
+
 def parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"dn2 {command}")
     if command == "embed":
@@ -219,14 +248,21 @@ def parser(command: str) -> argparse.ArgumentParser:
         add_index_args(p)
         add_score_args(p)
         add_group_args(p, scoring=True)
+    elif command == "report":
+        add_report_args(p)
     else:
         raise ValueError(f"unknown command {command}")
     return p
 
 
 def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """(dn2 arguments, the remaining Beam arguments). Bad arguments exit with code 2."""
+    """(dn2 arguments, the remaining Beam arguments). Bad arguments exit with code 2.
+
+    dn2 report runs no pipeline: it takes no Beam arguments and refuses unknown flags.
+    """
     p = parser(command)
+    if command == "report":
+        return p.parse_args(argv), []
     args, beam_args = p.parse_known_args(_dashed(p, argv))
     partition = resolve_partition(getattr(args, "partition", ""))
     if hasattr(args, "partition"):
@@ -247,14 +283,14 @@ def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
         _check_add_args(p, args)
     try:
         args.config = job_config(args)
-    except ValueError as e:
+    except ConfigError as e:
         p.error(str(e))
     return args, beam_args
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
     """The one JobConfig of parsed arguments (the flags a command lacks keep defaults).
-    Raises ValueError on a combination no job can run."""
+    Raises ConfigError on a combination no job can run."""
     get = functools.partial(getattr, args)
     group = (GroupConfig(group_by=args.group_by, pool=args.pool,
                          method=get("group_score", None) or "knn")
@@ -380,7 +416,7 @@ def check_s3_endpoint(options: PipelineOptions) -> None:
     flag = options.view_as(S3Options).s3_endpoint_url
     env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if flag and flag != env:
-        raise ValueError(
+        raise ConfigError(
             f"--s3_endpoint_url {flag} would reach only Beam's S3 writes; dn2 lists, reads "
             "and commits s3:// through s3fs, which takes its endpoint from the environment: "
             f"export AWS_ENDPOINT_URL={flag} (Beam's S3 filesystem reads it too) and drop "

@@ -1,2 +1,2 @@
 """Embedding: images -> pooled backbone features (decode, preprocess, backbones,
-export, the Beam stage, reuse)."""
+export, the plan resolved once by the launcher, the Beam stage, reuse)."""

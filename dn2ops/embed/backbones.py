@@ -29,11 +29,12 @@ from torch import nn
 
 from dn2ops.embed.efficientnet_lite import LITE_PARAMS, EfficientNetLite
 from dn2ops.embed.preprocess import Preprocessing
+from dn2ops.errors import ConfigError, UserError
 
 RANDOM_WEIGHTS = "random"  # speed benchmarks only: the features mean nothing
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """The weights for a backbone are missing or unreadable."""
 
 
@@ -127,16 +128,16 @@ def _composite(name: str) -> BackboneSpec:
     names = tuple(name.split(COMPOSITE_SEP))
     parts = [get_spec(n) for n in names]
     if len(names) < 2 or len(set(names)) != len(names) or any(p.parts for p in parts):
-        raise ValueError(f"a composite backbone joins two or more different backbones with "
-                         f"'{COMPOSITE_SEP}', got {name!r}")
+        raise ConfigError(f"a composite backbone joins two or more different backbones with "
+                          f"'{COMPOSITE_SEP}', got {name!r}")
     needs_file = [p.name for p in parts if p.default_weights is None]
     if needs_file:
-        raise ValueError(f"{name}: every part of a composite must have offline weights "
-                         f"(the EfficientNet-Lites); {needs_file} take a weights file: use "
-                         "them alone with --weights")
+        raise ConfigError(f"{name}: every part of a composite must have offline weights "
+                          f"(the EfficientNet-Lites); {needs_file} take a weights file: use "
+                          "them alone with --weights")
     norms = {(p.preprocessing.mean, p.preprocessing.std) for p in parts}
     if len(norms) != 1:
-        raise ValueError(f"{name}: the parts normalise their input differently")
+        raise ConfigError(f"{name}: the parts normalise their input differently")
     largest = max(parts, key=lambda p: p.preprocessing.crop).preprocessing
     return BackboneSpec(
         name=name, dim=sum(p.dim for p in parts), preprocessing=largest,
@@ -150,8 +151,8 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(REGISTRY)}, or "
-                         f"join EfficientNet-Lites with '{COMPOSITE_SEP}'") from None
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {sorted(REGISTRY)}, or "
+                          f"join EfficientNet-Lites with '{COMPOSITE_SEP}'") from None
 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:

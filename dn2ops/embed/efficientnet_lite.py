@@ -135,7 +135,3 @@ class EfficientNetLite(nn.Module):
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits (N, 1000); used to check that the weights are real."""
-        return self._fc(self.forward(x))

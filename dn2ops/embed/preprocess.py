@@ -35,12 +35,6 @@ class Preprocessing:
         return {"resize": self.resize, "crop": self.crop,
                 "mean": list(self.mean), "std": list(self.std)}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(resize=int(d["resize"]), crop=int(d["crop"]),
-                   mean=tuple(float(v) for v in d["mean"]),
-                   std=tuple(float(v) for v in d["std"]))
-
     def crop_image(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 array (3, crop, crop): the short side resized to ``resize``
         (bilinear, antialiased: PIL's resampling, which torchvision's Resize follows), the
@@ -74,7 +68,3 @@ class Preprocessing:
     @functools.cached_property
     def normalize(self):
         return self.normalization()
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """One RGB PIL image -> normalised float32 tensor (3, crop, crop)."""
-        return self.normalize(torch.from_numpy(self.crop_image(image)))

@@ -4,8 +4,9 @@ Per element (plain functions, testable without Beam): read the bytes, hash
 them, decode to RGB (only the pixels needed, see dn2ops.embed.images), resize and
 crop to a uint8 array (3, crop, crop), on a small thread pool so that several
 images are read at once and decoding overlaps inference (PrepareImages).
-Batched: the model handler of the chosen engine (dn2ops.engines.base) normalises and
-runs the backbone (one model per worker process, loaded in ``load_model``).
+Batched: the model handler of the chosen engine (dn2ops.engines) normalises and
+runs the backbone (one model per worker process, loaded in ``load_model``). The stage
+takes its dn2ops.embed.plan.EmbedPlan whole: the flags, the backbone's spec, the workers.
 Anything that fails for one image becomes an error row with its stage and
 reason; it never fails the run.
 """
@@ -13,7 +14,6 @@ reason; it never fails the run.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
@@ -22,23 +22,17 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 import numpy as np
-import torch
-from apache_beam.ml.inference.base import (
-    KeyedModelHandler,
-    ModelHandler,
-    PredictionResult,
-    RunInference,
-)
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.utils.shared import Shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from dn2ops.config import DEFAULT_MAX_PIXELS
-from dn2ops.embed.backbones import get_spec, load_backbone
 from dn2ops.embed.images import ImageDecodeError, load_image, sha256_hex
+from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.preprocess import Preprocessing
 from dn2ops.embed.reuse import CopyFeatures, Known, Location
-from dn2ops.engines.base import EngineConfig, make_handler, thread_plan
-from dn2ops.engines.torch import Embedder
+from dn2ops.engines.auto import make_handler
+from dn2ops.engines.base import thread_plan
 from dn2ops.rows import ImageKey, error_row, feature_row
 
 ERRORS = "errors"
@@ -139,21 +133,21 @@ class PrepareImages(beam.DoFn):
     has finished and blocks only when ``max_in_flight`` rows are pending; ``finish_bundle``
     drains the rest. Outputs come in completion order, each in its own row's window.
     ``max_in_flight=1`` reads one image at a time. Of the rows in flight, only the
-    decode threads of ``engine``'s thread plan (dn2ops.engines.base.thread_plan) decode at
+    decode threads of ``plan``'s thread plan (dn2ops.engines.base.thread_plan) decode at
     once, so decoding and the model's threads together fit the cores (None: no limit
     beyond ``max_in_flight``). ``decode``: one of DECODES.
     """
 
     def __init__(self, preprocessing: Preprocessing, max_pixels: int, *,
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, decode: str = "draft",
-                 engine: EngineConfig | None = None, reuse: str | None = None):
+                 plan: EmbedPlan | None = None, reuse: str | None = None):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
         self.max_in_flight = max_in_flight
         self.decode = decode
-        self.engine = engine
+        self.plan = plan
         self.reuse = reuse
         self._shared = Shared()  # one Known per worker process, whatever its threads
 
@@ -161,8 +155,8 @@ class PrepareImages(beam.DoFn):
         self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dn2-prepare")
         self._pending: dict[Future, tuple[Any, Any]] = {}
         # Planned here, on the worker: its cores and its GPU, not the launcher's.
-        self._cpu = (threading.BoundedSemaphore(thread_plan(self.engine)[1])
-                     if self.engine is not None else None)
+        self._cpu = (threading.BoundedSemaphore(thread_plan(self.plan)[1])
+                     if self.plan is not None else None)
         self._known = (self._shared.acquire(lambda: Known.load(self.reuse), tag=self.reuse)
                        if self.reuse else None)
 
@@ -196,38 +190,6 @@ class PrepareImages(beam.DoFn):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-class TorchModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
-    """``--engine torch``: uint8 batches (N, 3, crop, crop) -> pooled backbone features
-    (dim,) float32, normalised with torchvision and run by dn2ops.engines.torch.Embedder."""
-
-    def __init__(self, config: EngineConfig, *, fast: bool = True):
-        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
-        self.config = config
-        self.fast = fast
-        self.preprocessing = get_spec(config.backbone).preprocessing
-
-    def load_model(self) -> Embedder:
-        threads, _ = thread_plan(self.config)
-        torch.set_num_threads(threads)
-        logging.getLogger("dn2").info("engine torch %s: %s on %s, %d threads",
-                                      torch.__version__, self.config.backbone,
-                                      self.config.device, threads)
-        return Embedder(load_backbone(self.config.backbone, self.config.weights),
-                        device=self.config.device, fast=self.fast)
-
-    def run_inference(self, batch: Sequence[np.ndarray], model: Embedder,
-                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
-        features = model(self.preprocessing.normalize(torch.from_numpy(np.stack(batch))))
-        # The example is not kept: it would carry 150 KB per image downstream.
-        return [PredictionResult(None, f) for f in features]
-
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return sum(x.nbytes for x in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "dn2"
-
-
 def _exception_reason(exc: Any) -> str:
     """``Type: message`` of an exception as Beam's exception handling hands it on.
 
@@ -253,57 +215,49 @@ def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Any]):
 
 
 class EmbedImages(beam.PTransform):
-    """Rows {"uri", ...} -> (feature rows, error rows, reused keys).
+    """Rows {"uri", ...} -> (feature rows, error rows, reused keys), as ``plan`` says
+    (dn2ops.embed.plan.EmbedPlan: the EmbedConfig whole, the backbone's spec, the model
+    calls that share a machine's cores).
 
     ``reuse``: an earlier features directory (checked by reuse.check_reusable); images
     it holds are not decoded or embedded, their rows are copied (reuse.CopyFeatures) and
     their (ImageKey, Location) pairs are the third output (empty without ``reuse``).
 
-    ``engine``: auto | torch | openvino | onnxruntime (dn2ops.engines.base); ``decode``:
-    draft | full (DECODES); ``threads`` / ``decode_threads``: the engine's threads per
-    model call and the images decoded at once beside it (None: engines.thread_plan
-    splits the cores that ``workers``, the model calls running at once on a machine,
-    leave to each; None for one SDK process per core, as on Dataflow);
-    ``max_in_flight``: rows read at once (PrepareImages; None: a batch plus
-    DEFAULT_MAX_IN_FLIGHT, so that decoding goes on through a whole model call, which
-    blocks the thread that feeds PrepareImages).
+    From ``plan.config``: ``engine``, auto | torch | openvino | onnxruntime
+    (dn2ops.engines.auto.make_handler); ``decode``, draft | full (DECODES); ``threads`` /
+    ``decode_threads``, the engine's threads per model call and the images decoded at
+    once beside it (None: dn2ops.engines.base.thread_plan splits the cores that
+    ``plan.workers`` leave to each); ``max_in_flight``, rows read at once
+    (PrepareImages; None: a batch plus DEFAULT_MAX_IN_FLIGHT, so that decoding goes on
+    through a whole model call, which blocks the thread that feeds PrepareImages).
     """
 
-    def __init__(self, *, backbone: str, weights: str | None = None, device: str = "auto",
-                 batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 engine: str = "auto", decode: str = "draft", threads: int | None = None,
-                 decode_threads: int | None = None, workers: int | None = 1,
-                 max_in_flight: int | None = None, reuse: str | None = None):
+    def __init__(self, plan: EmbedPlan, *, reuse: str | None = None):
         super().__init__()
-        if decode not in DECODES:
-            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
-        self.backbone = backbone
-        self.config = EngineConfig(
-            backbone=backbone, engine=engine, weights=weights, device=device,
-            batch_size=batch_size, threads=threads, decode_threads=decode_threads,
-            workers=workers)
-        self.handler = make_handler(self.config)
-        self.preprocessing = get_spec(backbone).preprocessing
-        self.max_pixels = max_pixels
-        self.decode = decode
-        self.max_in_flight = max_in_flight or batch_size + DEFAULT_MAX_IN_FLIGHT
+        config = plan.config
+        if config.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {config.decode!r}")
+        self.plan = plan
+        self.handler = make_handler(plan)
+        self.max_in_flight = config.max_in_flight or config.batch_size + DEFAULT_MAX_IN_FLIGHT
         self.reuse = reuse
 
     def expand(self, rows):
+        plan = self.plan
         prepared = rows | "Prepare" >> beam.ParDo(
-            PrepareImages(self.preprocessing, self.max_pixels, max_in_flight=self.max_in_flight,
-                          decode=self.decode, engine=self.config, reuse=self.reuse)
+            PrepareImages(plan.preprocessing, plan.config.max_pixels,
+                          max_in_flight=self.max_in_flight, decode=plan.config.decode,
+                          plan=plan, reuse=self.reuse)
         ).with_outputs(ERRORS, REUSED, main="images")
         inferred, failed = (prepared.images
                             | "Embed" >> RunInference(KeyedModelHandler(self.handler))
                             .with_exception_handling())
         features = inferred | "ToRow" >> beam.MapTuple(
-            lambda key, result, name=self.backbone: feature_row(key, result.inference,
-                                                                        name))
+            lambda key, result, name=plan.backbone: feature_row(key, result.inference, name))
         embed_errors = failed.failed_inferences | "FailedBatch" >> beam.FlatMap(
             _failed_batch_rows)
         errors = (prepared[ERRORS], embed_errors) | "AllErrors" >> beam.Flatten()
         if self.reuse:
-            copied = prepared[REUSED] | "CopyReused" >> CopyFeatures(self.reuse, self.backbone)
+            copied = prepared[REUSED] | "CopyReused" >> CopyFeatures(self.reuse, plan.backbone)
             features = (features, copied) | "AllFeatures" >> beam.Flatten()
         return features, errors, prepared[REUSED]

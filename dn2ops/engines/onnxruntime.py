@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from apache_beam.ml.inference.base import PredictionResult
 
 from dn2ops.embed.export import export_backbone
-from dn2ops.engines.base import EngineConfig, thread_plan
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.base import Dn2ModelHandler, thread_plan
 
 LOG = logging.getLogger("dn2")
 
@@ -37,18 +38,19 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-class OnnxBackboneModelHandler(ModelHandler[np.ndarray, PredictionResult, ort.InferenceSession]):
+class OnnxBackboneModelHandler(
+        Dn2ModelHandler[np.ndarray, PredictionResult, ort.InferenceSession]):
     """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32."""
 
-    def __init__(self, config: EngineConfig):
-        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
-        self.config = config
+    def __init__(self, plan: EmbedPlan):
+        super().__init__(batch_size=plan.config.batch_size)
+        self.plan = plan
 
     def load_model(self) -> ort.InferenceSession:
-        threads, _ = thread_plan(self.config)
-        path = export_backbone(self.config.backbone, self.config.weights, self.config.cache_dir)
+        threads, _ = thread_plan(self.plan)
+        path = export_backbone(self.plan.backbone, self.plan.config.weights)
         LOG.info("engine onnxruntime %s: %s, %d threads", ort.__version__,
-                 self.config.backbone, threads)
+                 self.plan.backbone, threads)
         return ort.InferenceSession(path, session_options(threads),
                                     providers=["CPUExecutionProvider"])
 
@@ -59,9 +61,3 @@ class OnnxBackboneModelHandler(ModelHandler[np.ndarray, PredictionResult, ort.In
         features = inference_session.run(None, {name: np.stack(batch)})[0]
         # Beam's handlers keep each input image beside its result (150 KB each).
         return [PredictionResult(None, f) for f in features]
-
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return sum(x.nbytes for x in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "dn2"

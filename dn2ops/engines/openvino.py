@@ -21,10 +21,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from apache_beam.ml.inference.base import PredictionResult
 
 from dn2ops.embed.export import default_cache_dir, export_backbone
-from dn2ops.engines.base import EngineConfig, thread_plan
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.base import Dn2ModelHandler, thread_plan
 
 LOG = logging.getLogger("dn2")
 
@@ -50,22 +51,21 @@ def compile_config(threads: int) -> dict[str, Any]:
             "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads}
 
 
-class OpenVinoModelHandler(ModelHandler[np.ndarray, PredictionResult, CompiledBackbone]):
+class OpenVinoModelHandler(Dn2ModelHandler[np.ndarray, PredictionResult, CompiledBackbone]):
     """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32."""
 
-    def __init__(self, config: EngineConfig):
-        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
-        self.config = config
+    def __init__(self, plan: EmbedPlan):
+        super().__init__(batch_size=plan.config.batch_size)
+        self.plan = plan
 
     def load_model(self) -> CompiledBackbone:
-        import openvino as ov
+        import openvino as ov  # an optional package (pip install 'dn2[openvino]')
 
-        threads, _ = thread_plan(self.config)
-        path = export_backbone(self.config.backbone, self.config.weights, self.config.cache_dir)
+        threads, _ = thread_plan(self.plan)
+        path = export_backbone(self.plan.backbone, self.plan.config.weights)
         core = ov.Core()
-        core.set_property({"CACHE_DIR": os.path.join(self.config.cache_dir or default_cache_dir(),
-                                                     "openvino")})
-        LOG.info("engine openvino %s: %s, %d threads", ov.get_version(), self.config.backbone,
+        core.set_property({"CACHE_DIR": os.path.join(default_cache_dir(), "openvino")})
+        LOG.info("engine openvino %s: %s, %d threads", ov.get_version(), self.plan.backbone,
                  threads)
         return CompiledBackbone(core.compile_model(path, "CPU", compile_config(threads)))
 
@@ -73,9 +73,3 @@ class OpenVinoModelHandler(ModelHandler[np.ndarray, PredictionResult, CompiledBa
                       inference_args: dict[str, Any] | None = None
                       ) -> Iterable[PredictionResult]:
         return [PredictionResult(None, f) for f in model(np.stack(batch))]
-
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return sum(x.nbytes for x in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "dn2"

@@ -1,4 +1,5 @@
-"""Batched embedding: normalised image batches -> pooled backbone features.
+"""``--engine torch``: dn2's backbone as a torch module, on the CPU or a CUDA GPU, as a
+Beam model handler.
 
 CPU: channels-last memory format under ``torch.inference_mode`` (oneDNN's
 fast convolution layout; measured in benchmarks/embed_speed.py).
@@ -9,29 +10,19 @@ where the GPU has no bf16); features come back as float32 either way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from apache_beam.ml.inference.base import PredictionResult
 from torch import nn
 
-DEVICES = ("auto", "cpu", "cuda")
+from dn2ops.embed.backbones import load_backbone
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.base import Dn2ModelHandler, resolve_device, thread_plan
 
-
-class DeviceError(RuntimeError):
-    """A device was asked for that this machine does not have."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when present else cpu; 'cuda' without a GPU fails fast."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    has_cuda = torch.cuda.is_available()
-    if device == "auto":
-        return torch.device("cuda" if has_cuda else "cpu")
-    if device == "cuda" and not has_cuda:
-        raise DeviceError("--device cuda was asked for but torch sees no CUDA GPU "
-                          "(torch.cuda.is_available() is False); use --device cpu or auto")
-    return torch.device(device)
+LOG = logging.getLogger("dn2")
 
 
 class Embedder:
@@ -54,8 +45,7 @@ class Embedder:
         if fast and self.device.type == "cuda":
             self._amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported()
                                else torch.float16)
-            logging.getLogger("dn2").info("embedding on %s with autocast %s", self.device,
-                                          self._amp_dtype)
+            LOG.info("embedding on %s with autocast %s", self.device, self._amp_dtype)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N, 3, H, W) float32 -> features (N, dim) float32."""
@@ -69,3 +59,28 @@ class Embedder:
         with torch.inference_mode(), torch.autocast(
                 self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
             return self.model(x).float().cpu().numpy()
+
+
+class TorchModelHandler(Dn2ModelHandler[np.ndarray, PredictionResult, Embedder]):
+    """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32,
+    normalised with torchvision and run by an Embedder (``fast``: see Embedder)."""
+
+    def __init__(self, plan: EmbedPlan, *, fast: bool = True):
+        super().__init__(batch_size=plan.config.batch_size)
+        self.plan = plan
+        self.fast = fast
+
+    def load_model(self) -> Embedder:
+        threads, _ = thread_plan(self.plan)
+        torch.set_num_threads(threads)
+        config = self.plan.config
+        LOG.info("engine torch %s: %s on %s, %d threads", torch.__version__,
+                 self.plan.backbone, config.device, threads)
+        return Embedder(load_backbone(self.plan.backbone, config.weights),
+                        device=config.device, fast=self.fast)
+
+    def run_inference(self, batch: Sequence[np.ndarray], model: Embedder,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        features = model(self.plan.preprocessing.normalize(torch.from_numpy(np.stack(batch))))
+        # The example is not kept: it would carry 150 KB per image downstream.
+        return [PredictionResult(None, f) for f in features]

@@ -17,6 +17,10 @@ Layout of INDEX_DIR:
   hnsw.faiss                   with --hnsw M instead: an HNSW graph index
                                (dn2ops.index.hnsw), held in memory when scoring
 
+Each kind of index (flat, kmeans, ivf, hnsw) is one class of dn2ops.index.kinds that
+builds, grows (`dn2ops.index.add`) and loads its files; the faiss helpers it uses are
+knn, ivf, hnsw, recall, streams and gpu.
+
 Scores are plain Euclidean (not squared) distances, averaged over k, as in
 dn2ops.score.estimator; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
 scores are approximate (>= exact; the manifest records recall@k).
@@ -28,13 +32,10 @@ the whole normal set is never in memory (unless --shards 1 asks for one shard
 of everything). `LoadedIndex(stream_shards=True)` scores the same way.
 """
 
-from dn2ops.index.build import (
-    KMEANS_SAMPLE_PER_CENTROID,
-    build_index,
-    build_index_from_arrays,
-    distances_column,
-)
+from dn2ops.index.build import build_index, build_index_from_arrays
 from dn2ops.index.files import KIND, IndexError_
+from dn2ops.index.kinds.kmeans import KMEANS_SAMPLE_PER_CENTROID
+from dn2ops.index.reference import distances_column
 from dn2ops.index.search import LoadedIndex
 
 __all__ = ["KIND", "KMEANS_SAMPLE_PER_CENTROID", "IndexError_", "LoadedIndex", "build_index",

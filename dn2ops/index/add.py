@@ -1,7 +1,8 @@
 """Growing an index (``dn2 build-index --add FEATURES_DIR --index INDEX_DIR --output NEW``):
 new normal images appended to a committed index, which is left as it is.
 
-What the new index directory holds, by the parent's mode:
+What the new index directory holds, by the parent's kind (its ``grow``, see
+dn2ops.index.kinds):
 
 * flat (and K-means): the parent's shard files, copied byte for byte (their sha256
   checked on the way) under the new shard count, then new shards of the added rows;
@@ -31,36 +32,18 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dn2ops.config import REFERENCE_SAMPLE
-from dn2ops.index import hnsw, ivf, streams
-from dn2ops.index.build import (
-    KMEANS_SAMPLE_PER_CENTROID,
-    approx_loo,
-    distances_column,
-    feature_rows,
-    flat_loo,
-    nearest_centre,
-    read_chunks,
-    reference_scores,
-    shard_loader,
-    shard_sizes,
-)
-from dn2ops.index.files import (
-    HASH_BLOCK,
-    KIND,
-    IndexError_,
-    flat_of,
-    put,
-    read_index,
-    shard_name,
-    write_index,
-)
-from dn2ops.index.knn import flat_vectors, kmeans_centroids, knn, knn_sharded
-from dn2ops.index.search import LoadedIndex
+from dn2ops.index import kinds, streams
+from dn2ops.index.build import feature_rows, read_chunks
+from dn2ops.index.files import HASH_BLOCK, KIND, IndexDir, IndexError_, put, read_index, write_index
+from dn2ops.index.knn import flat_vectors, knn_sharded
+from dn2ops.index.recall import recall_at_k
+from dn2ops.index.reference import ScoreFn, distances_column, reference_scores
 from dn2ops.io import features, outputs
 
 LOG = logging.getLogger("dn2")
@@ -98,9 +81,7 @@ def _check_addable(parent: dict[str, Any], added: dict[str, Any], index_dir: str
     if parent.get("group_by"):
         raise IndexError_(f"{index_dir} is a group index (--group-by): --add grows image "
                           "indexes; build the group index again")
-    if (parent.get("ivf") or {}).get("ondisk"):
-        raise IndexError_(f"{index_dir} keeps its IVF lists on disk (--ondisk): --add cannot "
-                          "append to them; build the index again")
+    kinds.for_manifest(parent).check_addable(parent, index_dir)
     features.check_compatible(parent, added, f"the index {index_dir} and the added "
                               f"features {features_dir}", names=("index", "features"))
     a, b = parent.get("weights_sha256"), added.get("weights_sha256")
@@ -131,11 +112,14 @@ def _refuse_known(normal: pa.Table, names: pa.Table, index_dir: str) -> None:
 
 
 class _Grow:
-    """One --add: the staged files of the new index and its manifest."""
+    """One --add: the staged files of the new index and its manifest (the parent's kind
+    grows its files: a dn2ops.index.kinds.Growing)."""
 
     def __init__(self, parent, index_dir, features_dir, added, normal, names, fs, stage, *,
                  retrain, reference_sample, device, seed):
         self.parent, self.index_dir, self.features_dir = parent, index_dir, features_dir
+        self.parent_dir = IndexDir(index_dir, parent)
+        self.kind = kinds.for_manifest(parent)
         self.added, self.normal, self.names = added, normal, names
         self.fs, self.stage = fs, stage
         self.retrain, self.device, self.seed = retrain, device, seed
@@ -188,21 +172,12 @@ class _Grow:
         if self.parent.get("clean_fraction"):
             LOG.warning("the parent index was cleaned (--clean-fraction %s); the added images "
                         "are not: build anew to clean the union", self.parent["clean_fraction"])
-        info: dict[str, Any] = {}
-        if self.parent.get("ivf"):
-            score, info["ivf"] = self._ivf()
-        elif self.parent.get("hnsw"):
-            score, info["hnsw"] = self._hnsw()
-        else:
-            score, info["shards"] = self._flat()
-            if self.parent.get("n_centroids") is not None:
-                score, info["kmeans"] = self._kmeans()
-        width = 1 if self.parent.get("n_centroids") is not None else self.k
-        ref, ref_d, incremental = self._reference(score, width)
+        score, info = self.kind.grow(self)
+        ref, ref_d, incremental = self._reference(score, self.kind.width(self.k))
         self._write_normal(ref, ref_d)
         return self._manifest(info, ref, incremental)
 
-    def _reference(self, score: Callable, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _reference(self, score: ScoreFn, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores (n,), distances (n, width), incremental) of a uniform sample of the union.
 
         Incremental when the parent kept its sample's neighbour distances
@@ -215,7 +190,7 @@ class _Grow:
         size = self.n if self.reference_sample is None else min(self.reference_sample, self.n)
         # A parent sampled more thinly than the union asks for (or not at all) cannot be
         # thinned to a uniform sample of the union: that reference is computed afresh.
-        fresh = (old_ids is None or (self.retrain and self.parent.get("n_centroids"))
+        fresh = (old_ids is None or not self.kind.reference_reusable(self.retrain)
                  or len(old_ids) / self.n_old < size / self.n)
         if fresh:
             ids = None if size >= self.n else streams.sample_ids(self.n, size, self.seed + 2)
@@ -224,7 +199,7 @@ class _Grow:
         keep = min(round(size * self.n_old / self.n), len(old_ids))  # the union's rate
         pick = np.sort(rng.choice(len(old_ids), size=keep, replace=False))
         old_ids, old_d = old_ids[pick], old_d[pick]
-        if self.parent.get("n_centroids") is None:  # the added rows may be nearer neighbours
+        if self.kind.neighbours:  # the added rows may be nearer neighbours
             xq = streams.gather_rows(self.old_chunks_of_union(), old_ids)
             D_add, _ = knn_sharded(xq, self.new_chunks(), self.k)
             old_d = np.sort(np.concatenate([old_d, D_add], axis=1), axis=1)[:, :self.k]
@@ -257,23 +232,7 @@ class _Grow:
             return self._staged_vectors(self.flat_names[:self.n_parent_shards])
         return self.old_chunks()
 
-    def _flat(self) -> tuple[Callable, int]:
-        old = sorted(n for n in self.parent["files"] if n.startswith("shard-"))
-        sizes = shard_sizes(self.m, None, self.per_shard)
-        total = len(old) + len(sizes)
-        renamed = [shard_name(i, total) for i in range(total)]
-        for src, dst in zip(old, renamed, strict=False):
-            self._copy(src, dst)
-        # Written under their final names: an object store has no cheap rename.
-        for name, xb in zip(renamed[len(old):], streams.rechunk(self.new_chunks(), sizes),
-                            strict=True):
-            self.files[name] = write_index(self.fs, outputs.join(self.stage, name),
-                                           flat_of(xb))
-        self.flat_names, self.n_parent_shards = renamed, len(old)
-        load = shard_loader(self.fs, self.stage, renamed, self.device)
-        return flat_loo(load, self.k, self.device), total
-
-    def _copy(self, name: str, dst: str) -> None:
+    def copy(self, name: str, dst: str) -> None:
         """Copies a parent file into the staging folder, checking its sha256 on the way."""
         src_fs, src = outputs.fs_and_path(outputs.join(self.index_dir, name))
         h = hashlib.sha256()
@@ -287,62 +246,12 @@ class _Grow:
                               "manifest's sha256: the parent was changed or damaged")
         self.files[dst] = h.hexdigest()
 
-    def _kmeans(self) -> tuple[Callable, dict[str, Any]]:
-        c = int(self.parent["n_centroids"])
-        centroids = LoadedIndex(self.index_dir, device="cpu").centroids  # the parent's
-        drift = self._drift(centroids)
-        if self.retrain:
-            km_ids = streams.sample_ids(self.n, KMEANS_SAMPLE_PER_CENTROID * c, self.seed)
-            centroids = kmeans_centroids(streams.gather_rows(self.union(), km_ids), c,
-                                         seed=self.seed)
-            self.files["kmeans.faiss"] = write_index(
-                self.fs, outputs.join(self.stage, "kmeans.faiss"), flat_of(centroids))
-            meta = {"trained_on": int(len(km_ids)), "retrained": True}
-        else:
-            self._copy("kmeans.faiss", "kmeans.faiss")
-            meta = {**(self.parent.get("kmeans") or {}), "retrained": False}
-        return nearest_centre(centroids), {**meta, "drift": drift}
+    def write(self, name: str, index: faiss.Index) -> None:
+        """Writes ``index`` into the staging folder as ``name``."""
+        self.files[name] = write_index(self.fs, outputs.join(self.stage, name), index)
 
-    def _drift(self, centroids: np.ndarray) -> dict[str, Any]:
-        """Mean distance to the nearest centre: the added images against the parent's
-        reference (the same distance, of the images it was trained on)."""
-        d = np.concatenate([knn(x, centroids, 1)[0][:, 0] for x in self.new_chunks()])
-        ref = self.normal.column("loo_score").to_numpy(zero_copy_only=False)
-        before = float(np.nanmean(ref)) if np.isfinite(ref).any() else float("nan")
-        after = float(d.mean())
-        LOG.info("K-means drift: the added images lie %.4f from their nearest centre, the "
-                 "parent's reference %.4f (x%.3f)%s", after, before, after / before,
-                 "" if self.retrain else "; --retrain trains new centres")
-        return {"added_mean_distance": round(after, 6), "parent_mean_distance":
-                round(before, 6), "ratio": round(after / before, 4)}
-
-    def _ivf(self) -> tuple[Callable, dict[str, Any]]:
-        meta = self.parent["ivf"]
-        index = self._read_parent(ivf.INDEX_FILE)
-        start = self.n_old
-        for x in self.new_chunks():
-            index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
-            start += len(x)
-        ivf.set_nprobe(index, meta["nprobe"])
-        recall = self._recall(lambda xq, k: ivf.search(index, xq, k), meta["nprobe"],
-                              "at_nprobe", meta["recall"])
-        self.files[ivf.INDEX_FILE] = write_index(
-            self.fs, outputs.join(self.stage, ivf.INDEX_FILE), index)
-        return approx_loo(ivf.search, index, self.k), {**meta, "recall": recall}
-
-    def _hnsw(self) -> tuple[Callable, dict[str, Any]]:
-        meta = self.parent["hnsw"]
-        index = self._read_parent(hnsw.INDEX_FILE)
-        for x in self.new_chunks():
-            index.add(x)
-        hnsw.set_ef(index, meta["ef_search"])
-        recall = self._recall(lambda xq, k: hnsw.search(index, xq, k), meta["ef_search"],
-                              "at_ef_search", meta["recall"])
-        self.files[hnsw.INDEX_FILE] = write_index(
-            self.fs, outputs.join(self.stage, hnsw.INDEX_FILE), index)
-        return approx_loo(hnsw.search, index, self.k), {**meta, "recall": recall}
-
-    def _read_parent(self, name: str):
+    def read_parent(self, name: str) -> faiss.Index:
+        """A parent index file, sha256 checked, holding the parent's n_old vectors."""
         fs, path = outputs.fs_and_path(outputs.join(self.index_dir, name))
         index = read_index(fs, path, name, self.parent["files"][name])
         if index.ntotal != self.n_old:
@@ -350,15 +259,15 @@ class _Grow:
                               f"manifest says {self.n_old}")
         return index
 
-    def _recall(self, search, effort: int, key: str, before: dict[str, Any]
-                ) -> dict[str, Any]:
+    def recall(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+               effort: int, key: str, before: dict[str, Any]) -> dict[str, Any]:
         """recall@k at the parent's search effort, on a uniform sample of the union."""
         q_ids = streams.sample_ids(self.n, int(before["queries"]), self.seed + 1)
         xq = streams.gather_rows(self.union(), q_ids)
         De, Ie = knn_sharded(xq, self.union(), self.k + 1)
         _, Ie = streams.drop_self(De, Ie, q_ids)
         Da, Ia = search(xq, self.k + 1)
-        got = ivf.recall_at_k(streams.drop_self(Da, Ia, q_ids)[1], Ie)
+        got = recall_at_k(streams.drop_self(Da, Ia, q_ids)[1], Ie)
         return {**before, key: {str(effort): round(got, 4)}, "recall_at_k": round(got, 4),
                 "target_reached": bool(got >= before["target"]),
                 "parent_recall_at_k": before["recall_at_k"]}

@@ -1,18 +1,25 @@
 """Index files: faiss indexes written and read block by block through fsspec, each
-checked against the sha256 the manifest records (dn2ops.index's layout)."""
+checked against the sha256 the manifest records (dn2ops.index's layout); `IndexDir`: a
+committed INDEX_DIR's files, read as its manifest lists them."""
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 import faiss
 import numpy as np
 
+from dn2ops.errors import UserError
+from dn2ops.index.knn import flat_vectors
+from dn2ops.io import outputs
+
 KIND = "index"
 
 
-class IndexError_(ValueError):
+class IndexError_(UserError, ValueError):
     """The index directory is missing, corrupt or does not match its manifest."""
 
 
@@ -24,11 +31,6 @@ def flat_of(xb: np.ndarray) -> faiss.IndexFlatL2:
     index = faiss.IndexFlatL2(xb.shape[1])
     index.add(xb)
     return index
-
-
-def index_bytes(xb: np.ndarray) -> bytes:
-    """An IndexFlatL2 over xb (n, d) float32, serialized."""
-    return faiss.serialize_index(flat_of(xb)).tobytes()
 
 
 # How faiss serializes an IndexFlatL2: fourcc, d, ntotal, two unused int64, is_trained,
@@ -120,3 +122,64 @@ def file_sha256(fs, path: str) -> str:
         while block := f.read(HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+class IndexDir:
+    """A committed INDEX_DIR's files, each checked against the sha256 its manifest records
+    as it is read (``verify=False``: not checked). What an index kind loads through
+    (dn2ops.index.kinds)."""
+
+    def __init__(self, directory: str, manifest: dict[str, Any], *, verify: bool = True):
+        self.directory, self.manifest, self.verify = directory, manifest, verify
+        self.fs, self.path = outputs.fs_and_path(directory)
+        self.shard_names = sorted(n for n in manifest["files"] if n.startswith("shard-"))
+
+    def join(self, name: str) -> str:
+        return outputs.join(self.path, name)
+
+    def check_present(self) -> None:
+        """Every file the manifest lists is there."""
+        for name in self.manifest["files"]:
+            if not self.fs.exists(self.join(name)):
+                raise IndexError_(f"index file {name} listed in the manifest is missing "
+                                  f"from {self.directory}")
+
+    def read(self, name: str) -> bytes:
+        """The bytes of a small index file, checked against the manifest's sha256."""
+        data = self.fs.cat_file(self.join(name))
+        if self.verify:
+            got = hashlib.sha256(data).hexdigest()
+            if got != self.manifest["files"][name]:
+                raise mismatch(name, got, self.manifest["files"][name])
+        return data
+
+    def check_file(self, name: str) -> None:
+        """Checks one file's sha256 reading it in blocks (for files larger than memory)."""
+        got = file_sha256(self.fs, self.join(name))
+        if got != self.manifest["files"][name]:
+            raise mismatch(name, got, self.manifest["files"][name])
+
+    def check_flat(self, name: str) -> None:
+        check_flat_header(self.fs, self.join(name), name, self.manifest["dim"])
+
+    def read_flat(self, name: str) -> faiss.Index:
+        """One flat index file read into its faiss index (header checked first, sha256
+        checked while reading)."""
+        self.check_flat(name)
+        return read_index(self.fs, self.join(name), name,
+                          self.manifest["files"][name] if self.verify else None)
+
+    def read_checked(self, name: str) -> faiss.Index:
+        """An index file of any kind, its sha256 checked (in blocks) before faiss parses it."""
+        if self.verify:
+            self.check_file(name)
+        return read_index(self.fs, self.join(name), name)
+
+    def iter_shards(self) -> Iterator[np.ndarray]:
+        """The flat shards' vectors (n_s, dim) float32 as stored, read (and checked) one
+        at a time."""
+        for name in self.shard_names:
+            index = self.read_flat(name)
+            xb = flat_vectors(index).copy()
+            del index
+            yield xb

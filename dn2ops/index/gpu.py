@@ -21,9 +21,10 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from dn2ops.index.knn import ExactShard, as_float32, exact_distances, knn_sharded
+from dn2ops.engines.base import DeviceError
+from dn2ops.index.knn import as_float32, exact_distances, knn_sharded
 
-# The same choices as dn2ops.engines.torch.DEVICES (the embedding side of --device).
+# The same choices as dn2ops.engines.base.DEVICES (the embedding side of --device).
 DEVICES = ("auto", "cpu", "cuda")
 
 LOG = logging.getLogger("dn2")
@@ -48,8 +49,6 @@ def resolve_faiss_device(device: str = "auto") -> str:
                if has_gpu_build else
                "the installed faiss is CPU-only (faiss-cpu); install the gpu extra: "
                "pip install 'dn2[gpu]' (faiss-gpu-cu12)")
-        from dn2ops.engines.torch import DeviceError  # imports torch: only on this error path
-
         raise DeviceError(f"--device cuda was asked for but faiss cannot use a GPU: {why}; "
                           "use --device cpu or auto")
     return device
@@ -60,7 +59,7 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index)
 
 
-class GpuFlat(ExactShard):
+class GpuFlat:
     """One flat shard resident on the GPU(s), shifted by its mean, with its CPU
     vectors (nb, d) kept for the exact re-rank (a dn2ops.index.knn.ExactShard)."""
 

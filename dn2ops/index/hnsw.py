@@ -22,6 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from dn2ops.errors import ConfigError
 from dn2ops.index import recall
 
 INDEX_FILE = "hnsw.faiss"
@@ -36,7 +37,7 @@ EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
 def new_index(d: int, m: int) -> faiss.IndexHNSWFlat:
     """An empty HNSW index with ``m`` neighbours per node (faiss's M)."""
     if m < 2:
-        raise ValueError(f"--hnsw M must be >= 2, got {m}")
+        raise ConfigError(f"--hnsw M must be >= 2, got {m}")
     index = faiss.IndexHNSWFlat(d, int(m), faiss.METRIC_L2)
     index.hnsw.efConstruction = EF_CONSTRUCTION
     return index
@@ -65,7 +66,7 @@ def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int,
     Returns (index with efSearch set, info for the manifest).
     """
     if n < k + 2:
-        raise ValueError(f"an HNSW index needs at least k + 2 = {k + 2} vectors, got {n}")
+        raise ConfigError(f"an HNSW index needs at least k + 2 = {k + 2} vectors, got {n}")
     index = new_index(d, m)
 
     def add_and_pass() -> Iterator[np.ndarray]:

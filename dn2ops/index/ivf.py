@@ -29,6 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from dn2ops.errors import ConfigError
 from dn2ops.index import recall
 from dn2ops.index.recall import recall_at_k
 
@@ -50,7 +51,7 @@ def new_index(d: int, nlist: int, pq: int | None = None) -> faiss.Index:
         ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
     else:
         if pq < 1 or d % pq:
-            raise ValueError(f"--pq M must divide the dimension {d}, got {pq}")
+            raise ConfigError(f"--pq M must divide the dimension {d}, got {pq}")
         ivf = faiss.IndexIVFPQ(quantizer, d, nlist, pq, 8)
     ivf.cp.niter = 10  # the coarse k-means: 10 iterations (faiss's own IVF default is 10 too)
     index = faiss.IndexPreTransform(faiss.CenteringTransform(d), ivf)
@@ -105,7 +106,7 @@ def build(chunks: Callable[[], Iterator[np.ndarray]], n: int, d: int, *, k: int,
     `read`). Returns (index with nprobe set, info for the manifest).
     """
     if n < k + 2:
-        raise ValueError(f"an IVF index needs at least k + 2 = {k + 2} vectors, got {n}")
+        raise ConfigError(f"an IVF index needs at least k + 2 = {k + 2} vectors, got {n}")
     nlist = int(min(nlist, n))
     index = new_index(d, nlist, pq)
     index.train(train_x)

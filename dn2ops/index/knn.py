@@ -22,12 +22,13 @@ distances agree to within float32 round-off.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
 
 __all__ = [
+    "ExactShard",
     "FlatShard",
     "as_float32",
     "flat_vectors",
@@ -117,12 +118,24 @@ def flat_vectors(index: faiss.Index) -> np.ndarray:
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
-class ExactShard:
-    """A database block searched exactly: ``len``, ``d`` and ``search(xq, k) -> (D, I)``
-    with D float32 (nq, k) ascending Euclidean distances, I int64 (nq, k) local ids."""
+@runtime_checkable
+class ExactShard(Protocol):
+    """A database block searched exactly (FlatShard, dn2ops.index.gpu.GpuFlat): what
+    knn_sharded searches as it is, rather than as an array or a faiss index."""
+
+    @property
+    def d(self) -> int:
+        """The vectors' dimension."""
+
+    def __len__(self) -> int:
+        """The number of vectors nb."""
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN of xq (nq, d), k <= nb: ``D`` float32 (nq, k) ascending Euclidean
+        distances, ``I`` int64 (nq, k) local ids."""
 
 
-class FlatShard(ExactShard):
+class FlatShard:
     """A database block held as one mean-shifted IndexFlatL2, for repeated exact searches.
 
     The index's own vectors, shifted by their mean, are the only copy kept:

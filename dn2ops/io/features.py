@@ -18,13 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dn2ops.errors import UserError
 from dn2ops.io import outputs
 
 KIND = "features"
 ERROR_SCHEMA = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())])
 
 
-class MetadataMismatch(ValueError):
+class MetadataMismatch(UserError, ValueError):
     """Features, index or query come from different backbones or preprocessing."""
 
 
@@ -87,14 +88,6 @@ class ReadBatches(beam.PTransform):
         return paths | beam.FlatMap(iter_batches, batch_size=self.batch_size)
 
 
-def batch_rows(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
-    """A feature record batch -> its rows as dicts, each ``embedding`` a float32 array."""
-    X = embeddings(batch)
-    rest = batch.drop_columns(["embedding"]).to_pylist()
-    for r, x in zip(rest, X, strict=True):
-        yield {**r, "embedding": x.copy()}  # a row, not a view that pins the whole batch
-
-
 def rows_batch(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
     """Feature rows (dicts; embeddings lists or arrays) -> one record batch of ``schema``."""
     cols = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "embedding"}
@@ -120,8 +113,10 @@ def shard_paths(directory: str, prefix: str) -> list[str]:
     return [fs.unstrip_protocol(p) if "://" in directory else p for p in files]
 
 
-def read_table(directory: str, prefix: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """All ``prefix`` shards of a directory as one table (empty if none)."""
+def read_table(directory: str, prefix: str, columns: Sequence[str] | None = None
+               ) -> pa.Table | None:
+    """All ``prefix`` shards of a directory as one table; None when it has none (a
+    directory that lists no ``prefix`` shard: no rows, and no schema to build one with)."""
     fs, _ = outputs.fs_and_path(directory)
     tables = []
     for p in shard_paths(directory, prefix):
@@ -198,8 +193,9 @@ def embeddings(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     return flat.reshape(n, flat.size // n)
 
 
-def load_features(directory: str) -> tuple[pa.Table, np.ndarray, dict[str, Any]]:
-    """(rows without embeddings, embeddings (n, dim), marker) of a committed features dir."""
+def load_features(directory: str) -> tuple[pa.Table | None, np.ndarray, dict[str, Any]]:
+    """(rows without embeddings, embeddings (n, dim), marker) of a committed features dir;
+    the rows are None when it holds no feature shard (the embeddings then (0, dim))."""
     marker = outputs.require_complete(directory, KIND)
     parts = list(iter_feature_shards(directory, columns=None))
     if not parts:
@@ -240,7 +236,12 @@ def row_dims(directory: str) -> set[int]:
     dims: set[int] = set()
     for p in shard_paths(directory, "features"):
         with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except pa.ArrowException as e:  # damaged since dn2 committed it
+                raise MetadataMismatch(f"{p} is not a readable Parquet file ({e}): the "
+                                       "directory was changed after dn2 wrote it; embed "
+                                       "the images again") from None
             col = pf.schema_arrow.get_field_index("dim")
             if col < 0:
                 raise MetadataMismatch(f"{p} has no 'dim' column: not a dn2 feature shard")

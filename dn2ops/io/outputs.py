@@ -35,6 +35,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from dn2ops.errors import UserError
+
 MARKER = "_SUCCESS"
 # Written first by commit() and removed last: a directory holding it (and no
 # MARKER) was being replaced when its run stopped, so a rerun may overwrite it.
@@ -48,7 +50,7 @@ _NOT_STAGED = ("beam-temp-", ".")
 LOG = logging.getLogger("dn2")
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """An output path holds something else, or an input directory is incomplete."""
 
 

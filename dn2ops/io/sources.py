@@ -16,14 +16,17 @@ from typing import Any
 
 import apache_beam as beam
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from dn2ops.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """SRC cannot be listed: it does not exist, is empty, or a manifest is malformed."""
 
 
@@ -55,12 +58,16 @@ def read_manifest(src: str) -> Iterator[dict[str, Any]]:
 
 
 def _manifest_rows(src: str) -> Iterator[dict[str, Any]]:
-    with fsspec.open(src, "rb") as f:
-        if src.lower().endswith(".parquet"):
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-                yield from batch.to_pylist()
-        else:
-            yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+    try:
+        with fsspec.open(src, "rb") as f:
+            if src.lower().endswith(".parquet"):
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                    yield from batch.to_pylist()
+            else:
+                yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig",
+                                                           newline=""))
+    except (pa.ArrowInvalid, UnicodeDecodeError, csv.Error) as e:  # the file, not dn2
+        raise SourceError(f"manifest {src} cannot be read: {e}") from None
 
 
 def list_source(src: str) -> Iterator[dict[str, Any]]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dn2ops.errors import UserError
 from dn2ops.io import features, outputs
 
 RESULTS_KIND = "results"
@@ -26,6 +27,10 @@ INDEX_KIND = "index"
 # provenance, stay on disk); the label column is added.
 ANOMALY_COLUMNS = ("uri", "score", "rank", "percentile", "neighbor_uris", "neighbor_distances")
 ERROR_COLUMNS = ("uri", "stage", "error")
+
+
+class NoNormalScores(UserError, FileNotFoundError):
+    """An index directory named for the report holds no ``normal.parquet``."""
 
 
 @dataclass
@@ -54,7 +59,8 @@ def read_inputs(results_dir: str, index_dir: str | None, label_column: str) -> R
         dn2ops.io.outputs.OutputError: ``results_dir`` does not exist or was not
             committed (no ``_SUCCESS`` marker: a run stopped mid-way), or
             holds another kind of dn2 output.
-        FileNotFoundError: an explicit ``index_dir`` has no ``normal.parquet``.
+        NoNormalScores: an explicit ``index_dir`` has no ``normal.parquet`` (a
+            FileNotFoundError).
     """
     outputs.require_complete(results_dir, RESULTS_KIND)
     summary = _read_summary(results_dir)
@@ -153,7 +159,7 @@ def _kept_loo_scores(index_dir: str) -> np.ndarray:
     fs, path = outputs.fs_and_path(index_dir)
     normal_path = outputs.join(path, "normal.parquet")
     if not fs.exists(normal_path):
-        raise FileNotFoundError(f"index dir has no normal.parquet: {index_dir}")
+        raise NoNormalScores(f"index dir has no normal.parquet: {index_dir}")
     with fs.open(normal_path, "rb") as f:
         table = pq.read_table(f, columns=["loo_score", "kept"])
     # Percentiles are against the images that made it into the index;

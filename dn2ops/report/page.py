@@ -56,7 +56,8 @@ def render_report(
     Raises:
         dn2ops.io.outputs.OutputError: ``results_dir`` does not exist or is not a
             committed results directory; or ``index_dir`` is not a committed index.
-        FileNotFoundError: ``index_dir`` has no ``normal.parquet``.
+        dn2ops.report.inputs.NoNormalScores: ``index_dir`` has no ``normal.parquet``
+            (a FileNotFoundError).
         ValueError: a negative ``top``/``sample`` or non-positive ``thumb_px``.
     """
     if top < 0 or sample < 0:

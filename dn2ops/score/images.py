@@ -18,9 +18,10 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.ml.inference.base import RunInference
 
 from dn2ops.config import SearchConfig
+from dn2ops.engines.base import Dn2ModelHandler
 from dn2ops.index import LoadedIndex
 from dn2ops.index.knn import set_faiss_threads
 from dn2ops.io import features, outputs
@@ -75,18 +76,20 @@ def score_batch(batch: pa.RecordBatch, index: LoadedIndex, partition: str) -> pa
     return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-class IndexModelHandler(ModelHandler[pa.RecordBatch, pa.RecordBatch, LoadedIndex]):
+class IndexModelHandler(Dn2ModelHandler[pa.RecordBatch, pa.RecordBatch, LoadedIndex]):
     """RunInference's view of a dn2 index: feature record batch -> unranked anomaly batch.
 
     The index is loaded only in load_model(), once per worker process, and shared by
     its threads (RunInference's shared model), held and searched as ``search`` says.
     """
 
+    metrics_namespace = "dn2_score"
+
     def __init__(self, index_dir: str, *, partition: str = "",
                  search: SearchConfig = SearchConfig(), max_batch_size: int = 1):
         # Each feature element is already a batch of rows: RunInference passes one at a
         # time. Group rows (dn2ops.score.sets) are one set each: batched here.
-        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        super().__init__(batch_size=max_batch_size, min_batch_size=1)
         self.index_dir = index_dir
         self.partition = partition
         self.search = search
@@ -100,20 +103,10 @@ class IndexModelHandler(ModelHandler[pa.RecordBatch, pa.RecordBatch, LoadedIndex
                       inference_args: dict[str, Any] | None = None) -> list[pa.RecordBatch]:
         return [score_batch(b, model, self.partition) for b in batch]
 
-    def get_num_bytes(self, batch: Sequence[pa.RecordBatch]) -> int:
-        return sum(b.nbytes for b in batch)  # the default pickles the batch to measure it
-
-    def get_metrics_namespace(self) -> str:
-        return "dn2_score"
-
-
-def rank_of(score: float, sorted_scores: np.ndarray) -> int:
-    """1 + the number of scores strictly greater than ``score`` (ties share a rank)."""
-    return int(len(sorted_scores) - np.searchsorted(sorted_scores, score, side="right") + 1)
-
 
 def ranks(scores: np.ndarray, sorted_scores: np.ndarray) -> np.ndarray:
-    """rank_of for each of ``scores`` (n,), as int64 (n,); ``sorted_scores`` ascending."""
+    """The rank of each of ``scores`` (n,) among ``sorted_scores`` (ascending), int64 (n,):
+    1 + the number of scores strictly greater (ties share the better rank)."""
     right = np.searchsorted(sorted_scores, scores, side="right")
     return (len(sorted_scores) - right + 1).astype(np.int64)
 

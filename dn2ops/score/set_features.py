@@ -2,23 +2,23 @@
 
 A group is a set of m images described by their features (m, d).  It is either
 pooled to one (d,) vector, which is then scored with kNN like a single image,
-or scored directly by the spread of its features (`covtrace_score`).
+or scored directly by the spread of its features (`SetSummary.covtrace`: the trace
+of their covariance).
 
-`pool_set` and `covtrace_score` take the whole (m, d) array; `SetSummary`
-computes the same from one feature at a time and merges partial summaries, so a
-pipeline never holds a set's features (O(d) a set, whatever m is).
+`pool_set` takes the whole (m, d) array (a few normal sets, in memory); `SetSummary`
+summarises some members at a time and merges partial summaries, so a pipeline never
+holds a set's features (O(d) a set, whatever m is).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 
 from dn2ops.index.knn import as_float32
 
-__all__ = ["SetSummary", "covtrace_score", "pool_set", "pool_sets"]
+__all__ = ["SetSummary", "pool_set"]
 
 PoolHow = Literal["mean", "max"]
 
@@ -40,50 +40,16 @@ def pool_set(features: np.ndarray, how: PoolHow = "mean") -> np.ndarray:
     raise ValueError(f"how must be 'mean' or 'max', got {how!r}")
 
 
-def pool_sets(sets: Sequence[np.ndarray], how: PoolHow = "mean") -> np.ndarray:
-    """Pool each set (m_i, d) of ``sets`` with `pool_set`; returns float32 (n_sets, d).
-
-    Sets may have different sizes m_i but must share d.
-    """
-    if len(sets) == 0:
-        raise ValueError("sets is empty: need at least one set to pool")
-    pooled = [pool_set(s, how) for s in sets]
-    dims = {p.shape[0] for p in pooled}
-    if len(dims) != 1:
-        raise ValueError(
-            f"all sets must have the same number of features, got {sorted(dims)}"
-        )
-    return np.stack(pooled)
-
-
-def covtrace_score(features: np.ndarray) -> float:
-    """Trace of the covariance of a set's features (m, d), m >= 2.
-
-    Equals the sum over dimensions of the per-dimension sample variance
-    (ddof=1, the unbiased estimator, so sets of different sizes are
-    comparable), computed in float64 without forming the (d, d) matrix.
-    Higher = more spread out = more anomalous for sets that should be
-    homogeneous.  Raises ValueError if m < 2 (variance undefined).
-    """
-    x = as_float32(features, name="features")
-    if x.shape[0] < 2:
-        raise ValueError(
-            f"covtrace_score needs at least 2 set members, got m={x.shape[0]}"
-        )
-    return float(x.astype(np.float64).var(axis=0, ddof=1).sum())
-
-
 class SetSummary:
-    """What a set's score needs, from some of its features at a time: `of`, `merge`
-    (`add`: one feature).
+    """What a set's score needs, from some of its features at a time: `of` some members,
+    `merge` two summaries of the same set.
 
     ``pool`` ("mean" or "max") keeps what `pool_set` needs, ``covtrace=True`` what
-    `covtrace_score` needs: the count, the mean (float64) and the sum over all
-    dimensions of the squared deviations from it, computed per batch of members and
-    merged pairwise (Chan et al.), so no whole set and no per-dimension sum of squares
-    (which cancels badly) is ever formed. Results
-    equal the whole-array functions up to float64 rounding (the order of the
-    additions differs), not bitwise.
+    `covtrace` needs: the count, the mean (float64) and the sum over all dimensions of
+    the squared deviations from it, computed per batch of members and merged pairwise
+    (Chan et al.), so no whole set and no per-dimension sum of squares (which cancels
+    badly) is ever formed. Results equal the whole-array computations up to float64
+    rounding (the order of the additions differs), not bitwise.
     """
 
     __slots__ = ("count", "mean", "m2", "max")
@@ -96,19 +62,11 @@ class SetSummary:
         self.m2 = 0.0 if covtrace else None
         self.max: np.ndarray | None = np.zeros(0, np.float32) if pool == "max" else None
 
-    def add(self, x: np.ndarray) -> SetSummary:
-        """Adds one feature vector (d,); returns self."""
-        x = np.asarray(x, np.float32)
-        if x.ndim != 1:
-            raise ValueError(f"a set member's feature must be a (d,) vector, got {x.shape}")
-        pool = "max" if self.max is not None else "mean" if self.mean is not None else None
-        return self.merge(SetSummary.of(x[None], pool, self.m2 is not None))
-
     @classmethod
     def of(cls, features: np.ndarray, pool: PoolHow | None = None,
            covtrace: bool = False) -> SetSummary:
-        """The summary of some members at once (m, d), m >= 1: as adding them one by one
-        (count, float64 mean, squared deviations from it, max), computed with numpy."""
+        """The summary of some members at once (m, d), m >= 1: their count, float64 mean,
+        squared deviations from it and max, computed with numpy."""
         x = np.asarray(features, np.float32)
         if x.ndim != 2 or not len(x):
             raise ValueError(f"members must be a non-empty (m, d) array, got {x.shape}")
@@ -155,7 +113,10 @@ class SetSummary:
         return got.astype(np.float32)
 
     def covtrace(self) -> float:
-        """Trace of the set's feature covariance (ddof=1), as `covtrace_score` gives it."""
+        """Trace of the covariance of the set's features (m, d), m >= 2: the sum over
+        dimensions of the per-dimension sample variance (ddof=1, the unbiased estimator,
+        so sets of different sizes are comparable), without forming the (d, d) matrix.
+        Higher = more spread out = more anomalous for sets that should be homogeneous."""
         if self.m2 is None:
             raise ValueError("this summary does not keep what covtrace needs")
         if self.count < 2:

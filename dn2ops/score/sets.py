@@ -1,7 +1,7 @@
 """Set scoring stage: feature record batches -> sets of images -> ranked group rows.
 
-Images are grouped into sets by a key: ``parent_dir`` (the uri's parent
-directory) or a manifest column. A set is scored either
+Images are grouped into sets by a key (dn2ops.score.grouping): ``parent_dir`` (the
+uri's parent directory) or a manifest column. A set is scored either
 
 * ``knn``: its members' features are pooled (``mean`` or ``max``) into one
   (d,) vector, scored like an image against an index of pooled *normal* sets
@@ -10,9 +10,9 @@ directory) or a manifest column. A set is scored either
   (`dn2ops.score.set_features.SetSummary.covtrace`), which needs no normal data.
 
 Sets are never held whole, and no stage holds every set: rows are spilled to disk by
-set into buckets, each bucket's sets are summarised on their own (O(d) floats and the
-member uris a set), and the scored sets are ranked in a second pass over the written,
-unranked shards (see ScoreGroups).
+set into buckets (dn2ops.score.spill), each bucket's sets are summarised on their own
+(O(d) floats and the member uris a set), and the scored sets are ranked in a second
+pass over the written, unranked shards (see ScoreGroups).
 
 Higher = more anomalous in both. Sets of fewer than `MIN_SET_SIZE` images are
 not scored: each of their images becomes an error row with stage ``group``,
@@ -22,162 +22,37 @@ so the image accounting ``count_in == scored + errored`` still holds (scored
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.transforms.window import GlobalWindows
 
-from dn2ops.config import POOLS, GroupConfig, IndexConfig, SearchConfig
-from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays
+from dn2ops.config import POOLS, GroupConfig, SearchConfig
+from dn2ops.index import LoadedIndex
 from dn2ops.io import features, outputs
+from dn2ops.score.grouping import MIN_SET_SIZE, GroupKeyError, group_key
 from dn2ops.score.images import IndexModelHandler, RankShards, SortedScores
-from dn2ops.score.set_features import SetSummary, pool_set
+from dn2ops.score.set_features import SetSummary
+from dn2ops.score.spill import (
+    BUCKET_IMAGES,
+    SPILL_DIR,
+    SPILL_ROWS,
+    SPILL_SCHEMA,
+    bucket_of,
+    n_buckets,
+    read_spilled,
+    write_spill,
+)
 
-PARENT_DIR = "parent_dir"
 STAGE = "group"  # members of a set too small to score
 KEY_STAGE = "group_key"  # an image with no value for --group-by
-MIN_SET_SIZE = 2
 ERRORS = "group_errors"  # tag of the error output of ScoreGroups
 
-
-class GroupKeyError(ValueError):
-    """An image has no value for the grouping key."""
-
-
-def group_key(row: Mapping[str, Any], key: str) -> str:
-    """The set an image belongs to: its uri's parent directory, or a manifest column.
-
-    ``key == "parent_dir"`` always means the parent directory of ``row["uri"]``
-    (spelled like the uri, e.g. ``gs://b/lot-a``), even if a manifest has a
-    column of that name. Raises GroupKeyError if the column is absent or empty.
-    """
-    if key == PARENT_DIR:
-        return posixpath.dirname(row["uri"].rstrip("/"))
-    value = row.get(key)
-    if value is None or str(value) == "":
-        raise GroupKeyError(f"no value in manifest column {key!r} (--group-by {key})")
-    return str(value)
-
-
-def pool_groups(table_rows: Sequence[Mapping[str, Any]], X: np.ndarray, key: str,
-                pool: str = "mean"
-                ) -> tuple[list[str], list[list[str]], np.ndarray, np.ndarray]:
-    """Groups images by ``key`` and pools each set's features.
-
-    ``table_rows[i]`` (with at least ``uri`` and the key column) describes
-    ``X[i]``, X float32 (n, d). Returns (group names sorted, member uris of
-    each group sorted, pooled float32 (n_groups, d), sizes int64 (n_groups,)).
-    Raises GroupKeyError naming how many images have no key.
-    """
-    if pool not in POOLS:
-        raise ValueError(f"--pool must be one of {POOLS}, got {pool!r}")
-    if len(table_rows) != len(X):
-        raise ValueError(f"{len(table_rows)} rows but {len(X)} feature vectors")
-    members: dict[str, list[int]] = {}
-    missing = []
-    for i, row in enumerate(table_rows):
-        try:
-            members.setdefault(group_key(row, key), []).append(i)
-        except GroupKeyError:
-            missing.append(row["uri"])
-    if missing:
-        raise GroupKeyError(f"{len(missing)} image(s) have no value in manifest column "
-                            f"{key!r}, e.g. {missing[0]}")
-    names = sorted(members)
-    uris, pooled, sizes = [], [], []
-    for name in names:
-        idx = sorted(members[name], key=lambda i: table_rows[i]["uri"])
-        uris.append([table_rows[i]["uri"] for i in idx])
-        pooled.append(pool_set(X[idx], pool))
-        sizes.append(len(idx))
-    d = X.shape[1] if X.ndim == 2 else 0
-    return (names, uris, np.stack(pooled) if pooled else np.zeros((0, d), np.float32),
-            np.asarray(sizes, np.int64))
-
-
-def _too_small(name: str, size: int) -> str:
-    return (f"group {name!r} has {size} image(s); a set needs at least {MIN_SET_SIZE} "
-            "to be scored")
-
-
-def check_key(key: str, columns: Sequence[str]) -> None:
-    """Fails before any work when --group-by names a column the input does not have."""
-    if key != PARENT_DIR and key not in columns:
-        raise ValueError(f"--group-by {key}: not a manifest column of the input "
-                         f"(columns: {list(columns) or 'none'}); use parent_dir or a column")
-
-
-# -- group index ----------------------------------------------------------------------------
-
-def build_group_index(features_dir: str, output: str, index: IndexConfig,
-                      group: GroupConfig) -> dict[str, Any]:
-    """INDEX_DIR over the pooled features of the normal sets. Returns the manifest.
-
-    Each indexed vector is one normal set (its ``uri`` in normal.parquet is the
-    group name, its ``sha256`` a digest of its members' sha256s). Sets of fewer
-    than MIN_SET_SIZE images are left out (counted in the manifest), as they
-    would be when scored. The manifest records ``group_by`` and ``pool`` (None: mean).
-    """
-    group_by, pool = group.group_by, group.pool or "mean"
-    outputs.check_writable(output, "index")
-    table, X, fmeta = features.load_features(features_dir)
-    check_key(group_by, fmeta.get("extra_columns", []))
-    rows = table.to_pylist() if table is not None else []
-    names, uris, pooled, sizes = pool_groups(rows, X, group_by, pool)
-    keep = sizes >= MIN_SET_SIZE
-    if not keep.any():
-        raise IndexError_(f"no normal set in {features_dir} has {MIN_SET_SIZE} or more images "
-                          f"when grouped by {group_by!r} ({len(names)} set(s), "
-                          f"{len(X)} image(s))")
-    sha = {r["uri"]: r["sha256"] for r in rows}
-    digests = [hashlib.sha256("".join(sha[u] for u in members).encode()).hexdigest()
-               for members in uris]
-    kept_names = [n for n, ok in zip(names, keep, strict=True) if ok]
-    kept_digests = [s for s, ok in zip(digests, keep, strict=True) if ok]
-    return build_index_from_arrays(
-        kept_names, kept_digests, pooled[keep], fmeta, output, index,
-        features_dir=features_dir,
-        extra={"group_by": group_by, "pool": pool,
-               "group_counts": {"images": int(len(X)), "sets": len(names),
-                                "sets_indexed": int(keep.sum()),
-                                "sets_too_small": int((~keep).sum()),
-                                "images_in_indexed_sets": int(sizes[keep].sum())}})
-
-
-def check_index_mode(manifest: Mapping[str, Any], group_by: str | None,
-                     pool: str | None) -> str | None:
-    """Refuses an image index for set scoring and a set index for image scoring.
-
-    Returns the pool to score with: the index's (a different ``pool`` is refused,
-    since pooled sets are only comparable when pooled alike).
-    """
-    built_with = manifest.get("group_by")
-    if group_by and not built_with:
-        raise IndexError_("the index was built over single images, not sets: rebuild it with "
-                          "`dn2 build-index --group-by KEY` to score with --group-by, "
-                          "or use --group-score covtrace (no index)")
-    if built_with and not group_by:
-        raise IndexError_(f"the index was built over sets (--group-by {built_with}, --pool "
-                          f"{manifest.get('pool')}): score with --group-by, or build an "
-                          "image index without --group-by")
-    if not group_by:
-        return None
-    if pool and pool != manifest.get("pool"):
-        raise IndexError_(f"--pool {pool} but the index pooled its sets with --pool "
-                          f"{manifest.get('pool')}; use the same pooling")
-    return manifest.get("pool")
-
-
-# -- Beam ---------------------------------------------------------------------------------
 
 def group_schema() -> pa.Schema:
     """The columns of ``groups-*.parquet``."""
@@ -190,56 +65,9 @@ def group_schema() -> pa.Schema:
         ("partition", pa.string()), ("backbone", pa.string()), ("index_id", pa.string())])
 
 
-# A bucket's sets are summarised together, in memory: at most about this many images'
-# summaries (O(d) floats a set) and member uris. A worker buffers up to SPILL_ROWS
-# feature rows (as Arrow: 5 KB a row at 1280-d) before it writes them out, sorted by
-# bucket, as one file with a row group a bucket: one writer open at a time, whatever the
-# number of buckets (a writer a bucket cost ~17 MB each, which grew with the images).
-BUCKET_IMAGES = 16_384
-SPILL_ROWS = 4_096
-SPILL_DIR = ".sets"  # under the results' staging: never committed (dn2ops.io.outputs)
-SPILL_SCHEMA = pa.schema([("bucket", pa.int32()), ("group", pa.string()),
-                          ("uri", pa.string()), ("backbone", pa.string()),
-                          ("embedding", pa.list_(pa.float32()))])
-
-
-def n_buckets(images: int, bucket_images: int = BUCKET_IMAGES) -> int:
-    """How many buckets ``images`` images are spilled into (``bucket_images`` a bucket)."""
-    return max(1, -(-int(images) // bucket_images))
-
-
-def bucket_of(group: str, buckets: int) -> int:
-    """The bucket of a set: the same in every process and on every machine (Python's
-    own string hash is salted per process)."""
-    digest = hashlib.blake2b(group.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % buckets
-
-
-def write_spill(table: pa.Table, path: str) -> list[tuple[int, int]]:
-    """Writes spilled rows (SPILL_SCHEMA) to ``path``, sorted by bucket, one row group a
-    bucket. Returns [(bucket, row group index)]."""
-    table = table.take(pc.sort_indices(table, [("bucket", "ascending")]))
-    buckets = table.column("bucket").to_numpy()
-    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-    stops = np.r_[starts[1:], len(buckets)]
-    fs, p = outputs.fs_and_path(path)
-    fs.makedirs(posixpath.dirname(p), exist_ok=True)
-    with fs.open(p, "wb") as f, pq.ParquetWriter(f, SPILL_SCHEMA, compression="none") as w:
-        for start, stop in zip(starts, stops, strict=True):
-            w.write_table(table.slice(start, stop - start), row_group_size=stop - start)
-    return [(int(buckets[s]), i) for i, s in enumerate(starts)]
-
-
-def read_spilled(path: str, row_group: int, bucket: int) -> pa.Table:
-    """One bucket's rows of a spill file (write_spill), checked to be that bucket's."""
-    fs, p = outputs.fs_and_path(path)
-    with fs.open(p, "rb") as f:
-        table = pq.ParquetFile(f).read_row_group(row_group)
-    got = pc.unique(table.column("bucket")).to_pylist()
-    if got != [bucket]:
-        raise ValueError(f"{path} row group {row_group} holds buckets {got}, not {bucket}: "
-                         "a spill file was changed while the job ran")
-    return table
+def _too_small(name: str, size: int) -> str:
+    return (f"group {name!r} has {size} image(s); a set needs at least {MIN_SET_SIZE} "
+            "to be scored")
 
 
 class _SpillToBuckets(beam.DoFn):

@@ -227,6 +227,7 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     from apache_beam.options.pipeline_options import GoogleCloudOptions
     from apache_beam.portability.api import beam_runner_api_pb2
 
+    from dn2ops.embed.plan import EmbedPlan
     from pipelines import finalize, graphs
 
     image = "us-central1-docker.pkg.dev/dn2-test-project/dn2/dn2:latest"
@@ -240,10 +241,8 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     assert opts.view_as(GoogleCloudOptions).dataflow_service_options == [gpu]
     p = beam.Pipeline(options=opts)
     assert type(p.runner).__name__ == "DataflowRunner"
-    feats, errors, count_in, _ = graphs.embed(p, args.input, embed_kwargs=dict(
-        backbone=args.backbone, weights=args.weights, device=args.device,
-        batch_size=args.batch_size, max_pixels=args.max_pixels,
-        engine=args.engine, decode=args.decode, threads=args.threads))
+    feats, errors, count_in, _ = graphs.embed(p, args.input,
+                                              EmbedPlan.resolve(args.config.embed))
     staging = args.output + "_staging-test"
     written = graphs.score(graphs.as_batches(feats, []), errors, staging, index_dir=args.index,
                            partition=args.partition, extra_columns=[],
@@ -269,15 +268,16 @@ def test_device_preflight_is_local_only_and_template_launches_do_not_wait(monkey
     import apache_beam as beam
     import torch
 
-    from dn2ops.engines.torch import DeviceError
+    from dn2ops.config import EmbedConfig
+    from dn2ops.engines.base import DeviceError
     from pipelines import checks, jobs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cuda = EmbedConfig(backbone="efficientnet_lite0", device="cuda")
     with pytest.raises(DeviceError):
-        checks.preflight("efficientnet_lite0", None, "cuda", options.beam_options([]))
+        checks.preflight(cuda, options.beam_options([]))
     # a Dataflow job is launched from a machine without a GPU; its workers check
-    checks.preflight("efficientnet_lite0", None, "cuda",
-                     options.beam_options(["--runner", "DataflowRunner"]))
+    checks.preflight(cuda, options.beam_options(["--runner", "DataflowRunner"]))
     # a template launch writes the job graph and returns: the job commits as its last step
     p = beam.Pipeline(options=options.beam_options(["--template_location", "/tmp/t.json"]))
     p | beam.Create([1])

@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 
 from dn2ops.config import (
+    DEFAULT_BACKBONE,
+    DEFAULT_MAX_PIXELS,
     REFERENCE_SAMPLE,
     EmbedConfig,
     GroupConfig,
@@ -14,7 +16,10 @@ from dn2ops.config import (
     JobConfig,
     ScoreConfig,
     SearchConfig,
+    check_fit_size,
 )
+from dn2ops.errors import ConfigError
+from dn2ops.transforms import DEFAULT as DEFAULT_TRANSFORM
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -31,7 +36,7 @@ from dn2ops.config import (
     ({"clean_k": 0}, "clean_k must be None or a positive integer"),
 ])
 def test_index_config_refuses_what_no_build_can_do(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         IndexConfig(**kwargs)
 
 
@@ -39,6 +44,8 @@ def test_index_config_is_frozen_and_keeps_what_it_was_given():
     cfg = IndexConfig(k=3, ivf_lists=16, pq_m=8, nprobe=4, ondisk=True)
     assert (cfg.k, cfg.ivf_lists, cfg.pq_m, cfg.nprobe, cfg.ondisk) == (3, 16, 8, 4, True)
     assert cfg.approximate and not IndexConfig().approximate
+    # the library's default transform is the identity; the command line's is DEFAULT
+    assert IndexConfig().feature_transform == "none" != DEFAULT_TRANSFORM == "root4-l2"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.k = 4
 
@@ -49,7 +56,7 @@ def test_index_config_is_frozen_and_keeps_what_it_was_given():
     ({"group_by": "lot", "pool": "mean", "method": "covtrace"}, "--pool is not used"),
 ])
 def test_group_config_checks(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         GroupConfig(**kwargs)
 
 
@@ -58,13 +65,13 @@ def test_group_config_checks(kwargs, message):
     IndexConfig(reference_sample=REFERENCE_SAMPLE + 1), IndexConfig(feature_transform="l2"),
 ])
 def test_an_index_of_sets_is_exact_and_untransformed(index):
-    with pytest.raises(ValueError, match="not available with --group-by"):
+    with pytest.raises(ConfigError, match="not available with --group-by"):
         JobConfig(index=index, group=GroupConfig(group_by="lot"))
     assert JobConfig(index=index).group is None  # fine for images
 
 
 def test_job_config_refuses_a_report_of_sets_and_knows_covtrace():
-    with pytest.raises(ValueError, match="--report shows single images"):
+    with pytest.raises(ConfigError, match="--report shows single images"):
         JobConfig(score=ScoreConfig(report=True), group=GroupConfig(group_by="lot"))
     assert JobConfig(group=GroupConfig(group_by="lot", method="covtrace")).covtrace
     assert not JobConfig(group=GroupConfig(group_by="lot")).covtrace
@@ -76,12 +83,25 @@ def test_job_config_refuses_a_report_of_sets_and_knows_covtrace():
     ({"max_error_fraction": 1.0}, r"--max-error-fraction must be in \[0, 1\)"),
 ])
 def test_score_config_checks(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         ScoreConfig(**kwargs)
 
 
-def test_embed_config_kwargs_are_its_fields():
-    cfg = EmbedConfig(backbone="resnet50", batch_size=8, max_in_flight=3)
-    assert cfg.kwargs() == {**dataclasses.asdict(EmbedConfig()), "backbone": "resnet50",
-                            "batch_size": 8, "max_in_flight": 3}
+def test_embed_and_search_config_defaults():
+    """The embedding's defaults are the command line's (pipelines.options)."""
+    assert dataclasses.asdict(EmbedConfig()) == {
+        "backbone": DEFAULT_BACKBONE, "weights": None, "batch_size": 64, "device": "auto",
+        "max_pixels": DEFAULT_MAX_PIXELS, "engine": "auto", "decode": "draft",
+        "threads": None, "decode_threads": None, "max_in_flight": None}
     assert SearchConfig() == SearchConfig(stream_shards=False, device="auto", faiss_threads=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"k": 2, "n_centroids": None, "clean_fraction": 0.0, "n": 0}, "at least one training"),
+    ({"k": 5, "n_centroids": None, "clean_fraction": 0.0, "n": 5}, "k=5 is too large for n=5"),
+    ({"k": 1, "n_centroids": 9, "clean_fraction": 0.0, "n": 5}, "n_centroids=9 is larger"),
+])
+def test_too_few_normal_images_for_the_flags_is_a_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        check_fit_size(**kwargs)
+    check_fit_size(**{**kwargs, "n": 10})  # enough

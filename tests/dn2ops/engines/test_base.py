@@ -1,84 +1,57 @@
-"""Engines: every engine's features equal torch's on real images; choice and threads."""
+"""The engines' shared core: devices and engines resolved or refused, the thread plan,
+and the base model handler."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 
 import dn2ops.engines.base
-from benchmarks.datasets import phone_photo
-from dn2ops.config import DEFAULT_BACKBONE
+from dn2ops.config import EmbedConfig
 from dn2ops.embed.backbones import get_spec
-from dn2ops.embed.stage import prepare
+from dn2ops.embed.plan import EmbedPlan
 from dn2ops.engines.base import (
-    EngineConfig,
+    DeviceError,
+    Dn2ModelHandler,
     EngineError,
-    installed,
-    make_handler,
+    resolve_device,
     resolve_engine,
     thread_plan,
 )
-from dn2ops.engines.torch import DeviceError
-from tests.conftest import digit_images
+from dn2ops.errors import UserError
 
 BACKBONE = "efficientnet_lite0"
-CPU_ENGINES = [e for e in ("openvino", "onnxruntime") if installed(e)]
 
 
-@pytest.fixture(scope="module")
-def real_batch(tmp_path_factory) -> np.ndarray:
-    """uint8 (8, 3, 224, 224) as PrepareImages makes it: 4 photographs (JPEG, one
-    portrait by EXIF) and 4 handwritten digits (PNG), all scikit-learn's."""
-    root = tmp_path_factory.mktemp("real")
-    paths = []
-    for i in range(4):
-        exif = Image.Exif()
-        exif[0x0112] = 6 if i == 3 else 1
-        path = root / f"photo{i}.jpg"
-        phone_photo(i, size=(1024, 768)).save(path, "JPEG", quality=90, exif=exif.tobytes())
-        paths.append(path)
-    _, digits, _ = digit_images(n_incoming=4)
-    for i, digit in enumerate(digits):
-        buf = io.BytesIO()
-        Image.fromarray(digit).save(buf, "PNG")
-        (root / f"digit{i}.png").write_bytes(buf.getvalue())
-        paths.append(root / f"digit{i}.png")
-    pre = get_spec(BACKBONE).preprocessing
-    return np.stack([prepare({"uri": str(p)}, pre)[1] for p in paths])
+def _plan(workers: int | None = 1, **config) -> EmbedPlan:
+    """A plan without loading any weights (the thread plan does not need them)."""
+    return EmbedPlan(EmbedConfig(backbone=BACKBONE, **config), get_spec(BACKBONE),
+                     weights_sha256="", workers=workers)
 
 
-def _features(engine: str, batch: np.ndarray, **config) -> np.ndarray:
-    handler = make_handler(EngineConfig(backbone=BACKBONE, engine=engine, device="cpu",
-                                        batch_size=len(batch), **config))
-    model = handler.load_model()
-    return np.stack([r.inference for r in handler.run_inference(list(batch), model)])
+def test_auto_device_is_cpu_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_device("auto").type == "cpu"
 
 
-@pytest.fixture(scope="module")
-def torch_features(real_batch) -> np.ndarray:
-    return _features("torch", real_batch)
+def test_asking_for_cuda_without_one_fails_fast():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        resolve_device("cuda")
 
 
-@pytest.mark.parametrize("engine", [*CPU_ENGINES, "auto"])
-def test_engine_features_equal_torch_features_on_real_images(engine, real_batch,
-                                                             torch_features):
-    got = _features(engine, real_batch)
-    scale = np.abs(torch_features).max()
-    assert got.shape == torch_features.shape == (8, 1280) and got.dtype == np.float32
-    assert scale > 1.0  # real features, not zeros
-    assert np.abs(got - torch_features).max() <= 1e-4 * scale
+def test_unknown_device():
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
 
 
-@pytest.mark.parametrize("engine", CPU_ENGINES)
-def test_features_do_not_depend_on_the_batch_or_threads(engine, real_batch):
-    whole = _features(engine, real_batch, threads=2)
-    single = np.concatenate([_features(engine, real_batch[i:i + 1], threads=1)
-                             for i in (0, 5)])
-    np.testing.assert_allclose(single, whole[[0, 5]], rtol=1e-5, atol=1e-5)
+def test_device_and_engine_errors_are_the_users():
+    for error in (DeviceError, EngineError):
+        assert issubclass(error, UserError) and issubclass(error, RuntimeError)
 
 
 def test_auto_is_onnxruntime_on_a_cpu_then_openvino_then_torch(monkeypatch):
@@ -130,7 +103,7 @@ def test_thread_plan_gives_the_engine_and_decoding_the_share_of_the_cores(
         monkeypatch, cores, config, expected):
     monkeypatch.setattr(dn2ops.engines.base, "usable_cores", lambda: cores)
     monkeypatch.setattr(dn2ops.engines.base, "resolve_device", lambda d: torch.device("cpu"))
-    threads, decode = thread_plan(EngineConfig(backbone=BACKBONE, engine="torch", **config))
+    threads, decode = thread_plan(_plan(engine="torch", **config))
     assert (threads, decode) == expected
     workers = config.get("workers", 1)
     share = 1 if workers is None else max(1, cores // workers)
@@ -142,30 +115,26 @@ def test_thread_plan_gives_the_engine_and_decoding_the_share_of_the_cores(
 def test_with_a_gpu_every_core_of_the_share_decodes(monkeypatch):
     monkeypatch.setattr(dn2ops.engines.base, "usable_cores", lambda: 8)
     monkeypatch.setattr(dn2ops.engines.base, "resolve_device", lambda d: torch.device("cuda"))
-    assert thread_plan(EngineConfig(backbone=BACKBONE, engine="auto")) == (1, 8)
+    assert thread_plan(_plan(engine="auto")) == (1, 8)
     # openvino on a GPU machine still runs on the CPU: on every core, beside decoding
     monkeypatch.setattr(dn2ops.engines.base, "installed", lambda e: True)
-    assert thread_plan(EngineConfig(backbone=BACKBONE, engine="openvino")) == (8, 8)
+    assert thread_plan(_plan(engine="openvino")) == (8, 8)
 
 
-@pytest.mark.parametrize("engine", CPU_ENGINES)
-def test_default_composite_backbone_runs_alike_on_every_engine(engine, tmp_path):
-    """dn2's default backbone (two networks in one exported graph) equals its torch
-    features on each CPU engine, on real images at its own 274 -> 240 crop."""
-    from sklearn.datasets import load_sample_images
+class _Handler(Dn2ModelHandler):
+    def load_model(self):
+        return None
 
-    spec = get_spec(DEFAULT_BACKBONE)
-    for i, image in enumerate(load_sample_images().images):
-        Image.fromarray(image).save(tmp_path / f"{i}.jpg", "JPEG", quality=90)
-    batch = np.stack([prepare({"uri": str(p)}, spec.preprocessing)[1]
-                      for p in sorted(tmp_path.glob("*.jpg"))])
+    def run_inference(self, batch, model, inference_args=None):
+        return batch
 
-    def features(e: str) -> np.ndarray:
-        handler = make_handler(EngineConfig(backbone=DEFAULT_BACKBONE, engine=e,
-                                            device="cpu", batch_size=len(batch)))
-        model = handler.load_model()
-        return np.stack([r.inference for r in handler.run_inference(list(batch), model)])
 
-    want, got = features("torch"), features(engine)
-    assert batch.shape[1:] == (3, 240, 240) and got.shape == (2, 2560)
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+def test_base_handler_batches_measures_bytes_and_names_its_metrics():
+    images = [np.zeros((3, 8, 8), np.uint8), np.zeros((3, 8, 8), np.uint8)]
+    rows = pa.RecordBatch.from_pydict({"x": np.arange(10, dtype=np.float64)})
+    fixed, ranged = _Handler(batch_size=16), _Handler(batch_size=16, min_batch_size=1)
+    assert fixed.batch_elements_kwargs() == {"min_batch_size": 16, "max_batch_size": 16}
+    assert ranged.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 16}
+    assert fixed.get_num_bytes(images) == 2 * 3 * 8 * 8
+    assert fixed.get_num_bytes([rows, rows]) == 2 * rows.nbytes >= 2 * 10 * 8
+    assert fixed.get_metrics_namespace() == "dn2"

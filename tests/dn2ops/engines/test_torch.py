@@ -1,4 +1,5 @@
-"""Batched embedding: the fast CPU path equals the plain path; devices fail fast."""
+"""--engine torch: the fast CPU path equals the plain path; the handler normalises and
+embeds as the reference does."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from dn2ops.config import EmbedConfig
 from dn2ops.embed.backbones import load_backbone
-from dn2ops.engines.torch import DeviceError, Embedder, resolve_device
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.torch import Embedder, TorchModelHandler
+
+BACKBONE = "efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +34,19 @@ def test_features_do_not_depend_on_the_batch(batch):
     np.testing.assert_allclose(whole, singles, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_device_is_cpu_without_a_gpu():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    assert resolve_device("auto").type == "cpu"
-
-
-def test_asking_for_cuda_without_one_fails_fast():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(DeviceError, match="no CUDA GPU"):
-        resolve_device("cuda")
-
-
-def test_unknown_device():
-    with pytest.raises(ValueError, match="device must be one of"):
-        resolve_device("tpu")
+def test_handler_normalises_uint8_batches_as_the_plain_reference(real_batch):
+    """uint8 crops -> (x / 255 - mean) / std by hand -> the backbone under no_grad."""
+    plan = EmbedPlan.resolve(EmbedConfig(backbone=BACKBONE, engine="torch", device="cpu",
+                                         batch_size=len(real_batch)))
+    handler = TorchModelHandler(plan, fast=False)
+    got = np.stack([r.inference for r in handler.run_inference(list(real_batch),
+                                                               handler.load_model())])
+    pre = plan.preprocessing
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
+    x = (torch.from_numpy(real_batch).float() / 255 - mean) / std
+    with torch.no_grad():
+        want = load_backbone(BACKBONE).eval()(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -109,7 +109,7 @@ def test_approximate_indexes_take_the_added_rows_and_measure_recall_again(sets, 
     assert rec["parent_recall_at_k"] == parent[mode]["recall"]["recall_at_k"]
     assert 0 < rec["recall_at_k"] <= 1 and rec["queries"] == parent[mode]["recall"]["queries"]
     loaded = LoadedIndex(str(tmp_path / "a"), device="cpu")
-    index = loaded.ivf_index if mode == "ivf" else loaded.hnsw_index
+    index = loaded.searcher.index
     assert index.ntotal == N_OLD + N_ADD
     s, D, I = loaded.search(X[N_OLD:])  # the added rows find themselves
     assert (I[:, 0] == np.arange(N_OLD, N_OLD + N_ADD)).mean() >= 0.95

@@ -17,7 +17,6 @@ import pytest
 from dn2ops.config import CLEAN_K, REFERENCE_SAMPLE, IndexConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index, hnsw, ivf, streams
 from dn2ops.index.knn import knn_leave_one_out
-from dn2ops.io import outputs
 from dn2ops.score.estimator import DN2Scorer
 from tests.conftest import brute_scores, clustered, write_features
 
@@ -85,7 +84,7 @@ def test_shard_at_a_time_scoring_equals_in_memory(data, tmp_path):
     xq = clustered(50, seed=9)
     held = LoadedIndex(str(tmp_path / "i"), device="cpu")
     streamed = LoadedIndex(str(tmp_path / "i"), device="cpu", stream_shards=True)
-    assert streamed.shards_held == 0 and held.shards_held == 5
+    assert streamed.searcher.held == [] and len(held.searcher.held) == 5
     for a, b in zip(held.search(xq), streamed.search(xq), strict=True):
         np.testing.assert_array_equal(a, b)
     assert held.uris == streamed.uris
@@ -144,7 +143,8 @@ def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
     ref = DN2Scorer(k=2, n_centroids=4).fit(X)
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     np.testing.assert_allclose(loaded.centroids, ref.centroids_, rtol=1e-5, atol=1e-4)
-    assert loaded.shards_held == 0  # K-means scoring never needs the shards in memory
+    for shard in tmp_path.joinpath("i").glob("shard-*"):  # K-means scoring never reads them
+        shard.unlink()
     xq = clustered(30, seed=3)
     s, D, I = loaded.search(xq)
     np.testing.assert_allclose(s, ref.score_samples(xq), rtol=1e-5)
@@ -173,7 +173,7 @@ def test_ivf_records_recall_and_scores_are_upper_bounds(big, tmp_path, ondisk):
                                else {"ivf.faiss", "normal.parquet"})
     assert not any(tmp_path.joinpath("i").glob("_part-*"))
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
-    assert ivf.ivf_of(loaded.ivf_index).nprobe == info["nprobe"]
+    assert ivf.ivf_of(loaded.searcher.index).nprobe == info["nprobe"]
     xq = held_out
     s, D, I = loaded.search(xq)
     exact = brute_scores(xq, X, 2)
@@ -224,8 +224,7 @@ def test_hnsw_records_recall_and_scores_are_upper_bounds(big, tmp_path):
     assert list(curve) == [str(e) for e in hnsw.EF_SEARCH[:len(curve)]]
     assert all(r < 0.95 for r in list(curve.values())[:-1])
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
-    assert faiss.downcast_index(loaded.hnsw_index).hnsw.efSearch == info["ef_search"]
-    assert loaded.shards_held == 0
+    assert faiss.downcast_index(loaded.searcher.index).hnsw.efSearch == info["ef_search"]
     s, D, I = loaded.search(held_out)
     R = np.linalg.norm(held_out[:, None, :].astype(np.float64) - X[None], axis=2)
     assert (s >= brute_scores(held_out, X, 2) - 1e-4).all()
@@ -270,37 +269,6 @@ def test_rechunk_and_gather_rows():
         list(streams.rechunk(iter(chunks), [5, 20]))
 
 
-# -- index files are streamed to and from storage in blocks ------------------------------
-
-
-@pytest.mark.parametrize("root", ["local", "memory://dn2-index-io"])
-def test_index_files_stream_through_faiss_callbacks(tmp_path, root):
-    import hashlib
-
-    from dn2ops.index.files import read_index, write_index
-
-    directory = str(tmp_path) if root == "local" else root
-    fs, path = outputs.fs_and_path(directory)
-    fs.makedirs(path, exist_ok=True)
-    X = clustered(3000, d=64, seed=4)  # > 1 MiB: several callback blocks
-    index = faiss.IndexFlatL2(64)
-    index.add(X)
-    name = outputs.join(path, "shard.faiss")
-    sha = write_index(fs, name, index)
-    expected = faiss.serialize_index(index).tobytes()  # faiss's own in-memory serialisation
-    assert fs.cat_file(name) == expected
-    assert sha == hashlib.sha256(expected).hexdigest()
-    back = read_index(fs, name, "shard.faiss", sha)
-    np.testing.assert_array_equal(faiss.rev_swig_ptr(back.get_xb(), back.ntotal * 64), X.ravel())
-    # A byte appended or cut off is caught: by the hash, or by faiss itself.
-    fs.pipe_file(name, expected + b"\0")
-    with pytest.raises(IndexError_, match="shard.faiss has sha256 .* changed or damaged"):
-        read_index(fs, name, "shard.faiss", sha)
-    fs.pipe_file(name, expected[:-5])
-    with pytest.raises(IndexError_, match="shard.faiss is corrupt or truncated"):
-        read_index(fs, name, "shard.faiss", sha)
-
-
 def test_flat_shards_are_held_once_in_their_own_index(data, tmp_path):
     """A held flat shard is the faiss index read from its file, shifted in place: its
     vectors are the stored ones minus their mean, and nothing else holds a copy."""
@@ -310,7 +278,7 @@ def test_flat_shards_are_held_once_in_their_own_index(data, tmp_path):
     from dn2ops.index.knn import flat_vectors
 
     stored = list(loaded.iter_shards())
-    for shard, xb in zip(loaded._flat, stored, strict=True):
+    for shard, xb in zip(loaded.searcher.held, stored, strict=True):
         np.testing.assert_allclose(shard.shift, xb.mean(axis=0), rtol=1e-6, atol=1e-5)
         np.testing.assert_allclose(flat_vectors(shard.index), xb - shard.shift, atol=1e-5)
-    assert sum(s.index.ntotal for s in loaded._flat) == len(X)
+    assert sum(s.index.ntotal for s in loaded.searcher.held) == len(X)

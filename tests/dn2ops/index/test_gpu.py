@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dn2ops.engines.torch import DeviceError
+from dn2ops.engines.base import DeviceError
 from dn2ops.index import gpu
 from dn2ops.index.knn import knn_sharded
 

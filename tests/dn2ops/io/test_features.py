@@ -72,6 +72,9 @@ def test_column_names_of_a_table_and_of_none(tmp_path):
     assert features.column_names(out, "features") == [
         "uri", "sha256", "backbone", "dim", "embedding", "lot"]
     assert features.column_names(out, "anomalies") == []
+    assert features.read_table(out, "anomalies") is None  # no shard, no schema: no table
+    assert features.read_table(out, "features", columns=["lot"]).column(0).to_pylist() == [
+        "a", "b", "c"]
 
 
 def test_readers_take_the_files_success_lists_and_nothing_else(tmp_path):
@@ -135,7 +138,7 @@ def test_read_batches_stage_yields_every_row_in_record_batches(tmp_path):
     with TestPipeline(runner=LOCAL_RUNNER) as p:
         batches = p | beam.Create(paths) | features.ReadBatches(batch_size=3)
         sizes = batches | "Sizes" >> beam.Map(lambda b: b.num_rows)
-        got = batches | beam.FlatMap(features.batch_rows) | beam.Map(
-            lambda r: (r["uri"], [float(v) for v in r["embedding"]]))
+        got = batches | beam.FlatMap(lambda b: b.to_pylist()) | beam.Map(
+            lambda r: (r["uri"], r["embedding"]))
         assert_that(sizes, equal_to([3, 1, 3, 3]), label="sizes")
         assert_that(got, equal_to([(f"u{i}", X[i].tolist()) for i in range(10)]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from dn2ops.io.sources import SourceError, list_source
+from dn2ops.io.sources import SourceError, list_source, read_manifest
 
 
 @pytest.fixture
@@ -80,3 +80,13 @@ def test_list_images_stage_lists_a_directory(tmp_path):
     with TestPipeline(runner=LOCAL_RUNNER) as p:
         uris = p | ListImages(str(tmp_path)) | beam.Map(lambda r: r["uri"].rsplit("/", 1)[1])
         assert_that(uris, equal_to(["a.png", "b.JPG"]))
+
+
+@pytest.mark.parametrize("name, data", [
+    ("m.parquet", b"not parquet"),
+    ("m.csv", "uri,lot\na.png,caf\xe9\n".encode("latin-1")),  # not UTF-8
+])
+def test_a_damaged_manifest_is_a_source_error(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(SourceError, match=f"manifest {tmp_path / name} cannot be read: "):
+        list(read_manifest(str(tmp_path / name)))

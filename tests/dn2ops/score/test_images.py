@@ -20,7 +20,6 @@ from dn2ops.score.images import (
     ScoreFeatures,
     SortedScores,
     anomaly_schema,
-    rank_of,
     rank_shard,
     ranks,
     score_batch,
@@ -44,7 +43,14 @@ def test_ranks_share_the_better_rank_on_ties(seed):
     got = ranks(scores, np.sort(scores))
     np.testing.assert_array_equal(got, brute_ranks(scores))
     assert got.dtype == np.int64
-    assert [rank_of(s, np.sort(scores)) for s in scores[:20]] == list(got[:20])
+
+
+def test_ranks_by_hand():
+    # 3.0 twice: nothing higher, both rank 1; 2.0: two higher, rank 3; 1.0: rank 4.
+    scores = np.array([3.0, 1.0, 3.0, 2.0])
+    assert ranks(scores, np.sort(scores)).tolist() == [1, 4, 1, 3]
+    # A score not among them: 1 + the number of sorted scores strictly above it.
+    assert ranks(np.array([2.5, 9.0, 0.0]), np.sort(scores)).tolist() == [3, 1, 5]
 
 
 def _unranked(path, scores: np.ndarray) -> None:
@@ -163,3 +169,12 @@ def test_kmeans_index_scores_are_distances_to_the_nearest_centre(index, tmp_path
     np.testing.assert_allclose(got.column("score").to_numpy(), expected, rtol=1e-5)
     assert got.column("neighbor_uris").to_pylist() == [[]] * 30
     assert got.column("neighbor_distances").to_pylist() == [[]] * 30
+
+
+def test_the_index_handler_keeps_its_own_metrics_namespace_and_counts_arrow_bytes():
+    """Scoring's RunInference counters stay apart from embedding's (dn2_score, not dn2);
+    a batch's size is its record batches' Arrow bytes."""
+    handler = IndexModelHandler("unused-until-load_model")
+    batch = pa.record_batch({"x": pa.array(np.arange(10, dtype=np.float64))})
+    assert handler.get_metrics_namespace() == "dn2_score"
+    assert handler.get_num_bytes([batch, batch]) == 2 * 80

@@ -1,28 +1,40 @@
+"""dn2ops.score.set_features: pooling and the set summary (covtrace), against numpy and
+values computed by hand."""
+
 import pickle
 
 import numpy as np
 import pytest
 
-from dn2ops.score.set_features import SetSummary, covtrace_score, pool_set, pool_sets
+from dn2ops.score.set_features import SetSummary, pool_set
+
+
+def covtrace_by_numpy(x: np.ndarray) -> float:
+    """Trace of the sample covariance (ddof=1) of the rows of x (m, d), d >= 2, by numpy."""
+    return float(np.trace(np.cov(np.asarray(x, np.float64), rowvar=False)))
 
 
 def test_covtrace_hand_computed():
     x = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])
     # column 0: mean 3, squared deviations 4+0+4 = 8, /(3-1) -> 4
     # column 1: mean 4, squared deviations 4+4+16 = 24, /(3-1) -> 12
-    assert covtrace_score(x) == pytest.approx(16.0)
-    assert covtrace_score(x) == pytest.approx(np.trace(np.cov(x, rowvar=False)))
+    s = SetSummary.of(x, covtrace=True)
+    assert s.covtrace() == pytest.approx(16.0)
+    assert s.covtrace() == pytest.approx(covtrace_by_numpy(x))
 
 
 def test_covtrace_identical_members_is_zero():
     x = np.tile(np.arange(5.0), (4, 1))
-    assert covtrace_score(x) == 0.0
+    assert SetSummary.of(x, covtrace=True).covtrace() == 0.0
 
 
-@pytest.mark.parametrize("m", [0, 1])
-def test_covtrace_needs_two_members(m):
+def test_covtrace_needs_two_members():
     with pytest.raises(ValueError, match="at least 2"):
-        covtrace_score(np.ones((m, 3)))
+        SetSummary.of(np.ones((1, 3)), covtrace=True).covtrace()
+    with pytest.raises(ValueError, match="at least 2"):
+        SetSummary(covtrace=True).covtrace()  # no member
+    with pytest.raises(ValueError, match="non-empty"):
+        SetSummary.of(np.ones((0, 3)), covtrace=True)
 
 
 def test_pool_set_mean_max_vs_numpy():
@@ -45,28 +57,22 @@ def test_pool_set_errors():
         pool_set(np.array([[1.0, np.nan]]))
 
 
-def test_pool_sets_ragged_sizes():
+def test_summaries_of_sets_of_different_sizes_pool_as_numpy():
     rng = np.random.default_rng(1)
     sets = [rng.standard_normal((m, 4)) for m in (1, 3, 6)]
-    out = pool_sets(sets, "max")
+    out = np.stack([SetSummary.of(s, "max").pooled("max") for s in sets])
     assert out.shape == (3, 4)
     np.testing.assert_allclose(out, np.stack([s.max(axis=0) for s in sets]), rtol=1e-6)
-    out = pool_sets(sets, "mean")
+    out = np.stack([SetSummary.of(s, "mean").pooled("mean") for s in sets])
     np.testing.assert_allclose(out, np.stack([s.mean(axis=0) for s in sets]), rtol=1e-5)
 
 
-def test_pool_sets_errors():
-    with pytest.raises(ValueError, match="empty"):
-        pool_sets([])
-    with pytest.raises(ValueError, match="same number of features"):
-        pool_sets([np.ones((2, 3)), np.ones((2, 4))])
-
-
 def _summarise(x, order, chunks, **kw):
-    """SetSummary of x's rows added in ``order``, in ``chunks`` partial summaries merged."""
+    """SetSummary of x's rows taken one at a time in ``order``, in ``chunks`` partial
+    summaries merged."""
     parts = [SetSummary(**kw) for _ in range(chunks)]
     for j, i in enumerate(order):
-        parts[j % chunks].add(x[i])
+        parts[j % chunks].merge(SetSummary.of(x[[i]], **kw))
     out = parts[0]
     for p in parts[1:]:
         out.merge(pickle.loads(pickle.dumps(p)))  # as Beam ships accumulators
@@ -74,7 +80,7 @@ def _summarise(x, order, chunks, **kw):
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 7])
-def test_set_summary_equals_the_whole_array_functions(chunks):
+def test_set_summary_equals_the_whole_array_computations(chunks):
     rng = np.random.default_rng(3)
     # a large mean and a small spread: a per-dimension sum of squares would cancel
     x = (1000.0 + rng.standard_normal((40, 16))).astype(np.float32)
@@ -82,7 +88,8 @@ def test_set_summary_equals_the_whole_array_functions(chunks):
     ref = np.trace(np.cov(x.astype(np.float64), rowvar=False))
     assert s.count == 40
     assert s.covtrace() == pytest.approx(ref, rel=1e-9)
-    assert s.covtrace() == pytest.approx(covtrace_score(x), rel=1e-9)
+    assert s.covtrace() == pytest.approx(
+        x.astype(np.float64).var(axis=0, ddof=1).sum(), rel=1e-9)
     mean = _summarise(x, rng.permutation(len(x)), chunks, pool="mean").pooled("mean")
     np.testing.assert_allclose(mean, pool_set(x, "mean"), rtol=1e-7)
     mx = _summarise(x, rng.permutation(len(x)), chunks, pool="max").pooled("max")
@@ -94,7 +101,7 @@ def test_set_summary_hand_computed_and_empty_merges():
     x = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])
     s = SetSummary(covtrace=True).merge(SetSummary(covtrace=True))  # empty + empty
     for row in x:
-        s.add(row)
+        s.merge(SetSummary.of(row[None], covtrace=True))
     s.merge(SetSummary(covtrace=True))
     assert SetSummary(covtrace=True).merge(s).covtrace() == pytest.approx(16.0)  # see above
     assert s.covtrace() == pytest.approx(16.0)
@@ -102,18 +109,18 @@ def test_set_summary_hand_computed_and_empty_merges():
 
 
 def test_set_summary_refuses():
-    one = SetSummary(covtrace=True).add(np.ones(3))
+    one = SetSummary.of(np.ones((1, 3)), covtrace=True)
     with pytest.raises(ValueError, match="at least 2"):
         one.covtrace()
     with pytest.raises(ValueError, match="does not keep"):
         one.pooled("max")
     with pytest.raises(ValueError, match="does not keep"):
-        SetSummary(pool="max").add(np.ones(3)).covtrace()
+        SetSummary.of(np.ones((1, 3)), pool="max").covtrace()
     with pytest.raises(ValueError, match="empty"):
         SetSummary(pool="mean").pooled("mean")
     with pytest.raises(ValueError, match="NaN"):
-        SetSummary(pool="mean").add(np.array([1.0, np.nan]))
-    with pytest.raises(ValueError, match=r"\(d,\)"):
-        SetSummary(pool="mean").add(np.ones((2, 3)))
+        SetSummary.of(np.array([[1.0, np.nan]]), pool="mean")
+    with pytest.raises(ValueError, match=r"\(m, d\)"):
+        SetSummary.of(np.ones(3), pool="mean")
     with pytest.raises(ValueError, match="pool"):
         SetSummary(pool="median")

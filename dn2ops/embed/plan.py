@@ -1,0 +1,61 @@
+"""The embedding plan: what the launcher resolves once, before any pipeline starts, and
+hands whole to the embedding stage (dn2ops.embed.stage.EmbedImages) and to the engines'
+model handlers (dn2ops.engines).
+
+The launcher knows the backbone's spec (name, dim, preprocessing: the metadata features
+are checked against) and the weights, which it loads once here to hash them (the sha256
+recorded with the features and checked by ``--reuse``). What depends on the machine
+that runs the model is left to each worker process, in its handler's ``load_model``:
+the engine that ``auto`` picks, the device, the export's path on local disk. A launcher
+without a GPU must not choose the engine of workers that have one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dn2ops.config import EmbedConfig
+from dn2ops.embed.backbones import BackboneSpec, get_spec, load_backbone
+from dn2ops.embed.export import weights_sha256
+from dn2ops.embed.preprocess import Preprocessing
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedPlan:
+    """How images become features, resolved once (picklable: it travels to the workers).
+
+    ``config``: the embedding flags, whole; ``spec``: the spec of ``config.backbone``;
+    ``weights_sha256``: of the weights loaded (dn2ops.embed.export.weights_sha256);
+    ``workers``: the model calls that run at once on one machine and share its cores
+    (None: one SDK process per core, as Dataflow runs Python; see
+    dn2ops.engines.base.thread_plan).
+    """
+
+    config: EmbedConfig
+    spec: BackboneSpec
+    weights_sha256: str
+    workers: int | None = 1
+
+    @classmethod
+    def resolve(cls, config: EmbedConfig, *, spec: BackboneSpec | None = None,
+                workers: int | None = 1) -> EmbedPlan:
+        """The plan of ``config``: its backbone's spec (``spec``: looked up already) and
+        its weights, loaded once to hash them. Raises ConfigError for an unknown
+        backbone, WeightsError for weights missing, unreadable or unfit."""
+        spec = spec or get_spec(config.backbone)
+        model = load_backbone(spec.name, config.weights)
+        return cls(config, spec, weights_sha256(model), workers)
+
+    @property
+    def backbone(self) -> str:
+        return self.spec.name
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.spec.preprocessing
+
+    def metadata(self) -> dict[str, Any]:
+        """What features made by this plan are checked against later: the backbone's
+        metadata and the weights' sha256."""
+        return {**self.spec.metadata(), "weights_sha256": self.weights_sha256}

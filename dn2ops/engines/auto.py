@@ -1,0 +1,62 @@
+"""``--engine auto``, and the handler of any ``--engine`` (make_handler).
+
+``auto`` is resolved in ``load_model()``, once per worker process, on the machine that
+runs the model (dn2ops.engines.base.resolve_engine: torch on a CUDA GPU, else ONNX
+Runtime, else OpenVINO, else torch): a Dataflow worker may have a GPU that the
+launching machine lacks. Every call then goes to that engine's handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.base import ENGINES, Dn2ModelHandler, resolve_engine
+from dn2ops.engines.onnxruntime import OnnxBackboneModelHandler
+from dn2ops.engines.openvino import OpenVinoModelHandler
+from dn2ops.engines.torch import TorchModelHandler
+
+HANDLERS: dict[str, type[Dn2ModelHandler]] = {
+    "torch": TorchModelHandler, "onnxruntime": OnnxBackboneModelHandler,
+    "openvino": OpenVinoModelHandler}
+
+
+def make_handler(plan: EmbedPlan) -> ModelHandler:
+    """The Beam model handler of ``plan.config.engine`` (``auto``: resolved when the
+    model loads)."""
+    engine = plan.config.engine
+    if engine == "auto":
+        return AutoModelHandler(plan)
+    if engine not in HANDLERS:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return HANDLERS[engine](plan)
+
+
+@dataclasses.dataclass
+class _Chosen:
+    handler: ModelHandler
+    model: Any
+
+
+class AutoModelHandler(Dn2ModelHandler[np.ndarray, PredictionResult, _Chosen]):
+    """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32, by
+    the engine chosen in ``load_model()``."""
+
+    def __init__(self, plan: EmbedPlan):
+        super().__init__(batch_size=plan.config.batch_size)
+        self.plan = plan
+
+    def load_model(self) -> _Chosen:
+        engine = resolve_engine("auto", self.plan.config.device)
+        handler = HANDLERS[engine](self.plan)
+        return _Chosen(handler, handler.load_model())
+
+    def run_inference(self, batch: Sequence[np.ndarray], model: _Chosen,
+                      inference_args: dict[str, Any] | None = None
+                      ) -> Iterable[PredictionResult]:
+        return model.handler.run_inference(batch, model.model, inference_args)
