@@ -130,9 +130,10 @@ class IndexKind(abc.ABC):
     def wanted(self, config: IndexConfig) -> bool:
         """Whether ``config`` asks for this kind."""
 
-    @abc.abstractmethod
     def recorded(self, manifest: dict[str, Any]) -> bool:
-        """Whether the index of ``manifest`` is of this kind."""
+        """Whether the index of ``manifest`` is of this kind: by default, its manifest
+        holds this kind's entry."""
+        return bool(self.key and manifest.get(self.key))
 
     @abc.abstractmethod
     def build(self, fs, stage: str, src: Source, config: IndexConfig, device: str) -> Built:

@@ -38,9 +38,6 @@ class Hnsw(ApproximateKind):
     def wanted(self, config: IndexConfig) -> bool:
         return config.hnsw_m is not None
 
-    def recorded(self, manifest: dict[str, Any]) -> bool:
-        return bool(manifest.get(self.key))
-
     def build(self, fs, stage: str, src: Source, c: IndexConfig, device: str) -> Built:
         """hnsw.faiss; efSearch measured against the target."""
         q_ids = streams.sample_ids(src.n, c.recall_queries, c.seed + 1)

@@ -60,9 +60,6 @@ class Ivf(ApproximateKind):
     def wanted(self, config: IndexConfig) -> bool:
         return config.ivf_lists is not None
 
-    def recorded(self, manifest: dict[str, Any]) -> bool:
-        return bool(manifest.get(self.key))
-
     def check_output(self, config: IndexConfig, fs) -> None:
         if config.ondisk and not isinstance(fs, LocalFileSystem):
             raise ConfigError("--ondisk needs a local --output directory (faiss memory-maps "
