@@ -25,6 +25,7 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "scikit-learn>=1.4",
+        "scipy>=1.11",  # the p-values' tail fit (dn2ops.index.calibration)
         "matplotlib>=3.8",
         "jinja2>=3.1",
         # the default backbone, efficientnet_lite0+efficientnet_lite1 (offline weights)

@@ -11,9 +11,13 @@ over its ``n_exceed`` largest scores (peaks over threshold u):
 
     p = (1 + n_exceed) / (n + 1) * GPD.sf(score - u)                  source = tail
 
-capped at (1 + switch) / (n + 1) so p falls with the score. Flags: Benjamini-Hochberg at
-``--fdr Q`` across a partition, or p <= ``--alpha A``. Drift: Kolmogorov-Smirnov test of
-the partition's p-values above 0.2 against the uniform on (0.2, 1].
+capped at (1 + switch) / (n + 1) so p falls with the score. Defaults (``fit_tail``):
+n_exceed = 5% of n, 50 to 500 (at most n / 2; no tail under 20), switch = 10, and the
+shape held >= 0 (a fitted negative shape, a bounded tail, gives p = 0 beyond its end point
+and flags normals). Flags: Benjamini-Hochberg at ``--fdr Q`` across a partition, or
+p <= ``--alpha A``. Drift: Kolmogorov-Smirnov test of the partition's p-values above 0.2
+against the uniform on (0.2, 1], its p-value read with the two-sample effective size
+(the reference's own noise), warning below 0.001 (``drift_test``).
 
 Protocol (as benchmarks/accuracy.py, dn2's defaults): normal = the first N training
 images of class c, features dn2's default backbone with the root4-l2 transform, k = 2,
@@ -77,142 +81,56 @@ TABLES = ("auc", "calibration", "exchange", "tail", "cleaning", "kmeans", "bh", 
 
 # -- p-values, flags and drift: small pure functions (to move into dn2ops) -------------
 
-MIN_EXCEED = 20  # fewer exceedances than this: no tail (rank p-values only)
-DRIFT_LOWER = 0.2  # the drift test looks at p in (DRIFT_LOWER, 1]
-DRIFT_MIN_ROWS = 50  # fewer p-values above DRIFT_LOWER: no drift test
-
-
-@dataclasses.dataclass(frozen=True)
-class Tail:
-    """Generalised Pareto fit of a reference's upper tail (peaks over threshold).
-
-    n: reference scores; n_exceed: scores above ``threshold`` (the (n_exceed + 1)-th
-    largest) to which the GPD(shape, scale) of the excesses was fitted; ``switch``: the
-    tail gives p where fewer than ``switch`` reference scores are >= the score."""
-
-    n: int
-    n_exceed: int
-    threshold: float
-    shape: float
-    scale: float
-    switch: int
-
-
-def default_exceedances(n: int) -> int:
-    """Exceedances for the tail fit of n reference scores: 5% of them, 50 to 500
-    (never more than n // 2)."""
-    return int(min(max(round(0.05 * n), 50), 500, n // 2))
-
-
-def fit_tail(reference: np.ndarray, n_exceed: int | None = None, *, switch: int = 10,
-             min_shape: float | None = 0.0) -> Tail | None:
-    """GPD fit (maximum likelihood, location 0) to the excesses of the ``n_exceed`` largest
-    reference scores over the next one; None when there would be fewer than MIN_EXCEED.
-
-    ``min_shape``: a fitted shape below it is replaced by the constrained fit at it (0:
-    the exponential tail, scale = mean excess): a bounded fitted tail would give p = 0
-    beyond its end point. None: the free fit."""
-    ref = np.sort(np.asarray(reference, dtype=np.float64))
-    ref = ref[np.isfinite(ref)]
-    n = len(ref)
-    n_exceed = default_exceedances(n) if n_exceed is None else min(int(n_exceed), n - 1)
-    if n_exceed < MIN_EXCEED:
-        return None
-    u = float(ref[n - n_exceed - 1])
-    excess = ref[n - n_exceed:] - u
-    if not np.any(excess > 0):
-        return None
-    shape, _, scale = stats.genpareto.fit(excess, floc=0)
-    if min_shape is not None and shape < min_shape:
-        shape = float(min_shape)
-        if shape == 0.0:
-            scale = float(excess.mean())
-        else:
-            scale = float(stats.genpareto.fit(excess, f0=shape, floc=0)[2])
-    return Tail(n, int(n_exceed), u, float(shape), float(scale), int(min(switch, n_exceed)))
-
-
-def p_values(scores: np.ndarray, reference_sorted: np.ndarray, tail: Tail | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(p (m,) float64, source (m,) bool: True where the tail gave it) of scores against a
-    sorted reference: the rank p-value, or the tail's where fewer than ``tail.switch``
-    reference scores reach the score."""
-    s = np.asarray(scores, dtype=np.float64)
-    n = len(reference_sorted)
-    count = n - np.searchsorted(reference_sorted, s, side="left")  # reference >= score
-    p = (1.0 + count) / (n + 1.0)
-    if tail is None:
-        return p, np.zeros(len(s), bool)
-    use = count < tail.switch
-    if use.any():
-        sf = stats.genpareto.sf(s[use] - tail.threshold, tail.shape, scale=tail.scale)
-        p[use] = np.minimum((1.0 + tail.n_exceed) / (n + 1.0) * sf,
-                            (1.0 + tail.switch) / (n + 1.0))
-    return p, use
-
-
-def source_names(tail_used: np.ndarray) -> np.ndarray:
-    """The ``p_value_source`` column: 'tail' or 'rank'."""
-    return np.where(tail_used, "tail", "rank")
-
-
-def bh_flags(p: np.ndarray, q: float) -> np.ndarray:
-    """Benjamini-Hochberg at level q: flags (m,) bool, the R smallest p-values where R is
-    the largest r with p_(r) <= q r / m."""
-    p = np.asarray(p, dtype=np.float64)
-    m = len(p)
-    if m == 0:
-        return np.zeros(0, bool)
-    order = np.argsort(p, kind="stable")
-    ok = np.flatnonzero(p[order] <= q * np.arange(1, m + 1) / m)
-    flags = np.zeros(m, bool)
-    if len(ok):
-        flags[order[:ok[-1] + 1]] = True
-    return flags
+# The p-values and their tail (dn2ops.index.calibration), flags and drift
+# (dn2ops.score.decisions): dn2's own, imported once REPO is on sys.path.
+from dn2ops.index.calibration import (  # noqa: E402
+    MIN_EXCEED,
+    Tail,
+    default_exceedances,
+    fit_tail,
+    p_values,
+    rank_floor,
+)
+from dn2ops.score import decisions  # noqa: E402
+from dn2ops.score.decisions import DRIFT_LOWER, bh_flags  # noqa: E402
 
 
 def drift_test(p: np.ndarray, level: float = 0.001, lower: float = DRIFT_LOWER,
                n_reference: int | None = None) -> tuple[float, float, bool]:
-    """(KS statistic, its p-value, warn) of the partition's p-values above ``lower``
-    against the uniform on (lower, 1]: warn when the p-value is below ``level``.
-
-    ``n_reference``: the reference's size; the statistic is then read as the two-sample
-    statistic (the reference's own sampling noise) with the effective sample size
-    m' n' / (m' + n') of the rows and reference scores above the cut (n' = (1 - lower) n).
-    NaN and no warning with fewer than DRIFT_MIN_ROWS rows above ``lower``."""
-    p = np.asarray(p, dtype=np.float64)
-    u = np.sort((p[p > lower] - lower) / (1.0 - lower))
-    m = len(u)
-    if m < DRIFT_MIN_ROWS:
-        return float("nan"), float("nan"), False
-    i = np.arange(1, m + 1)
-    stat = float(max(np.max(i / m - u), np.max(u - (i - 1) / m)))
-    if n_reference is None:
-        pv = float(stats.kstwo.sf(stat, m))
-    else:
-        nr = (1.0 - lower) * n_reference
-        pv = float(stats.kstwobign.sf(stat * np.sqrt(m * nr / (m + nr))))
-    return stat, pv, bool(pv < level)
+    """(KS statistic, its p-value, warn): dn2ops.score.decisions.drift_test as a tuple,
+    NaN and no warning with too few rows above ``lower``."""
+    d = decisions.drift_test(p, level=level, lower=lower, n_reference=n_reference)
+    nan = float("nan")
+    return (nan if d["statistic"] is None else d["statistic"],
+            nan if d["pvalue"] is None else d["pvalue"], d["warn"])
 
 
-def rank_floor(n: int) -> float:
-    """The smallest rank p-value of a reference of n scores."""
-    return 1.0 / (n + 1.0)
+# The smallest level at which the tail's calibration was measured (Fashion-MNIST,
+# references of 100-3000 scores; benchmarks/calibration.py's tail table).
+TAIL_MEASURED_TO = 3e-5
 
 
-def resolution_message(n: int, alpha: float | None = None, fdr: float | None = None,
-                       rows: int | None = None, tail: Tail | None = None) -> str | None:
-    """The clear message when a reference of n scores cannot resolve the asked level:
-    rank p-values never go below 1/(n + 1); BH over ``rows`` rows at ``fdr`` flags its
-    first row at fdr / rows. None when the rank p-values reach it or a tail was fitted."""
+def resolution_message(n: int, level: float, tail: Tail | None) -> str | None:
+    """The clear message when a reference of n scores cannot resolve ``level`` (alpha, or
+    BH's first cut-off Q / m for m rows); None when it can.
+
+    Rank p-values never go below 1/(n + 1): without a tail no row reaches a lower level
+    (BH over m rows at Q flags nothing unless m / (Q (n + 1)) rows lie beyond every
+    reference score). With a tail, levels below TAIL_MEASURED_TO are extrapolated
+    further than measured."""
     floor = rank_floor(n)
-    need = [a for a in (alpha, None if fdr is None or not rows else fdr / rows) if a]
-    if not need or min(need) >= floor or tail is not None:
+    if level >= floor:
         return None
-    return (f"the normal reference holds {n} scores: rank p-values go no lower than "
-            f"1/(n+1) = {floor:.2g}, above the level {min(need):.2g} asked, and "
-            f"{MIN_EXCEED} exceedances are needed for a fitted tail; flags need a "
-            f"reference of >= {int(np.ceil(1 / min(need))) - 1} normal images")
+    if tail is None:
+        return (f"the normal reference holds {n} scores: rank p-values go no lower than "
+                f"1/(n+1) = {floor:.2g}, above the level {level:.2g} asked; a fitted tail "
+                f"needs >= {2 * MIN_EXCEED} reference scores, rank p-values "
+                f">= {int(np.ceil(1 / level)) - 1}")
+    if level < TAIL_MEASURED_TO:
+        return (f"p-values below {TAIL_MEASURED_TO:g} (level {level:.2g} asked) come from "
+                f"the tail fitted to the top {tail.n_exceed} of {n} reference scores, "
+                "extrapolated beyond the range its calibration was measured in")
+    return None
 
 
 # -- search ---------------------------------------------------------------------------
@@ -433,8 +351,10 @@ def table_calibration(data: Data, work: str, alphas: Sequence[float], sample: in
             refs[f"sample of {sample}"] = rng.choice(loo, sample, replace=False)
         for rname, ref in refs.items():
             ref = np.sort(ref)
-            tail = fit_tail(ref)
-            for pname, t in (("rank", None), ("rank + tail", tail)):
+            tails = (("rank", None), ("rank + tail", fit_tail(ref)),
+                     ("rank + tail, sqrt(n) exceedances",
+                      fit_tail(ref, round(np.sqrt(len(ref))))))
+            for pname, t in tails:
                 p, used = p_values(s, ref, t)
                 key = f"{rname}, {pname}"
                 variants.setdefault(key, []).append(share_below(p, alphas))
@@ -732,20 +652,33 @@ def default_p(data: Data, cl: ClassLists, tail: bool = True
 
 
 def table_bh(data: Data, work: str, fdr: Sequence[float], mix: Sequence[float],
-             alphas: Sequence[float], seed: int, draws: int = 20, **_: Any
-             ) -> list[dict[str, Any]]:
+             alphas: Sequence[float], seed: int, draws: int = 20, held: float = 1 / 6,
+             **_: Any) -> list[dict[str, Any]]:
     """Partitions: the class's test normals + other classes' test images at ``mix``
     (share of the partition). BH at each Q: FDP, power (per class, mean over draws); and
-    p <= alpha flags: share of normals and anomalies flagged."""
+    p <= alpha flags: share of normals and anomalies flagged. Also with exchangeable
+    normals: the index and its reference a random ``1 - held`` of the training normals,
+    the partition's normals the held-out rest (anomalies: other classes' test images)."""
     rng = np.random.default_rng(seed)
     rows = []
-    for pname, with_tail in (("rank + tail", True), ("rank only", False)):
+    variants = (("rank + tail", True, None), ("rank only", False, None),
+                ("rank + tail, held-out training normals (exchangeable)", True, held))
+    for pname, with_tail, out in variants:
         res: dict[tuple, list] = {}
         for c in data.train_idx:
             cl = normal_lists(data, c, work)
-            p, _, _ = default_p(data, cl, with_tail)
-            normal = data.test_labels == c
-            pn, pa = p[normal], p[other_class(data, c)]
+            if out is None:
+                p, _, _ = default_p(data, cl, with_tail)
+                pn, pa = p[data.test_labels == c], p[other_class(data, c)]
+            else:
+                member = np.ones(cl.n, bool)
+                member[rng.permutation(cl.n)[:round(out * cl.n)]] = False
+                all_vs = cl.loo(member)
+                ref = np.sort(all_vs[member])
+                tail = fit_tail(ref)
+                pn = p_values(all_vs[~member], ref, tail)[0]
+                pa = p_values(cl.test_scores(data.test, member)[other_class(data, c)], ref,
+                              tail)[0]
             m0 = len(pn)
             for r in mix:
                 n_anom = max(1, round(r * m0 / (1 - r)))
@@ -762,6 +695,7 @@ def table_bh(data: Data, work: str, fdr: Sequence[float], mix: Sequence[float],
                              "anomalies_flagged": float(v[:, 1].mean())})
             else:
                 rows.append({"p": pname, "flags": f"BH Q={key[1]:g}", "anomalies": key[0],
+                             "q_m0_over_m": round(key[1] * (1 - key[0]), 4),
                              "fdp_mean": float(v[:, 0].mean()),
                              "fdp_max_class": float(v[:, 0].max()),
                              "power_mean": float(v[:, 1].mean()),
@@ -811,9 +745,11 @@ def table_night(data: Data, work: str, fdr: Sequence[float], seed: int,
 
 
 def table_drift(data: Data, work: str, cache: str, seed: int,
-                levels: Sequence[float] = (0.01, 0.001), sizes: Sequence[int] = (200, 1000),
-                draws: int = 50, noise: Sequence[float] = (0.005, 0.01, 0.02, 0.05),
-                **_: Any) -> list[dict[str, Any]]:
+                levels: Sequence[float] = (0.01, 0.001),
+                sizes: Sequence[int] = (200, 1000, 3000),
+                draws: int = 50, noise: Sequence[float] = (0.001, 0.002, 0.005, 0.01, 0.02,
+                                                           0.05),
+                lowers: Sequence[float] = (0.2, 0.5), **_: Any) -> dict[str, Any]:
     """KS test of p | p > 0.2 against U(0.2, 1]: share of partitions warned, one-sample
     and with the reference's noise (two-sample effective size). Partitions of ``size``
     rows (capped at the class's test normals) drawn without replacement: clean test
@@ -832,10 +768,12 @@ def table_drift(data: Data, work: str, cache: str, seed: int,
     def record(case: str, size: int, p: np.ndarray, n_ref: int, drawn: int) -> None:
         for _ in range(drawn):
             sub = p if len(p) <= size else p[rng.choice(len(p), size, replace=False)]
-            one = drift_test(sub)[1]
-            two = drift_test(sub, n_reference=n_ref)[1]
-            for lv in levels:
-                counts.setdefault((case, size, lv), []).append((one < lv, two < lv))
+            for lower in lowers:
+                one = drift_test(sub, lower=lower)[1]
+                two = drift_test(sub, lower=lower, n_reference=n_ref)[1]
+                for lv in levels:
+                    counts.setdefault((case, size, lower, lv), []).append(
+                        (one < lv, two < lv, np.isnan(two)))
 
     for c in data.train_idx:
         cl = normal_lists(data, c, work)
@@ -864,12 +802,17 @@ def table_drift(data: Data, work: str, cache: str, seed: int,
         p_other = p_all[data.test_labels == oc]
         moved.setdefault("another class (all)", []).append(
             (float(np.median(p_other)), float(np.mean(bh_flags(p_other, 0.05)))))
+        moved.setdefault("none (clean test normals)", []).append(
+            (float(np.median(pn)), float(np.mean(bh_flags(pn, 0.05)))))
         for size in sizes:
-            m = min(size, len(pn))
+            if size <= len(p_held):
+                record("held-out training normals (exchangeable)", size, p_held, len(ref_h),
+                       1 if size == len(p_held) else draws)
+            if size > len(pn):
+                continue
+            m = size
             dr = 1 if m == len(pn) else draws
             record("clean test normals", size, pn, cl.n, dr)
-            record("held-out training normals (exchangeable)", size, p_held, len(ref_h),
-                   1 if m >= len(p_held) else draws)
             for r in (0.1, 0.5):
                 na = round(r * m)
                 for _ in range(dr):
@@ -880,11 +823,12 @@ def table_drift(data: Data, work: str, cache: str, seed: int,
                 record(f"normals, noise sigma={sigma:g}", size, pz, cl.n, dr)
             record("another class's test images", size, p_other, cl.n, dr)
     rows = []
-    for (case, size, lv), v in counts.items():
+    for (case, size, lower, lv), v in counts.items():
         v = np.array(v)
-        rows.append({"partition": case, "size": size, "ks_level": lv,
+        rows.append({"partition": case, "size": size, "lower": lower, "ks_level": lv,
                      "warned_one_sample": float(v[:, 0].mean()),
-                     "warned_two_sample": float(v[:, 1].mean()), "tests": len(v)})
+                     "warned_two_sample": float(v[:, 1].mean()),
+                     "too_few_rows": float(v[:, 2].mean()), "tests": len(v)})
     return {"rows": rows, "shift": {k: {"median_p": float(np.mean([a for a, _ in v])),
                                         "bh_0.05_flagged": float(np.mean([b for _, b in v]))}
                                     for k, v in moved.items()}}
@@ -963,9 +907,10 @@ def render(res: dict[str, Any]) -> str:
         bh = [r for r in res["bh"] if "anomalies" in r]
         al = [r for r in res["bh"] if "anomalies" not in r]
         out += ["## Benjamini-Hochberg on mixed test partitions", "",
-                table(["p", "flags", "anomalies", "FDP mean", "FDP worst class", "power mean",
-                       "power worst class"],
-                      [[r["p"], r["flags"], f"{r['anomalies']:.0%}", f"{r['fdp_mean']:.4f}",
+                table(["p", "flags", "anomalies", "Q m0/m", "FDP mean", "FDP worst class",
+                       "power mean", "power worst class"],
+                      [[r["p"], r["flags"], f"{r['anomalies']:.0%}", r["q_m0_over_m"],
+                        f"{r['fdp_mean']:.4f}",
                         f"{r['fdp_max_class']:.4f}", f"{r['power_mean']:.3f}",
                         f"{r['power_min_class']:.3f}"] for r in bh]), "",
                 table(["p", "flags", "normals flagged", "anomalies flagged"],
@@ -991,11 +936,13 @@ def render(res: dict[str, Any]) -> str:
     if "drift" in res:
         d = res["drift"]
         out += ["## Drift: KS test of p | p > 0.2 against U(0.2, 1]", "",
-                table(["partition", "size", "KS level", "warned (one-sample)",
-                       "warned (two-sample, reference noise)", "tests"],
-                      [[r["partition"], r["size"], r["ks_level"],
+                table(["partition", "size", "p above", "KS level", "warned (one-sample)",
+                       "warned (two-sample, reference noise)", "too few rows above", "tests"],
+                      [[r["partition"], r["size"], r["lower"], r["ks_level"],
                         f"{r['warned_one_sample']:.3f}", f"{r['warned_two_sample']:.3f}",
-                        r["tests"]] for r in d["rows"]]), "",
+                        f"{r['too_few_rows']:.3f}", r["tests"]]
+                       for r in sorted(d["rows"], key=lambda r: (r["lower"], r["ks_level"],
+                                                                 r["size"]))]), "",
                 table(["shift", "median p (mean over classes)", "share flagged, BH 0.05"],
                       [[k, f"{v['median_p']:.3f}", f"{v['bh_0.05_flagged']:.3f}"]
                        for k, v in d["shift"].items()]), ""]

@@ -29,6 +29,10 @@ RECALL_QUERIES = 500
 # measured"); efficientnet_lite0 alone embeds about twice as fast.
 DEFAULT_BACKBONE = "efficientnet_lite0+efficientnet_lite1"
 POOLS = ("mean", "max")
+# Flags (dn2ops.score.decisions): Benjamini-Hochberg's false discovery rate by default
+# (--fdr), or a per-row level (--alpha).
+FLAG_RULES = ("fdr", "alpha")
+DEFAULT_FDR = 0.05
 GROUP_METHODS = ("knn", "covtrace")
 
 # Neighbours of the cleaning pass's leave-one-out score (``clean_k=None``). Impurities
@@ -41,6 +45,35 @@ CLEAN_K = 200
 def cleaning_k(k: int, clean_k: int | None, n: int) -> int:
     """Neighbours of the cleaning score: ``clean_k`` (None: max(k, CLEAN_K)), at most n - 1."""
     return min(max(k, CLEAN_K) if clean_k is None else clean_k, n - 1)
+
+
+# The auto cleaning rule (``clean_fraction="auto"``, dn2ops.index.cleaning), which needs no
+# rate: a row goes when its score (the log of its mean distance to its k_c nearest other
+# rows, k_c = CLEAN_AUTO_SHARE of n within CLEAN_AUTO_K: a neighbourhood larger than the
+# clusters impurities form) lies more than CLEAN_AUTO_Z robust standard deviations above the
+# median, for at most CLEAN_AUTO_ROUNDS rounds; scored against a uniform sample of
+# CLEAN_SAMPLE rows, so the pass stays linear in n. Below CLEAN_AUTO_MIN_ROWS rows the spread
+# is not estimated and nothing is removed.
+CLEAN_AUTO_SHARE = 0.05
+CLEAN_AUTO_K = (10, 1000)
+CLEAN_AUTO_Z = 3.0
+# A cap on how far above the median (in log units) the threshold may lie, whatever the
+# spread: None, no cap (the candidate rule of issue 27; its research measures e.g. 0.25).
+CLEAN_AUTO_RATIO: float | None = None
+CLEAN_AUTO_ROUNDS = 5
+CLEAN_AUTO_MIN_ROWS = 20
+# 5,000 (not 10,000): scoring n rows against the sample is n m d, the build's percentile
+# reference 20,000 n d; at 10,000 the default build took 1.7x a --no-clean one at 50,000
+# 2560-d rows, at 5,000 about 1.3x (benchmarks/build_scale.py), with the same rows removed.
+CLEAN_SAMPLE = 5_000
+CLEAN_RULES = ("off", "fraction", "auto")
+
+
+def clean_rule(clean_fraction: float | str) -> str:
+    """The cleaning rule a ``clean_fraction`` asks for: 'auto', 'fraction' (> 0) or 'off'."""
+    if clean_fraction == "auto":
+        return "auto"
+    return "fraction" if clean_fraction > 0 else "off"
 
 
 def is_int(x: Any) -> bool:
@@ -110,12 +143,20 @@ class IndexConfig:
     - on the command line (pipelines.options.job_config, without --feature-transform):
       ``root4-l2`` (transforms.DEFAULT, the most accurate measured; see dn2ops.transforms)
       for single images, and ``none`` with --group-by.
+
+    ``clean_fraction``: which normal rows are removed before the index is built
+    (dn2ops.index.cleaning): ``"auto"`` (the rule that needs no rate), a fraction F in
+    (0, 1) (the F n rows of highest leave-one-out score over ``clean_k`` neighbours), or 0
+    (off). Its defaults differ as the transform's do: 0 here, so that nothing is removed
+    unasked, and ``auto`` on the command line (pipelines.options.job_config).
+    ``clean_sample``: the rows the auto rule scores against (None: all; exact, n^2).
     """
 
     k: int = 2
     n_centroids: int | None = None
-    clean_fraction: float = 0.0
+    clean_fraction: float | str = 0.0
     clean_k: int | None = None
+    clean_sample: int | None = CLEAN_SAMPLE
     shards: int | None = 1
     ivf_lists: int | None = None
     pq_m: int | None = None
@@ -130,8 +171,16 @@ class IndexConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        if isinstance(self.clean_fraction, str) and self.clean_fraction != "auto":
+            raise ConfigError(f"clean_fraction must be 'auto' or a float in [0, 1), "
+                              f"got {self.clean_fraction!r}")
         check_params(k=self.k, n_centroids=self.n_centroids,
-                     clean_fraction=self.clean_fraction, clean_k=self.clean_k)
+                     clean_fraction=0.0 if self.clean_fraction == "auto" else self.clean_fraction,
+                     clean_k=self.clean_k)
+        if self.clean_sample is not None and (not is_int(self.clean_sample)
+                                              or self.clean_sample < 2):
+            raise ConfigError(f"clean_sample must be None or an integer >= 2, "
+                              f"got {self.clean_sample!r}")
         if self.shards is not None and self.shards < 1:
             raise ConfigError(f"--shards must be >= 1, got {self.shards}")
         modes = [f for f, v in (("--ivf", self.ivf_lists), ("--kmeans", self.n_centroids),
@@ -149,6 +198,11 @@ class IndexConfig:
     @property
     def approximate(self) -> bool:
         return self.ivf_lists is not None or self.hnsw_m is not None
+
+    @property
+    def clean_rule(self) -> str:
+        """'auto', 'fraction' or 'off' (dn2ops.index.cleaning)."""
+        return clean_rule(self.clean_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,13 +253,35 @@ class SearchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlagConfig:
+    """Which scored rows are flagged (dn2ops.score.decisions), from their p-values against
+    the index's normal reference.
+
+    ``rule`` ``fdr`` (--fdr Q): Benjamini-Hochberg at level Q across the partition, so
+    that among the flagged rows at most a fraction Q are expected to be normal ones;
+    ``alpha`` (--alpha A): every row with p <= A. ``level`` in (0, 1).
+    """
+
+    rule: str = "fdr"
+    level: float = DEFAULT_FDR
+
+    def __post_init__(self) -> None:
+        if self.rule not in FLAG_RULES:
+            raise ConfigError(f"flag rule must be one of {FLAG_RULES}, got {self.rule!r}")
+        lv = self.level
+        if not isinstance(lv, numbers.Real) or isinstance(lv, bool) or not 0.0 < lv < 1.0:
+            raise ConfigError(f"--{self.rule} must be in (0, 1), got {lv!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ScoreConfig:
-    """What dn2 score writes besides the ranked table."""
+    """What dn2 score writes besides the ranked table, and how it flags rows."""
 
     partition: str = ""
     top: int | None = None
     max_error_fraction: float | None = None
     report: bool = False
+    flags: FlagConfig = FlagConfig()
 
     def __post_init__(self) -> None:
         if self.top is not None and self.top < 1:

@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from dn2ops.config import EmbedConfig, JobConfig
+from dn2ops.config import EmbedConfig, FlagConfig, JobConfig
 from dn2ops.embed.backbones import (
     RANDOM_WEIGHTS,
     BackboneSpec,
@@ -32,6 +32,7 @@ from dn2ops.errors import ConfigError
 from dn2ops.index import LoadedIndex
 from dn2ops.index.gpu import resolve_faiss_device
 from dn2ops.io import features, outputs, sources
+from dn2ops.score import decisions
 from dn2ops.score.grouping import check_index_mode, check_key
 
 
@@ -188,6 +189,7 @@ def check_score(index: str | None, output: str, input: str | None, features_dir:
     pool = group.pool if group else None
     if loaded is not None:
         pool = check_index_mode(loaded.manifest, group.group_by if group else None, pool)
+        check_flags(config.score.flags, loaded.reference)
     embed = None
     if features_dir:
         backbone, extras = _check_features(features_dir, loaded)
@@ -200,6 +202,16 @@ def check_score(index: str | None, output: str, input: str | None, features_dir:
     return ScorePlan(loaded.manifest if loaded is not None else None,
                       loaded.manifest["backbone"] if loaded is not None else backbone,
                       extras, pool, embed)
+
+
+def check_flags(flags: FlagConfig, reference: decisions.Reference) -> None:
+    """Refuses --alpha below the smallest p-value the index's normal reference can give:
+    nothing could ever be flagged. (BH's reach depends on the partition's size: the
+    summary warns, dn2ops.score.decisions.resolution_warning.)"""
+    if flags.rule == "alpha":
+        why = decisions.resolution_warning("alpha", flags.level, 1, reference)
+        if why:
+            raise ConfigError(why)
 
 
 def _check_features(features_dir: str, loaded: LoadedIndex | None) -> tuple[str, list]:

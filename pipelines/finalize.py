@@ -131,11 +131,14 @@ def finalize_results(count_in: int, *, staging: str, output: str, partition: str
                      source: str | None, index_dir: str | None, index_id: str | None,
                      backbone: str | None, started: float, pipeline_started: float,
                      top: int | None = None, group: dict[str, Any] | None = None,
-                     max_error_fraction: float | None = None) -> dict[str, Any]:
+                     max_error_fraction: float | None = None,
+                     decision: dict[str, Any] | None = None) -> dict[str, Any]:
     """dn2 score's last step: summary.json, the accounting check, the top CSV, the commit.
 
     ``count_in``: inputs listed (images, or feature rows + error rows of a features
     directory); ``group``: ``{"group_by", "method", "pool"}`` in group mode, else None;
+    ``decision``: the scoring stage's (dn2ops.score.decisions.decide: ``flags``,
+    ``drift``, ``warnings``), added to the summary, its warnings logged;
     ``started`` / ``pipeline_started``: epoch seconds when the job / its pipeline began
     (summary ``timings``). Raises JobError, and discards the staging folder, when
     count_in != scored + errored: nothing is committed. With ``max_error_fraction``
@@ -155,22 +158,32 @@ def finalize_results(count_in: int, *, staging: str, output: str, partition: str
             if group:
                 summary.update(group_summary(staging, group["group_by"], group["method"],
                                              group.get("pool")))
+            if decision is not None:
+                summary.update(decision_summary(decision))
             check_accounted(summary["count_in"], summary["scored"], summary["errored"],
                             staging)
         except JobError:
             outputs.discard(staging)  # deterministic: a retry would find the same
             raise
-        fs, stage_path = outputs.fs_and_path(staging)
-        if top and group:
-            fs.pipe_file(outputs.join(stage_path, "top_groups.csv"), top_groups_csv(staging, top))
-        elif top:
-            fs.pipe_file(outputs.join(stage_path, "top_anomalies.csv"), top_csv(staging, top))
-        fs.pipe_file(outputs.join(stage_path, "summary.json"),
-                     json.dumps(summary, indent=2).encode())
-        outputs.commit(staging, output, {"kind": "results", **summary,
-                                         "run_id": run_id(staging)})
+        _commit_results(staging, output, summary, top, bool(group))
     check_error_fraction(summary, max_error_fraction, output)
     return summary
+
+
+def _commit_results(staging: str, output: str, summary: dict[str, Any], top: int | None,
+                    group: bool) -> None:
+    """Writes the top CSV and summary.json into the staging folder, commits it, and logs
+    the summary's warnings."""
+    fs, stage_path = outputs.fs_and_path(staging)
+    if top and group:
+        fs.pipe_file(outputs.join(stage_path, "top_groups.csv"), top_groups_csv(staging, top))
+    elif top:
+        fs.pipe_file(outputs.join(stage_path, "top_anomalies.csv"), top_csv(staging, top))
+    fs.pipe_file(outputs.join(stage_path, "summary.json"),
+                 json.dumps(summary, indent=2).encode())
+    outputs.commit(staging, output, {"kind": "results", **summary, "run_id": run_id(staging)})
+    for warning in summary.get("warnings", []):
+        LOG.warning("%s: %s", output, warning)
 
 
 def committed_summary(output: str) -> dict[str, Any]:
@@ -204,6 +217,21 @@ def results_summary(staging: str, *, count_in: int | None, partition: str, sourc
     }
 
 
+def decision_summary(decision: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's ``flags`` (rule, level, flagged, threshold, p_value_floor,
+    reference_n; or rule None and why), ``drift`` and ``warnings`` of a decision."""
+    return {"flags": decision["flags"], "drift": decision.get("drift"),
+            "warnings": list(decision.get("warnings") or [])}
+
+
+def _p_value(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _flag(value: bool | None) -> str:
+    return "" if value is None else str(bool(value)).lower()
+
+
 def _top_rows(results_dir: str, n: int, columns: list[str]) -> list[dict[str, Any]]:
     """The n anomaly rows first by (rank, uri), read a shard at a time: only about
     n rows are held beside the shard being read (plus its rank and uri columns)."""
@@ -224,14 +252,16 @@ def _top_rows(results_dir: str, n: int, columns: list[str]) -> list[dict[str, An
 def top_csv(results_dir: str, n: int) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "score", "percentile", "uri", "neighbor_uris"])
-    for r in _top_rows(results_dir, n,
-                       ["rank", "score", "percentile", "uri", "neighbor_uris"]):
+    columns = ["rank", "score", "percentile", "p_value", "flagged", "uri", "neighbor_uris"]
+    w.writerow(columns)
+    for r in _top_rows(results_dir, n, columns):
         w.writerow(
             [
                 r["rank"],
                 f"{r['score']:.6f}",
                 f"{r['percentile']:.2f}",
+                _p_value(r["p_value"]),
+                _flag(r["flagged"]),
                 r["uri"],
                 " ".join(r["neighbor_uris"]),
             ]
@@ -260,13 +290,13 @@ def group_summary(staging: str, group_by: str, method: str, pool: str | None
 
 
 def top_groups_csv(results_dir: str, n: int) -> bytes:
-    table = features.read_table(results_dir, "groups",
-                                columns=["rank", "score", "group", "size", "neighbor_groups"])
+    columns = ["rank", "score", "p_value", "flagged", "group", "size", "neighbor_groups"]
+    table = features.read_table(results_dir, "groups", columns=columns)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "score", "group", "size", "neighbor_groups"])
+    w.writerow(columns)
     rows_ = table.to_pylist() if table is not None else []
     for r in sorted(rows_, key=lambda r: (r["rank"], r["group"]))[:n]:
-        w.writerow([r["rank"], f"{r['score']:.6f}", r["group"], r["size"],
-                    " ".join(r["neighbor_groups"])])
+        w.writerow([r["rank"], f"{r['score']:.6f}", _p_value(r["p_value"]), _flag(r["flagged"]),
+                    r["group"], r["size"], " ".join(r["neighbor_groups"])])
     return buf.getvalue().encode()

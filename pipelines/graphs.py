@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 import pyarrow as pa
 
-from dn2ops.config import GroupConfig, SearchConfig
+from dn2ops.config import FlagConfig, GroupConfig, SearchConfig
 from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.stage import EmbedImages
 from dn2ops.io import features, sources
@@ -108,12 +108,14 @@ def score(
     partition: str,
     extra_columns: Sequence[str],
     search: SearchConfig,
-) -> list:
-    """Scores feature record batches (read_features, as_batches) into ranked
-    anomalies-*.parquet and writes errors-*.parquet; returns the PCollections of the file
-    names written (for finalize)."""
-    written = batches | "Score" >> ScoreFeatures(
-        index_dir, staging, extra_columns=extra_columns, partition=partition, search=search)
+    flags: FlagConfig = FlagConfig(),
+) -> tuple[list, beam.PCollection]:
+    """Scores feature record batches (read_features, as_batches) into ranked and flagged
+    anomalies-*.parquet and writes errors-*.parquet; returns (the PCollections of the file
+    names written, the partition's decision: a singleton), both for finalize."""
+    written, decision = batches | "Score" >> ScoreFeatures(
+        index_dir, staging, extra_columns=extra_columns, partition=partition, search=search,
+        flags=flags)
     errors = errors | "Partition" >> beam.Map(
         lambda e: {
             "uri": e["uri"],
@@ -124,7 +126,7 @@ def score(
     )
     return [written, errors | "WriteErrors" >> features.WriteTable(
         staging, "errors", RESULT_ERROR_SCHEMA, num_shards=1
-    )]
+    )], decision
 
 
 RESULT_ERROR_SCHEMA = features.ERROR_SCHEMA.append(pa.field("partition", pa.string()))
@@ -140,15 +142,16 @@ def score_groups(
     index_dir: str | None,
     partition: str,
     search: SearchConfig = SearchConfig(),
-) -> list:
+    flags: FlagConfig = FlagConfig(),
+) -> tuple[list, beam.PCollection]:
     """Group mode, over feature record batches (read_features, as_batches):
-    groups-*.parquet (ranked sets) and errors-*.parquet (images, incl. the
+    groups-*.parquet (ranked and flagged sets) and errors-*.parquet (images, incl. the
     members of sets too small to score, stage 'group'). ``images``: how many images come
-    (an int, or the listing's count; see ScoreGroups). Returns the PCollections of the
-    file names written (for finalize)."""
-    written, group_errors = feats | "ScoreGroups" >> ScoreGroups(
+    (an int, or the listing's count; see ScoreGroups). Returns (the PCollections of the
+    file names written, the partition's decision), both for finalize."""
+    written, group_errors, decision = feats | "ScoreGroups" >> ScoreGroups(
         group, staging, images=images, index_dir=index_dir, partition=partition,
-        search=search)
+        search=search, flags=flags)
     errors = (errors, group_errors) | "AllErrors" >> beam.Flatten()
     errors = errors | "Partition" >> beam.Map(
         lambda e: {"uri": e["uri"], "stage": e["stage"], "error": e["error"],
@@ -156,7 +159,7 @@ def score_groups(
     )
     return [written, errors | "WriteErrors" >> features.WriteTable(
         staging, "errors", RESULT_ERROR_SCHEMA, num_shards=1
-    )]
+    )], decision
 
 
 def finalize(p: beam.Pipeline, step, *, count_in, written: Sequence,
@@ -166,12 +169,13 @@ def finalize(p: beam.Pipeline, step, *, count_in, written: Sequence,
 
     ``step`` is a picklable callable (a functools.partial of a pipelines.finalize
     function) that counts, checks and commits the staged files; ``count_in`` a singleton
-    PCollection of the inputs listed; ``counts`` more singleton PCollections, passed to
-    ``step`` by name; ``written`` the PCollections of file names the WriteTable steps
-    return. Those names are side inputs, so the step runs only once every write's
-    FinalizeWrite has renamed its files into place, wherever the pipeline runs (this
-    process, Dataflow workers, a template launch). The step reads the staged files
-    itself: a FinalizeWrite that Dataflow retries yields only the files it renamed.
+    PCollection of the inputs listed; ``counts`` more singleton PCollections (counts, the
+    scoring stage's decision), passed to ``step`` by name; ``written`` the PCollections of
+    file names the WriteTable steps return. Those names are side inputs, so the step runs
+    only once every write's FinalizeWrite has renamed its files into place, wherever the
+    pipeline runs (this process, Dataflow workers, a template launch). The step reads the
+    staged files itself: a FinalizeWrite that Dataflow retries yields only the files it
+    renamed.
     """
     side = {f"written_{i}": beam.pvalue.AsList(w) for i, w in enumerate(written)}
     side.update({f"count_{name}": beam.pvalue.AsSingleton(c)

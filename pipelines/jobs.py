@@ -130,10 +130,12 @@ def build(*, features_dir: str, output: str, config: JobConfig) -> dict:
 def add(*, features_dir: str, index: str, output: str, retrain: bool = False,
         config: JobConfig) -> dict:
     """dn2 build-index --add: INDEX_DIR + FEATURES_DIR -> NEW_INDEX_DIR. Returns the manifest.
-    Only ``config``'s reference sample and faiss device apply: the rest is the parent's."""
+    Only ``config``'s reference sample, faiss device and whether to clean the added images
+    (the parent's auto rule; --no-clean: not) apply: the rest is the parent's."""
     manifest = add_to_index(features_dir, index, output, retrain=retrain,
                             reference_sample=config.index.reference_sample,
-                            device=resolve_faiss_device(config.search.device))
+                            device=resolve_faiss_device(config.search.device),
+                            clean=config.index.clean_rule != "off")
     LOG.info("added %s images to index %s: index %s", manifest["added"]["images"],
              manifest["parent_index_id"], manifest["index_id"])
     _log_built(manifest, manifest["k"])
@@ -167,18 +169,18 @@ def score(*, index: str | None, output: str, input: str | None = None,
     staging = outputs.new_staging(output)
     pipeline_started = time.time()
     p = test_pipeline or beam.Pipeline(options=options)
-    written, count_in = _score_graph(p, plan, index, input, features_dir, staging, config,
-                                     options)
+    written, count_in, decision = _score_graph(p, plan, index, input, features_dir, staging,
+                                               config, options)
     # The last step of the pipeline: summary.json, accounting check, top CSV, commit.
     graphs.finalize(p, _finalize_results(plan, index, output, source or input or features_dir,
                                          staging, (started, pipeline_started), config,
                                          checks.is_template(options)),
-                    count_in=count_in, written=written)
+                    count_in=count_in, written=written, counts={"decision": decision})
     if not _run_staged(p, staging):
         return {}
     summary = finalize.committed_summary(output)
-    LOG.info("scored %s of %s images into %s (%s errors)", summary["scored"],
-             summary["count_in"], output, summary["errored"])
+    LOG.info("scored %s of %s images into %s (%s errors)%s", summary["scored"],
+             summary["count_in"], output, summary["errored"], _flagged(summary))
     if config.score.report:
         from dn2ops.report import write_report
 
@@ -187,10 +189,19 @@ def score(*, index: str | None, output: str, input: str | None = None,
     return summary
 
 
+def _flagged(summary: dict) -> str:
+    """'; N flagged (rule level)' for the log line, from summary.json's flags."""
+    flags = summary.get("flags") or {}
+    if flags.get("rule") is None:
+        return ""
+    return f"; {flags['flagged']} flagged (--{flags['rule']} {flags['level']:g})"
+
+
 def _score_graph(p: beam.Pipeline, plan: checks.ScorePlan, index: str | None, input: str | None,
                  features_dir: str | None, staging: str, config: JobConfig,
                  options: PipelineOptions):
-    """dn2 score's graph on ``p``: (the PCollections of file names written, count_in)."""
+    """dn2 score's graph on ``p``: (the PCollections of file names written, count_in, the
+    partition's decision)."""
     group = config.group
     if features_dir:
         feats, errors, count_in = graphs.read_features(p, features_dir)
@@ -203,12 +214,14 @@ def _score_graph(p: beam.Pipeline, plan: checks.ScorePlan, index: str | None, in
         # The number of buckets sets are spilled into: from the features' marker, or the
         # listing's count (computed before embedding starts, so nothing waits on it).
         images = outputs.read_marker(features_dir).get("embedded", 0) if features_dir else count_in
-        written = graphs.score_groups(feats, errors, staging, dataclasses.replace(
-            group, pool=plan.pool), images=images, index_dir=index, partition=partition)
+        written, decision = graphs.score_groups(
+            feats, errors, staging, dataclasses.replace(group, pool=plan.pool), images=images,
+            index_dir=index, partition=partition, flags=config.score.flags)
     else:
-        written = graphs.score(feats, errors, staging, index_dir=index, partition=partition,
-                               extra_columns=plan.extras, search=config.search)
-    return written, count_in
+        written, decision = graphs.score(
+            feats, errors, staging, index_dir=index, partition=partition,
+            extra_columns=plan.extras, search=config.search, flags=config.score.flags)
+    return written, count_in, decision
 
 
 def _finalize_results(plan: checks.ScorePlan, index: str | None, output: str, source: str,

@@ -23,9 +23,11 @@ from apache_beam.options.pipeline_options import (
 
 from dn2ops.config import (
     DEFAULT_BACKBONE,
+    DEFAULT_FDR,
     DEFAULT_MAX_PIXELS,
     REFERENCE_SAMPLE,
     EmbedConfig,
+    FlagConfig,
     GroupConfig,
     IndexConfig,
     JobConfig,
@@ -58,10 +60,26 @@ def _positive(value: str) -> int:
     return n
 
 
+def _clean_fraction(value: str) -> float | str:
+    """argparse type: 'auto' or a fraction in [0, 1) (--clean-fraction)."""
+    return "auto" if value == "auto" else _fraction(value)
+
+
 def _fraction(value: str) -> float:
     f = float(value)
     if not 0.0 <= f < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return f
+
+
+def _level(value: str) -> float:
+    """argparse type: a level in (0, 1) (--fdr, --alpha)."""
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value!r}") from None
+    if not 0.0 < f < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
     return f
 
 
@@ -125,8 +143,13 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=_positive, default=2, help="neighbours averaged (default 2)")
     g.add_argument("--kmeans", type=_positive, default=None, metavar="C",
                    help="score by distance to the nearest of C K-means centres")
-    g.add_argument("--clean-fraction", type=_fraction, default=0.0, metavar="F",
-                   help="drop this fraction of normal images with the highest own kNN score")
+    g.add_argument("--clean-fraction", type=_clean_fraction, default="auto", metavar="auto|F",
+                   help="which normal images to remove before indexing (dn2ops.index.cleaning):"
+                        " auto (default): those far from the rest by a rule that needs no rate "
+                        "(the share removed is recorded as the estimated contamination); F: the "
+                        "fraction F with the highest leave-one-out score; 0: none")
+    g.add_argument("--no-clean", dest="clean_fraction", action="store_const", const=0.0,
+                   help="keep every normal image (as --clean-fraction 0)")
     g.add_argument("--clean-k", type=_positive, default=None, metavar="K",
                    help="neighbours of the cleaning score (default: max(--k, 200); 2 removed "
                         "fewer impurities on Fashion-MNIST, see README)")
@@ -174,6 +197,14 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report", action="store_true", help="also write report.html")
     g.add_argument("--stream-shards", action="store_true",
                    help="load flat index shards one at a time per batch (index > memory)")
+    rule = g.add_mutually_exclusive_group()
+    rule.add_argument("--fdr", type=_level, default=None, metavar="Q",
+                      help="flag rows by Benjamini-Hochberg at level Q across the partition: "
+                           "among flagged rows at most Q are expected to be normal ones "
+                           f"(default {DEFAULT_FDR:g}; 0 < Q < 1)")
+    rule.add_argument("--alpha", type=_level, default=None, metavar="A",
+                      help="instead flag every row with p-value <= A (each normal row is "
+                           "flagged with chance A; 0 < A < 1)")
 
 
 def add_group_args(p: argparse.ArgumentParser, *, scoring: bool) -> None:
@@ -315,10 +346,18 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             feature_transform=transform),
         score=ScoreConfig(partition=get("partition", ""), top=get("top", None),
                           max_error_fraction=get("max_error_fraction", None),
-                          report=get("report", False)),
+                          report=get("report", False), flags=_flag_config(args)),
         search=SearchConfig(stream_shards=get("stream_shards", False),
                             device=get("device", "auto")),
         group=group)
+
+
+def _flag_config(args: argparse.Namespace) -> FlagConfig:
+    """--alpha A, else --fdr Q (default DEFAULT_FDR)."""
+    alpha, fdr = getattr(args, "alpha", None), getattr(args, "fdr", None)
+    if alpha is not None:
+        return FlagConfig(rule="alpha", level=alpha)
+    return FlagConfig(rule="fdr", level=DEFAULT_FDR if fdr is None else fdr)
 
 
 def index_backbone(index: str | None) -> str | None:
@@ -371,6 +410,9 @@ def _check_group_args(p: argparse.ArgumentParser, command: str, args: argparse.N
     for flag in ("pool", "group_score"):
         if getattr(args, flag, None) and not group_by:
             p.error(f"--{flag.replace('_', '-')} needs --group-by KEY")
+    if covtrace and (getattr(args, "fdr", None) or getattr(args, "alpha", None)):
+        p.error("--fdr and --alpha flag by p-values against normal sets, which --group-score "
+                "covtrace does not have")
     if command == "score" and args.index and covtrace:
         p.error("--index is not used by --group-score covtrace; drop it or use knn")
     if command == "score" and not args.index and not covtrace:
@@ -382,7 +424,7 @@ def _check_group_args(p: argparse.ArgumentParser, command: str, args: argparse.N
 
 
 # What an index built with --add takes from its parent (the flags that shape an index).
-_PARENT_SHAPES = ("k", "kmeans", "clean_fraction", "clean_k", "feature_transform", "shards",
+_PARENT_SHAPES = ("k", "kmeans", "clean_k", "feature_transform", "shards",
                   "ivf", "pq", "nprobe", "hnsw", "ef_search", "ondisk", "target_recall",
                   "group_by", "pool")
 
@@ -398,6 +440,10 @@ def _check_add_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if shaped:
         flags = ", ".join("--" + n.replace("_", "-") for n in shaped)
         p.error(f"--add keeps the parent index's {flags}; drop them (or build anew)")
+    if args.clean_fraction not in ("auto", 0.0):
+        p.error(f"--add cleans the added images by the parent's auto rule (the default; "
+                f"dn2ops.index.add) or not at all (--no-clean); --clean-fraction "
+                f"{args.clean_fraction} would remove a share of the whole set: build anew")
 
 
 def _is_beam_flag(arg: str) -> bool:

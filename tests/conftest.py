@@ -66,6 +66,7 @@ CHROMIUM_TIMEOUT_S = 60
 # Neighbours per row and distinct image files in make_results_dir.
 K = 3
 N_IMAGES = 30
+ALPHA = 0.01  # make_results_dir's rows are flagged at p <= ALPHA
 
 
 def make_images(root: Path, n: int = N_IMAGES) -> list[str]:
@@ -112,9 +113,10 @@ def make_results_dir(root: Path, n_rows: int, *, groups: bool = True, label: boo
     if groups:
         pq.write_table(_groups(images), results / "groups-00000-of-00001.parquet")
     _write_index(index, normal_loo)
-    _commit_results(results, index, n_rows, n_errors)
+    flagged = scores[table["flagged"].to_numpy(zero_copy_only=False)]
+    _commit_results(results, index, n_rows, n_errors, flagged)
     return {"results": str(results), "index": str(index), "images": images, "labels": labels,
-            "scores": scores}
+            "scores": scores, "p_values": table["p_value"].to_pylist()}
 
 
 def _anomalies(images: list[str], scores: np.ndarray, labels: np.ndarray | None,
@@ -125,6 +127,8 @@ def _anomalies(images: list[str], scores: np.ndarray, labels: np.ndarray | None,
         "score": scores,
         "rank": _ranks(scores),
         "percentile": 100.0 * np.searchsorted(np.sort(normal_loo), scores, side="left") / 500,
+        "p_value": (1 + (normal_loo[None, :] >= scores[:, None]).sum(axis=1)) / 501,
+        "flagged": (1 + (normal_loo[None, :] >= scores[:, None]).sum(axis=1)) / 501 <= ALPHA,
         "neighbor_uris": pa.array([[images[(i + j + 1) % N_IMAGES] for j in range(K)]
                                    for i in range(n_rows)], pa.list_(pa.string())),
         "neighbor_distances": pa.array([sorted(rng.random(K).tolist()) for _ in range(n_rows)],
@@ -171,7 +175,8 @@ def _write_index(index: Path, normal_loo: np.ndarray) -> None:
     (index / outputs.MARKER).write_text(json.dumps({"kind": "index"}))
 
 
-def _commit_results(results: Path, index: Path, n_rows: int, n_errors: int) -> None:
+def _commit_results(results: Path, index: Path, n_rows: int, n_errors: int,
+                    flagged: np.ndarray) -> None:
     """summary.json and the _SUCCESS marker, as dn2 score's last step writes them."""
     summary = {
         "count_in": n_rows + n_errors,
@@ -185,9 +190,31 @@ def _commit_results(results: Path, index: Path, n_rows: int, n_errors: int) -> N
         "errors_by_stage": {"decode": n_errors - 1, "read": 1},
         "timings": {"total_s": 12.5, "embed_s": 10.0},
         "created_at": "2024-06-01T03:00:00+00:00",
+        "flags": {"rule": "alpha", "level": ALPHA, "flagged": len(flagged),
+                  "threshold": float(flagged.min()) if len(flagged) else None,
+                  "p_value_floor": 1 / 501, "reference_n": 500},
     }
     (results / "summary.json").write_text(json.dumps(summary))
     (results / outputs.MARKER).write_text(json.dumps({"kind": "results", **summary}))
+
+
+def mark_cleaned(index: str | Path, images: list[str], n_removed: int, seed: int = 3) -> list:
+    """Rewrites a make_results_dir index as one whose auto cleaning removed ``n_removed`` of
+    its normal images (real image files, so the report shows them); returns their
+    (clean_score, uri), most suspicious first."""
+    rng = np.random.default_rng(seed)
+    n = n_removed + 10
+    uris = [images[i % len(images)] for i in range(n)]
+    scores = rng.normal(0.0, 1.0, n)
+    kept = np.arange(n) >= n_removed
+    scores[~kept] += 5.0
+    pq.write_table(pa.table({"uri": uris, "sha256": ["1" * 64] * n, "kept": kept,
+                             "loo_score": rng.normal(1.0, 0.3, n), "clean_score": scores}),
+                   Path(index) / "normal.parquet")
+    cleaning = {"rule": "auto", "estimated_rate": n_removed / n, "removed": n_removed, "of": n,
+                "threshold": 3.5, "sample": None, "rounds": 2, "k_c": 10, "k_s": 10, "z": 3.0}
+    (Path(index) / outputs.MARKER).write_text(json.dumps({"kind": "index", "cleaning": cleaning}))
+    return sorted(zip(scores[~kept], np.array(uris)[~kept], strict=True), reverse=True)
 
 
 @pytest.fixture

@@ -5,8 +5,13 @@ Layout of INDEX_DIR:
   kmeans.faiss                 IndexFlatL2 over C centroids (--kmeans C only)
   normal.parquet               uri, sha256, kept, id (row in the shards, -1 if
                                dropped by cleaning), loo_score (the normal
-                               set's own leave-one-out score: the percentile
-                               reference)
+                               reference: a uniform sample of every normal
+                               row, kept or removed, each scored against the
+                               kept rows, itself left out; NaN elsewhere;
+                               dn2ops.index.calibration turns scores into
+                               p-values and percentiles against it),
+                               clean_score (the cleaning rule's score of the
+                               row, dn2ops.index.cleaning; NaN where none)
   _SUCCESS                     the manifest (JSON): backbone metadata, k,
                                counts, sha256 per file, created_at, index_id
 

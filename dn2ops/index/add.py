@@ -15,8 +15,18 @@ dn2ops.index.kinds):
 * HNSW: the added vectors are inserted into the graph; recall measured again at the
   parent's efSearch.
 
-The percentile reference (``normal.parquet``'s ``loo_score``) is computed anew on a
-sample of the union, as a fresh build does. Vectors of the parent that an IVF or HNSW
+The added images are cleaned as the parent was (dn2ops.index.cleaning): when the parent
+used the auto rule, each added row is scored against a uniform sample of the parent's kept
+rows (the parent's k_s scaled to the sample) and goes when its score is above the parent's
+recorded threshold (at most half of the added rows go; ``clean=False``, ``--no-clean``:
+none). A parent cleaned by a fraction, or not at all, leaves the added rows as they are
+(the manifest's ``cleaning.added`` says so, and why).
+
+The normal reference (``normal.parquet``'s ``loo_score``) is a uniform sample of every
+normal row of the union, kept or removed by cleaning, as a fresh build's (K-means: out of
+the centres' training sample); its tail is fitted again. Removed rows are read from the
+features they came from (a parent's that are no longer readable leave the reference, and
+the manifest's ``reference.includes_removed`` is false). Vectors of the parent that an IVF or HNSW
 index does not keep exactly are read from the parent's ``features_dir`` (it must still
 be readable); flat shards serve themselves. Refused: a group index, an index with
 on-disk IVF lists, features from another backbone, preprocessing or weights, and images
@@ -37,13 +47,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dn2ops.config import REFERENCE_SAMPLE
-from dn2ops.index import kinds, streams
+from dn2ops.config import CLEAN_SAMPLE, REFERENCE_SAMPLE, clean_rule
+from dn2ops.index import cleaning, kinds, streams
 from dn2ops.index.build import feature_rows, read_chunks
+from dn2ops.index.calibration import fit_tail, tail_entry
 from dn2ops.index.files import HASH_BLOCK, KIND, IndexDir, IndexError_, put, read_index, write_index
 from dn2ops.index.knn import flat_vectors, knn_sharded
 from dn2ops.index.recall import recall_at_k
-from dn2ops.index.reference import ScoreFn, distances_column, reference_scores
+from dn2ops.index.reference import Scorer, distances_column, outside_scores, reference_scores
 from dn2ops.io import features, outputs
 
 LOG = logging.getLogger("dn2")
@@ -51,9 +62,10 @@ LOG = logging.getLogger("dn2")
 
 def add_to_index(features_dir: str, index_dir: str, output: str, *, retrain: bool = False,
                  reference_sample: int | None = REFERENCE_SAMPLE,
-                 device: str = "cpu", seed: int = 1234) -> dict[str, Any]:
+                 device: str = "cpu", seed: int = 1234, clean: bool = True) -> dict[str, Any]:
     """Builds NEW index ``output``: the committed index ``index_dir`` plus the rows of the
-    committed features directory ``features_dir``. Returns the new manifest."""
+    committed features directory ``features_dir``. ``clean``: remove added rows by the
+    parent's auto cleaning rule, when it used one. Returns the new manifest."""
     parent = outputs.require_complete(index_dir, KIND)
     added = outputs.require_complete(features_dir, features.KIND)
     _check_addable(parent, added, index_dir, features_dir)
@@ -68,7 +80,7 @@ def add_to_index(features_dir: str, index_dir: str, output: str, *, retrain: boo
     try:
         manifest = _Grow(parent, index_dir, features_dir, added, normal, names, fs, stage,
                          retrain=retrain, reference_sample=reference_sample, device=device,
-                         seed=seed).build()
+                         seed=seed, clean=clean).build()
     except BaseException:
         outputs.discard(staging)
         raise
@@ -116,7 +128,7 @@ class _Grow:
     grows its files: a dn2ops.index.kinds.Growing)."""
 
     def __init__(self, parent, index_dir, features_dir, added, normal, names, fs, stage, *,
-                 retrain, reference_sample, device, seed):
+                 retrain, reference_sample, device, seed, clean=True):
         self.parent, self.index_dir, self.features_dir = parent, index_dir, features_dir
         self.parent_dir = IndexDir(index_dir, parent)
         self.kind = kinds.for_manifest(parent)
@@ -131,12 +143,17 @@ class _Grow:
         self.per_shard = feature_rows(features_dir)
         self.m = int(sum(self.per_shard))
         self.n = self.n_old + self.m
+        self.clean = clean
+        self.m_in = self.m  # the added rows, before cleaning
+        self.added_kept: np.ndarray | None = None  # (m_in,) bool, once cleaned
+        self.cleaned = cleaning.off(self.m)
         self.files: dict[str, str] = {}
         self.flat_names: list[str] = []  # the staged flat shards, once written
         self.n_parent_shards = 0  # the first of them, copied from the parent
 
     def new_chunks(self) -> Iterator[np.ndarray]:
-        return read_chunks(self.features_dir, self.dim, transform=self.transform)
+        """The added rows that cleaning kept, transformed as the parent's were."""
+        return read_chunks(self.features_dir, self.dim, self.added_kept, self.transform)
 
     def old_chunks(self) -> Iterator[np.ndarray]:
         """The parent's kept vectors, transformed, in id order, read from its features
@@ -169,61 +186,201 @@ class _Grow:
     def build(self) -> dict[str, Any]:
         if self.m == 0:
             raise IndexError_(f"{self.features_dir} holds no feature rows: nothing to add")
-        if self.parent.get("clean_fraction"):
-            LOG.warning("the parent index was cleaned (--clean-fraction %s); the added images "
-                        "are not: build anew to clean the union", self.parent["clean_fraction"])
-        score, info = self.kind.grow(self)
-        ref, ref_d, incremental = self._reference(score, self.kind.width(self.k))
-        self._write_normal(ref, ref_d)
-        return self._manifest(info, ref, incremental)
+        self._clean_added()
+        scorer, info = self.kind.grow(self)
+        loo, loo_d, flags = self._reference(scorer, self.kind.width(self.k))
+        self._write_normal(loo, loo_d)
+        return self._manifest(info, loo, {**flags, "how": scorer.how})
 
-    def _reference(self, score: ScoreFn, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(scores (n,), distances (n, width), incremental) of a uniform sample of the union.
+    def _clean_added(self) -> None:
+        """Cleans the added rows as the parent was (self.cleaned); the rows kept become the
+        added rows (added_kept, m, n, per_shard)."""
+        why = self._why_not_cleaned()
+        if why is not None:
+            if why[0] == "not applied":
+                LOG.warning("the added images are not cleaned: %s", why[1])
+            self.cleaned = cleaning.Cleaned(np.ones(self.m, bool), np.full(self.m, np.nan),
+                                            {"rule": why[0], "removed": 0, "of": self.m,
+                                             "why": why[1]})
+            return
+        self.cleaned = self._auto_added(self.parent["cleaning"])
+        kept = self.cleaned.kept
+        if not kept.all():
+            bounds = np.cumsum([0] + self.per_shard)
+            self.per_shard = [int(kept[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:],
+                                                                   strict=True)]
+            self.added_kept, self.m = kept, int(kept.sum())
+            self.n = self.n_old + self.m
+
+    def _why_not_cleaned(self) -> tuple[str, str] | None:
+        """(rule, why) when the added rows are not cleaned; None when the parent's auto rule
+        applies to them."""
+        parent = _parent_cleaning(self.parent)
+        rule = parent["rule"]
+        if not self.clean:
+            return "off", "--no-clean: the added images are kept as they are"
+        if rule == "auto" and parent.get("threshold") is not None:
+            return None
+        if rule == "auto":
+            return "not applied", ("the parent's cleaning scores had no spread (no threshold "
+                                   "recorded), so no added image can be called far")
+        if rule == "fraction":
+            return "not applied", (f"the parent was cleaned by --clean-fraction "
+                                   f"{self.parent.get('clean_fraction')}, which removes a share "
+                                   "of a whole set: build anew to clean the union")
+        return "off", f"the parent index was not cleaned (rule {rule})"
+
+    def _auto_added(self, parent: dict[str, Any]) -> cleaning.Cleaned:
+        """The parent's auto rule on the added rows: each one's score (m,) against a uniform
+        sample of the parent's kept rows, with the parent's k_s scaled to that sample (the
+        same share of neighbours), compared with the parent's threshold; at most half go."""
+        m_s = min(self.n_old, parent.get("sample") or CLEAN_SAMPLE)
+        k_s = max(1, min(round(parent["k_s"] * m_s / parent["sample_kept"]), m_s))
+        ids = streams.sample_ids(self.n_old, m_s, self.seed + 5)
+        x = streams.gather_rows(self._parent_vectors(), ids)
+        scores = cleaning.score_rows(
+            read_chunks(self.features_dir, self.dim, transform=self.transform), x, k_s)
+        kept = cleaning.over_threshold(scores, parent["threshold"], self.m // 2)
+        removed = int((~kept).sum())
+        LOG.info("cleaning (auto, the parent's threshold): %s of the %s added images removed",
+                 removed, self.m)
+        return cleaning.Cleaned(kept, scores, {
+            "rule": "auto", "estimated_rate": round(removed / self.m, 6), "removed": removed,
+            "of": self.m, "threshold": parent["threshold"], "sample": m_s, "k_s": k_s,
+            "against": "a sample of the parent's kept rows"})
+
+    def _parent_vectors(self) -> Iterator[np.ndarray]:
+        """The parent's kept vectors in id order: from its flat shards (sha256 checked) when
+        it has them, else from its features directory (old_chunks)."""
+        names = sorted(name for name in self.parent["files"] if name.startswith("shard-"))
+        if not names:
+            yield from self.old_chunks()
+            return
+        for name in names:
+            fs, path = outputs.fs_and_path(outputs.join(self.index_dir, name))
+            index = read_index(fs, path, name, self.parent["files"][name])
+            x = flat_vectors(index).copy()
+            del index
+            yield x
+
+    def _all_ids(self) -> np.ndarray:
+        """Each normal row's id in the new index (A,) int64, -1 where cleaning removed it:
+        the parent's rows, then every added row (normal.parquet's order)."""
+        added_ids = np.full(self.m_in, -1, np.int64)
+        added_ids[self.cleaned.kept] = np.arange(self.n_old, self.n)
+        return np.concatenate([self.normal.column("id").to_numpy(), added_ids])
+
+    def _reference(self, scorer: Scorer, width: int
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, bool]]:
+        """loo_score (A,) and loo_distances (A, width) of a uniform sample of every normal
+        row (the parent's and the added, kept or removed by cleaning; NaN elsewhere), and
+        {incremental, includes_removed}.
 
         Incremental when the parent kept its sample's neighbour distances
         (``loo_distances``): the part of its sample that a sample of the union keeps is
-        merged with the distances to the added rows (unchanged, with K-means centres kept),
-        and only a proportional sample of the added rows is searched against everything:
-        O(m) work, where a fresh reference costs O(sample x n).
+        merged with the distances to the added rows, and only a proportional sample of the
+        added rows is searched against everything: O(m) work, where a fresh reference
+        costs O(sample x n). Sampled removed rows are scored as new images would be.
         """
-        old_ids, old_d = self._parent_sample(width)
-        size = self.n if self.reference_sample is None else min(self.reference_sample, self.n)
+        ids_all = self._all_ids()
+        A = len(ids_all)
+        size = A if self.reference_sample is None else min(self.reference_sample, A)
+        old_rows, old_d = self._parent_sample(width)
         # A parent sampled more thinly than the union asks for (or not at all) cannot be
         # thinned to a uniform sample of the union: that reference is computed afresh.
-        fresh = (old_ids is None or not self.kind.reference_reusable(self.retrain)
-                 or len(old_ids) / self.n_old < size / self.n)
+        fresh = (old_rows is None or not self.kind.reference_reusable(self.retrain)
+                 or len(old_rows) / len(self.normal) < size / A)
+        loo, loo_d = np.full(A, np.nan), np.full((A, width), np.nan, np.float32)
         if fresh:
-            ids = None if size >= self.n else streams.sample_ids(self.n, size, self.seed + 2)
-            return (*reference_scores(score, self.union, self.n, ids, keep=width), False)
+            rows = None if size >= A else streams.sample_ids(A, size, self.seed + 2)
+            picked = np.arange(A) if rows is None else rows
+            kept_rows, removed = picked[ids_all[picked] >= 0], picked[ids_all[picked] < 0]
+            ids = ids_all[kept_rows]
+            ref, ref_d = reference_scores(scorer.score, self.union, self.n,
+                                          None if rows is None else ids, keep=width)
+            loo[kept_rows], loo_d[kept_rows] = ref[ids], ref_d[ids]
+        else:
+            removed = self._incremental(scorer, old_rows, old_d, ids_all, size, loo, loo_d)
+        complete = self._score_outside(scorer, removed, loo, loo_d)
+        return loo, loo_d, {"incremental": not fresh, "includes_removed": complete}
+
+    def _incremental(self, scorer: Scorer, old_rows: np.ndarray, old_d: np.ndarray,
+                     ids_all: np.ndarray, size: int, loo: np.ndarray, loo_d: np.ndarray
+                     ) -> np.ndarray:
+        """Fills loo, loo_d (A,...) with the parent's sample thinned to the union's rate (its
+        kept rows' distances merged with those to the added rows) and a proportional
+        sample of the added rows; returns the sampled rows removed by cleaning."""
+        P, A = len(self.normal), len(ids_all)
         rng = np.random.default_rng(self.seed + 2)
-        keep = min(round(size * self.n_old / self.n), len(old_ids))  # the union's rate
-        pick = np.sort(rng.choice(len(old_ids), size=keep, replace=False))
-        old_ids, old_d = old_ids[pick], old_d[pick]
-        if self.kind.neighbours:  # the added rows may be nearer neighbours
-            xq = streams.gather_rows(self.old_chunks_of_union(), old_ids)
+        keep = min(round(size * P / A), len(old_rows))  # the union's rate
+        pick = np.sort(rng.choice(len(old_rows), size=keep, replace=False))
+        old_rows, old_d = old_rows[pick], old_d[pick]
+        is_kept = ids_all[old_rows] >= 0
+        kept_rows, old_d = old_rows[is_kept], old_d[is_kept]
+        if self.kind.neighbours and len(kept_rows):  # the added rows may be nearer neighbours
+            xq = streams.gather_rows(self.old_chunks_of_union(), ids_all[kept_rows])
             D_add, _ = knn_sharded(xq, self.new_chunks(), self.k)
             old_d = np.sort(np.concatenate([old_d, D_add], axis=1), axis=1)[:, :self.k]
-        new_ids = self.n_old + streams.sample_ids(self.m, round(size * self.m / self.n),
-                                                  self.seed + 3)
+        loo[kept_rows], loo_d[kept_rows] = old_d.mean(axis=1, dtype=np.float64), old_d
+        new_rows = P + streams.sample_ids(self.m_in, round(size * self.m_in / A),
+                                          self.seed + 3)
+        new_kept = new_rows[ids_all[new_rows] >= 0]
+        new_ids = ids_all[new_kept]
         xq = streams.gather_rows(self.new_chunks(), new_ids - self.n_old)
-        ref, ref_d = reference_scores(score, self.union, self.n, new_ids, xq, keep=width)
-        ref[old_ids] = old_d.mean(axis=1, dtype=np.float64)
-        ref_d[old_ids] = old_d
-        return ref, ref_d, True
+        ref, ref_d = reference_scores(scorer.score, self.union, self.n, new_ids, xq,
+                                      keep=loo_d.shape[1])
+        loo[new_kept], loo_d[new_kept] = ref[new_ids], ref_d[new_ids]
+        return np.concatenate([old_rows[~is_kept], new_rows[ids_all[new_rows] < 0]])
+
+    def _score_outside(self, scorer: Scorer, rows: np.ndarray, loo: np.ndarray,
+                       loo_d: np.ndarray) -> bool:
+        """Scores the sampled removed rows (positions among all A rows; at the scorer's
+        share) against the new index as new images, into loo, loo_d. False when some
+        could not be read (a parent's removed rows outside its readable features_dir):
+        those stay out of the reference."""
+        if scorer.share < 1:
+            rows = rows[streams.sample_ids(len(rows), round(scorer.share * len(rows)),
+                                           self.seed + 4)]
+        rows = np.sort(rows)
+        P = len(self.normal)
+        source = self.parent.get("features_dir")
+        F = (sum(feature_rows(source)) if (rows < P).any() and source
+             and outputs.read_marker(source) is not None else 0)
+        ok = rows[(rows >= P) | (rows < F)]
+        if len(ok) < len(rows):
+            LOG.warning("%s of the reference's images removed by cleaning are left out of "
+                        "it: the parent's features (%s) are not readable", len(rows) - len(ok),
+                        source)
+        if len(ok):
+            loo[ok], loo_d[ok] = outside_scores(scorer.score, self._rows_of(ok, source),
+                                                len(ok), loo_d.shape[1])
+        return len(ok) == len(rows)
+
+    def _rows_of(self, rows: np.ndarray, source: str | None) -> Iterator[np.ndarray]:
+        """The vectors of normal rows (sorted positions among all rows), transformed: the
+        parent's from its features directory, the added ones from theirs."""
+        P = len(self.normal)
+        for directory, at, size in ((source, rows[rows < P], P),
+                                    (self.features_dir, rows[rows >= P] - P, self.m_in)):
+            if len(at):
+                mask = np.zeros(size, bool)
+                mask[at] = True
+                yield from read_chunks(directory, self.dim, mask, self.transform)
 
     def _parent_sample(self, width: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(ids, neighbour distances) of the parent's reference sample, or (None, None) when
-        its normal.parquet predates ``loo_distances``."""
+        """(rows, neighbour distances) of the parent's reference sample (its rows in
+        normal.parquet), or (None, None) when its normal.parquet predates
+        ``loo_distances`` or its reference left out the rows cleaning removed."""
         if "loo_distances" not in self.normal.column_names:
             return None, None
         kept = self.normal.column("kept").to_numpy(zero_copy_only=False)
+        if not kept.all() and not (self.parent.get("reference") or {}).get("includes_removed"):
+            return None, None
         col = self.normal.column("loo_distances").combine_chunks()
-        sampled = kept & ~col.is_null().to_numpy(zero_copy_only=False)
-        ids = self.normal.column("id").to_numpy()[sampled]
+        sampled = ~col.is_null().to_numpy(zero_copy_only=False)
         D = (col.filter(pa.array(sampled)).flatten().to_numpy(zero_copy_only=False)
              .reshape(-1, width))
-        order = np.argsort(ids)
-        return ids[order].astype(np.int64), D[order].astype(np.float32)
+        return np.flatnonzero(sampled).astype(np.int64), D.astype(np.float32)
 
     def old_chunks_of_union(self) -> Iterator[np.ndarray]:
         """The parent's vectors, read where union() reads them (its copied shards, when
@@ -272,42 +429,43 @@ class _Grow:
                 "target_reached": bool(got >= before["target"]),
                 "parent_recall_at_k": before["recall_at_k"]}
 
-    def _write_normal(self, ref: np.ndarray, ref_d: np.ndarray) -> None:
+    def _write_normal(self, loo: np.ndarray, loo_d: np.ndarray) -> None:
+        """normal.parquet: the parent's rows, then every added row (kept or removed by
+        cleaning: kept false, id -1), with the reference scores loo (A,) and distances
+        loo_d (A, k') of the new index."""
         old = self.normal
         kept = old.column("kept").to_numpy(zero_copy_only=False)
-        old_ids = old.column("id").to_numpy()
-        loo = np.full(len(old) + self.m, np.nan)
-        loo[np.flatnonzero(kept)] = ref[old_ids[kept]]
-        loo[len(old):] = ref[self.n_old:]
-        loo_d = np.full((len(old) + self.m, ref_d.shape[1]), np.nan, np.float32)
-        loo_d[np.flatnonzero(kept)] = ref_d[old_ids[kept]]
-        loo_d[len(old):] = ref_d[self.n_old:]
+        added_kept = self.cleaned.kept
         table = pa.table({
             "uri": pa.concat_arrays([old.column("uri").combine_chunks(),
                                      self.names.column("uri").combine_chunks()]),
             "sha256": pa.concat_arrays([old.column("sha256").combine_chunks(),
                                         self.names.column("sha256").combine_chunks()]),
-            "kept": pa.array(np.concatenate([kept, np.ones(self.m, bool)])),
-            "id": pa.array(np.concatenate([old_ids, np.arange(self.n_old, self.n)])),
-            "loo_score": pa.array(loo), "loo_distances": distances_column(loo_d)})
+            "kept": pa.array(np.concatenate([kept, added_kept])),
+            "id": pa.array(self._all_ids()),
+            "loo_score": pa.array(loo), "loo_distances": distances_column(loo_d),
+            "clean_score": pa.array(np.concatenate([_clean_scores(old), self.cleaned.scores]),
+                                    pa.float64())})
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.files["normal.parquet"] = put(self.fs, outputs.join(self.stage, "normal.parquet"),
                                             buf.getvalue())
 
-    def _manifest(self, info: dict[str, Any], ref: np.ndarray, incremental: bool
+    def _manifest(self, info: dict[str, Any], loo: np.ndarray, how: dict[str, Any]
                   ) -> dict[str, Any]:
         files = dict(sorted(self.files.items()))
         counts = self.parent["counts"]
-        scored = int(np.isfinite(ref).sum())
-        sample = None if scored == self.n else scored
+        scored = int(np.isfinite(loo).sum())
+        sample = None if scored == len(loo) else scored
         reference = {**self.parent["reference"], "scores": scored, "sample": sample,
-                     "of": self.n, "incremental": incremental,
-                     "percentile_error": round(streams.percentile_error(sample), 3)}
+                     "of": len(loo), **how,
+                     "percentile_error": round(streams.percentile_error(sample), 3),
+                     "tail": tail_entry(fit_tail(loo))}
         return {
             **self.parent, **info,
-            "counts": {"normal_in": counts["normal_in"] + self.m, "kept": self.n,
-                       "dropped": counts["dropped"]},
+            "counts": {"normal_in": counts["normal_in"] + self.m_in, "kept": self.n,
+                       "dropped": counts["dropped"] + self.m_in - self.m},
+            "cleaning": {**_parent_cleaning(self.parent), "added": self.cleaned.entry},
             "reference": reference, "files": files,
             "weights_sha256": self.parent.get("weights_sha256")
             or self.added.get("weights_sha256"),
@@ -318,3 +476,19 @@ class _Grow:
             "index_id": hashlib.sha256("".join(files.values()).encode()).hexdigest()[:16],
         }
 
+
+
+def _parent_cleaning(parent: dict[str, Any]) -> dict[str, Any]:
+    """The parent's ``cleaning`` entry (one for indexes built before it was recorded),
+    without the entry of an earlier --add."""
+    entry = parent.get("cleaning") or {
+        "rule": clean_rule(parent.get("clean_fraction") or 0.0),
+        "removed": parent["counts"]["dropped"], "of": parent["counts"]["normal_in"]}
+    return {key: value for key, value in entry.items() if key != "added"}
+
+
+def _clean_scores(normal: pa.Table) -> np.ndarray:
+    """normal.parquet's clean_score (n,) float64; NaN for a table written before it."""
+    if "clean_score" not in normal.column_names:
+        return np.full(len(normal), np.nan)
+    return normal.column("clean_score").to_numpy(zero_copy_only=False).astype(np.float64)

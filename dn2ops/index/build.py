@@ -14,15 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dn2ops import transforms
-from dn2ops.config import IndexConfig, check_fit_size, cleaning_k
-from dn2ops.index import gpu, kinds, streams
+from dn2ops.config import IndexConfig, check_fit_size
+from dn2ops.index import cleaning, gpu, kinds, streams
+from dn2ops.index.calibration import fit_tail, tail_entry
 from dn2ops.index.files import KIND, IndexError_, put
 from dn2ops.index.kinds import Built, IndexKind, Source
 from dn2ops.index.knn import as_float32
-from dn2ops.index.reference import distances_column, flat_loo, reference_scores
-from dn2ops.index.shards import shard_loader, shard_sizes, write_flat_shards
+from dn2ops.index.reference import distances_column, outside_scores
 from dn2ops.io import features, outputs
-from dn2ops.io import progress as progress_log
 
 
 def feature_rows(features_dir: str) -> list[int]:
@@ -44,11 +43,15 @@ def read_chunks(features_dir: str, dim: int, kept: np.ndarray | None = None,
         if n and X.shape[1] != dim:
             raise features.MetadataMismatch(
                 f"feature rows have dimension {X.shape[1]}, the directory says {dim}")
-        if kept is not None:
-            X = X[kept[start:start + n]]
+        mask = None if kept is None else kept[start:start + n]
         start += n
-        if len(X):
-            yield transforms.apply(X, transform)
+        if n and (mask is None or mask.any()):
+            # Transformed, then masked (the transform is row by row: the same rows): the
+            # reader still holds the shard, so masking first would copy it once more.
+            X = transforms.apply(X, transform)
+            if mask is not None and not mask.all():
+                X = X[mask]  # rebound: the whole transformed shard is freed before the yield
+            yield X
 
 
 def build_index(features_dir: str, output: str, config: IndexConfig = IndexConfig(), *,
@@ -56,8 +59,10 @@ def build_index(features_dir: str, output: str, config: IndexConfig = IndexConfi
     """Builds INDEX_DIR ``output`` from a committed features directory, streaming its shards.
 
     Equals DN2Scorer(k, n_centroids, clean_fraction).fit on all the features
-    (tested), without holding them: the features are read shard by shard in
-    several passes, and each index shard is written as soon as it is full.
+    (tested; DN2Scorer takes a fraction, not the auto rule), without holding them: the
+    features are read shard by shard in several passes, and each index shard is written
+    as soon as it is full. The normal rows the cleaning rule removes
+    (dn2ops.index.cleaning) stay in normal.parquet with kept false and their clean_score.
     ``config``: the index's shape (dn2ops.config.IndexConfig documents each field);
     ``device``: 'cpu' | 'cuda' | 'auto' for the exact searches (dn2ops.index.gpu).
     Returns the manifest.
@@ -76,7 +81,7 @@ def build_index(features_dir: str, output: str, config: IndexConfig = IndexConfi
             f"{fmeta.get('input', features_dir)} could be embedded (see "
             f"{outputs.join(features_dir, 'errors-*.parquet')} for why)")
     check_fit_size(k=config.k, n_centroids=config.n_centroids,
-                   clean_fraction=config.clean_fraction, n=n)
+                   clean_fraction=_fraction(config), n=n)
     fs, out_path = outputs.fs_and_path(output)
     kinds.for_config(config).check_output(config, fs)
     names = features.read_table(features_dir, "features", columns=["uri", "sha256"])
@@ -116,82 +121,106 @@ def _build_staged(fs, stage: str, rows: Callable[..., Iterator[np.ndarray]],
     ``per_shard`` rows (fewer once cleaned)."""
     kind = kinds.for_config(config)
     dim, n = int(fmeta["dim"]), int(sum(per_shard))
-    kept = _kept_rows(fs, stage, rows, per_shard, config, kind.min_kept(config), device)
+    cleaned = cleaning.clean(rows, per_shard, config, kind.min_kept(config), fs=fs,
+                             stage=stage, device=device)
+    kept = cleaned.kept
     n_kept = int(kept.sum())
     kept_arg = None if kept.all() else kept
     kept_per_shard = [int(kept[a:b].sum()) for a, b in
                       zip(np.cumsum([0] + per_shard[:-1]), np.cumsum(per_shard), strict=True)]
     sample = config.reference_sample
+    # The reference sample is drawn among every normal row, kept or removed, so cleaning
+    # does not cut the top of the normal scores (the draw of an uncleaned index is as it was).
+    ref_rows = (None if sample is None or sample >= n
+                else streams.sample_ids(n, sample, config.seed + 2))
     src = Source(
         chunks=lambda: rows(kept_arg),
-        n=n_kept, dim=dim, kept_per_shard=kept_per_shard,
-        ref_ids=(None if sample is None or sample >= n_kept
-                 else streams.sample_ids(n_kept, sample, config.seed + 2)))
+        n=n_kept, dim=dim, kept_per_shard=kept_per_shard, ref_ids=_kept_ids(kept, ref_rows))
     built = kind.build(fs, stage, src, config, device)
-    built.checksums["normal.parquet"] = _write_normal(fs, stage, names, kept, built)
-    return _manifest(features_dir, fmeta, config, n, n_kept, src, built, kind)
+    loo, loo_d = _all_rows_reference(rows, kept, ref_rows, built, config.seed)
+    built.checksums["normal.parquet"] = _write_normal(fs, stage, names, kept, loo, loo_d,
+                                                      cleaned.scores)
+    return _manifest(features_dir, fmeta, config, n, n_kept,
+                     _reference_entry(ref_rows, loo, built), built, kind, cleaned.entry)
 
 
-def _kept_rows(fs, stage: str, rows: Callable[..., Iterator[np.ndarray]],
-               per_shard: list[int], config: IndexConfig, min_keep: int, device: str
-               ) -> np.ndarray:
-    """Rows (n,) bool kept by --clean-fraction: every row's exact leave-one-out score over
-    cleaning_k neighbours (provisional shards of all rows, removed after), as DN2Scorer,
-    leaving at least ``min_keep``."""
-    n = int(sum(per_shard))
-    kept = np.ones(n, bool)
-    c = config
-    n_drop = min(round(float(c.clean_fraction) * n), n - min_keep)
-    if c.clean_fraction <= 0 or n_drop <= 0:
-        return kept
-    tmp = outputs.join(stage, "_clean")
-    sizes = shard_sizes(n, c.shards, per_shard)
-    tmp_names = list(write_flat_shards(fs, tmp, rows(), sizes))
-    load = shard_loader(fs, tmp, tmp_names, device)
-    loo = reference_scores(
-        flat_loo(load, cleaning_k(c.k, c.clean_k, n), device),
-        rows, n, None,
-        progress=progress_log.Progress(
-            n, "--clean-fraction: leave-one-out scores of every normal image"))
-    fs.rm(tmp, recursive=True)
-    # As DN2Scorer: the n_drop highest scores go, ties -> lower row first.
-    kept[np.argsort(-loo, kind="stable")[:n_drop]] = False
-    return kept
+def _kept_ids(kept: np.ndarray, ref_rows: np.ndarray | None) -> np.ndarray | None:
+    """The ids among the kept rows (kept (n,) bool) of the sampled rows ``ref_rows`` that
+    were kept (None: every row is sampled)."""
+    if ref_rows is None:
+        return None
+    return (np.cumsum(kept) - 1)[ref_rows[kept[ref_rows]]]
 
 
-def _write_normal(fs, stage: str, names: pa.Table, kept: np.ndarray, built: Built) -> str:
-    """normal.parquet: uri, sha256, kept, id, loo_score, loo_distances; returns its sha256."""
+def _all_rows_reference(rows: Callable[..., Iterator[np.ndarray]], kept: np.ndarray,
+                        ref_rows: np.ndarray | None, built: Built, seed: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """loo_score (n,) and loo_distances (n, k') of every normal row: the kind's scores of
+    the sampled kept rows, and the sampled removed rows' (at the kind's share) against the
+    kept rows, as a new image's score; NaN for rows not in the reference."""
+    n = len(kept)
+    loo = np.full(n, np.nan)
+    loo_d = np.full((n, built.ref_d.shape[1]), np.nan, np.float32)
+    loo[kept], loo_d[kept] = built.ref, built.ref_d
+    removed = np.flatnonzero(~kept) if ref_rows is None else ref_rows[~kept[ref_rows]]
+    if built.scorer.share < 1:
+        removed = removed[streams.sample_ids(len(removed),
+                                             round(built.scorer.share * len(removed)), seed + 4)]
+    if len(removed):
+        mask = np.zeros(n, bool)
+        mask[removed] = True
+        loo[removed], loo_d[removed] = outside_scores(built.scorer.score, rows(mask),
+                                                      len(removed), loo_d.shape[1])
+    return loo, loo_d
+
+
+def _reference_entry(ref_rows: np.ndarray | None, loo: np.ndarray, built: Built
+                     ) -> dict[str, Any]:
+    """The manifest's ``reference``: its scores, the sample drawn ``of`` every normal row
+    (removed ones included), how they were scored and the tail fitted to them."""
+    n, scored = len(loo), int(np.isfinite(loo).sum())
+    return {"scores": scored, "sample": None if ref_rows is None else len(ref_rows), "of": n,
+            "includes_removed": True,
+            "percentile_error": round(streams.percentile_error(
+                None if scored == n else scored), 3),
+            "how": built.scorer.how, "tail": tail_entry(fit_tail(loo))}
+
+
+def _fraction(config: IndexConfig) -> float:
+    """The fraction check_fit_size checks (the auto rule adapts to n, and asks nothing)."""
+    return float(config.clean_fraction) if config.clean_rule == "fraction" else 0.0
+
+
+def _write_normal(fs, stage: str, names: pa.Table, kept: np.ndarray, loo: np.ndarray,
+                  loo_d: np.ndarray, clean_scores: np.ndarray) -> str:
+    """normal.parquet: uri, sha256, kept, id, loo_score, loo_distances, clean_score (the
+    cleaning rule's score (n,), NaN where none was computed); returns its sha256."""
     n = len(kept)
     ids = np.full(n, -1, np.int64)
     ids[kept] = np.arange(int(kept.sum()))
-    loo = np.full(n, np.nan)
-    loo[kept] = built.ref
-    loo_d = np.full((n, built.ref_d.shape[1]), np.nan, np.float32)
-    loo_d[kept] = built.ref_d
     normal = pa.table({"uri": names.column("uri"), "sha256": names.column("sha256"),
                        "kept": pa.array(kept), "id": pa.array(ids), "loo_score": pa.array(loo),
-                       "loo_distances": distances_column(loo_d)})
+                       "loo_distances": distances_column(loo_d),
+                       "clean_score": pa.array(clean_scores, pa.float64())})
     buf = io.BytesIO()
     pq.write_table(normal, buf)
     return put(fs, outputs.join(stage, "normal.parquet"), buf.getvalue())
 
 
 def _manifest(features_dir: str, fmeta: dict[str, Any], c: IndexConfig, n: int, n_kept: int,
-              src: Source, built: Built, kind: IndexKind) -> dict[str, Any]:
+              reference: dict[str, Any], built: Built, kind: IndexKind,
+              cleaned: dict[str, Any]) -> dict[str, Any]:
     checksums = dict(sorted(built.checksums.items()))
-    sample = None if src.ref_ids is None else len(src.ref_ids)
     return {
         **_backbone_fields(fmeta),
         "k": c.k, "n_centroids": c.n_centroids, "clean_fraction": c.clean_fraction,
-        "clean_k": cleaning_k(c.k, c.clean_k, n) if c.clean_fraction > 0 else None,
+        "clean_k": cleaned.get("clean_k"),
+        "cleaning": cleaned,
         "feature_transform": c.feature_transform,
         "shards": built.n_flat,
         "counts": {"normal_in": n, "kept": n_kept, "dropped": n - n_kept},
         **kinds.manifest_entries(built.info),
-        "reference": {"scores": int(np.isfinite(built.ref).sum()),
-                      "sample": sample, "of": n_kept,
-                      "percentile_error": round(streams.percentile_error(sample), 3),
-                      "how": kind.how},
+        "reference": reference,
         **_stamp(checksums, features_dir),
     }
 
@@ -224,7 +253,7 @@ def build_index_from_arrays(uris: list[str], sha256s: list[str], X: np.ndarray,
     """
     X = as_float32(X, name="X")
     check_fit_size(k=config.k, n_centroids=config.n_centroids,
-                   clean_fraction=config.clean_fraction, n=len(X))
+                   clean_fraction=_fraction(config), n=len(X))
     outputs.check_writable(output, KIND)
     names = pa.table({"uri": pa.array(uris, pa.string()),
                       "sha256": pa.array(sha256s, pa.string())})

@@ -4,17 +4,15 @@ dn2ops.index.kinds), on the CPU or a GPU."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dn2ops import transforms
 from dn2ops.index import gpu, kinds
-from dn2ops.index.files import KIND, IndexDir, IndexError_
+from dn2ops.index.calibration import Reference, read_normal, reference_of
+from dn2ops.index.files import KIND, IndexDir
 from dn2ops.index.knn import as_float32
 from dn2ops.io import features, outputs
 
@@ -46,23 +44,19 @@ class LoadedIndex:
         self.kind = kinds.for_manifest(self.manifest)
         self.searcher = self.kind.load(self.files, device=self.device,
                                        stream_shards=stream_shards)
-        self.uris, self.train_scores = self._load_normal()
+        self.uris, self.reference = self._load_normal()
+        self.train_scores = self.reference.scores  # sorted: the percentile's reference
 
     @property
     def centroids(self) -> np.ndarray | None:
         """The centres (C, dim) float32 of a K-means index; None for other kinds."""
         return getattr(self.searcher, "centroids", None)
 
-    def _load_normal(self) -> tuple[list[str], np.ndarray]:
-        """The kept normal images' uris (by id) and their sorted reference scores."""
-        try:
-            normal = pq.read_table(io.BytesIO(self.files.read("normal.parquet")))
-        except pa.ArrowException as e:  # checksum recomputed over a damaged file
-            raise IndexError_(f"index file normal.parquet is corrupt or truncated: {e}; "
-                              "rebuild the index") from None
-        kept = normal.filter(normal.column("kept"))
-        ref = kept.column("loo_score").to_numpy()
-        return kept.column("uri").to_pylist(), np.sort(ref[np.isfinite(ref)])
+    def _load_normal(self) -> tuple[list[str], Reference]:
+        """The kept normal images' uris (by id) and the normal reference."""
+        normal = read_normal(self.files)
+        uris = normal.filter(normal.column("kept")).column("uri").to_pylist()
+        return uris, reference_of(self.manifest, normal)
 
     def iter_shards(self) -> Iterator[np.ndarray]:
         """The flat shards' vectors (n_s, dim) float32 as stored, read (and checked) one
@@ -89,6 +83,12 @@ class LoadedIndex:
         return self.searcher.search(xq)
 
     def percentile(self, scores: np.ndarray) -> np.ndarray:
-        """% (0..100) of the normal set's own reference scores strictly below each score."""
-        return 100.0 * np.searchsorted(self.train_scores, scores, side="left") / len(
-            self.train_scores)
+        """% (0..100) (nq,) of the normal set's own reference scores strictly below each
+        score (nq,)."""
+        return self.reference.percentile(scores)
+
+    def p_values(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p (nq,) float64, source (nq,) 'rank' | 'tail') of scores (nq,) against the
+        normal reference (dn2ops.index.calibration): small p = anomalous; for a new normal
+        image, P(p <= alpha) <= alpha under exchangeability."""
+        return self.reference.p_values(scores)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dn2ops.report.inputs import ReportInputs
+from dn2ops.report.inputs import Removed, ReportInputs
 
 # Rows of the errors table that are embedded; the rest are only counted.
 MAX_ERROR_ROWS = 500
@@ -72,16 +72,19 @@ def label_is_anomalous(value: Any) -> bool | None:
 def select_rows(
     anomalies: pa.Table, top: int, sample: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The top rows by rank, and a seeded random sample of the rest (in rank order).
+    """The top rows, flagged ones first, then by rank; and a seeded random sample of the
+    rest (in the same order).
 
-    Rows are first put in a canonical order (rank, then uri) so the result
-    does not depend on how rows were spread over shards.
+    Rows are first put in a canonical order (flagged, rank, then uri) so the result
+    does not depend on how rows were spread over shards. (dn2 flags every row at or above
+    a score threshold, so its flagged rows are its best ranked anyway.)
     """
     if len(anomalies) == 0:
         return [], []
-    order = pc.sort_indices(
-        anomalies, sort_keys=[("rank", "ascending"), ("uri", "ascending")]
-    ).to_numpy()
+    keys = [("rank", "ascending"), ("uri", "ascending")]
+    if "flagged" in anomalies.column_names:
+        keys.insert(0, ("flagged", "descending"))
+    order = pc.sort_indices(anomalies, sort_keys=keys).to_numpy()  # nulls last
     n_top = min(top, len(order))
     rest = order[n_top:]
     rng = np.random.default_rng(SAMPLE_SEED)
@@ -157,6 +160,24 @@ def summary_facts(inputs: ReportInputs, results_dir: str) -> list[tuple[str, Any
     ]
 
 
+def flag_sentence(summary: Mapping[str, Any] | None) -> str | None:
+    """What ``flagged`` means in these results, from summary.json's ``flags``; None when
+    the results predate flags."""
+    flags = (summary or {}).get("flags")
+    if not flags:
+        return None
+    if flags.get("rule") is None:
+        return f"Nothing is flagged: {flags.get('why')}."
+    level, n = f"{100 * flags['level']:g} %", flags["flagged"]
+    threshold = flags.get("threshold")
+    count = f"{n:,} flagged" + (f" (scores >= {threshold:.4g})" if threshold is not None else "")
+    if flags["rule"] == "fdr":
+        return (f"Flagged: Benjamini–Hochberg at {level}: among flagged images, at most "
+                f"{level} are expected to be normal ones; {count}.")
+    return (f"Flagged: p-value <= {flags['level']:g}: a normal image is flagged with "
+            f"chance {level}; {count}.")
+
+
 def summary_notes(inputs: ReportInputs) -> list[str]:
     """Notes under the facts: what was missing, and where summary and tables disagree."""
     notes = list(inputs.notes)
@@ -229,3 +250,47 @@ def column_numpy(table: pa.Table, name: str) -> np.ndarray:
     col = pc.cast(table[name], pa.float64())
     return pc.fill_null(col, float("nan")).to_numpy().astype(np.float64)
 
+
+
+def removed_view(removed: Removed | None) -> dict[str, Any] | None:
+    """"Removed from the normal set": what the index's cleaning removed and by which rule,
+    with the most suspicious of the removed images; None (no section) without one."""
+    if removed is None:
+        return None
+    view = {"where": removed.where, "rows": removed.rows, "n": removed.n}
+    if removed.cleaning is None:
+        return {**view, "sentences": [
+            f"The normal index could not be read here ({removed.why}).",
+            "What its cleaning removed, if anything, is listed in"]}
+    return {**view, "sentences": [*cleaning_sentences(removed.cleaning, removed.n),
+                                  "The removed images are listed in"]}
+
+
+def cleaning_sentences(c: Mapping[str, Any], n: int) -> list[str]:
+    """An index manifest's ``cleaning`` entry (dn2ops.index.cleaning) in words; ``n`` images
+    were removed when the index was built (its entry's own count when it has one)."""
+    n = c.get("removed", n)
+    if c.get("rule") == "auto":
+        sample = f", scored against a sample of {c['sample']:,}" if c.get("sample") else ""
+        out = [f"The auto rule removed {n:,} of {c.get('of', 0):,} normal images (estimated "
+               f"contamination {100 * (c.get('estimated_rate') or 0):.1f} %): their cleaning "
+               f"score (the log of the mean distance to their {c.get('k_c')} nearest other "
+               f"normal images) was more than {c.get('z')} robust standard deviations above the "
+               f"median (threshold {_num(c.get('threshold'))}; {c.get('rounds')} round(s)"
+               f"{sample})."]
+    elif c.get("rule") == "fraction":
+        out = [f"--clean-fraction {c.get('fraction')} removed the {n:,} normal images with the "
+               f"highest leave-one-out score over {c.get('clean_k') or 'their'} neighbours "
+               f"(threshold {_num(c.get('threshold'))})."]
+    else:
+        out = [f"Nothing was removed by cleaning ({c.get('rule')}): {c.get('why', '')}."]
+    added = c.get("added")
+    if added:
+        how = f"({added['why']})" if added.get("why") else "(above the parent's threshold)"
+        out.append(f"Of the {added['of']:,} images added by --add, {added['removed']:,} were "
+                   f"removed {how}.")
+    return out
+
+
+def _num(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.4g}"

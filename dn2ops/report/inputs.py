@@ -25,8 +25,11 @@ RESULTS_KIND = "results"
 INDEX_KIND = "index"
 # Columns read from the anomalies tables (others, e.g. the embeddings'
 # provenance, stay on disk); the label column is added.
-ANOMALY_COLUMNS = ("uri", "score", "rank", "percentile", "neighbor_uris", "neighbor_distances")
+ANOMALY_COLUMNS = ("uri", "score", "rank", "percentile", "neighbor_uris", "neighbor_distances",
+                   "p_value", "flagged")
 ERROR_COLUMNS = ("uri", "stage", "error")
+# Removed normal images shown (most suspicious first); the rest are counted.
+MAX_REMOVED = 24
 
 
 class NoNormalScores(UserError, FileNotFoundError):
@@ -50,6 +53,24 @@ class ReportInputs:
     normal_loo: np.ndarray | None
     index_note: str
     notes: list[str] = field(default_factory=list)
+    removed: Removed | None = None
+
+
+@dataclass
+class Removed:
+    """The normal images the index's cleaning removed (normal.parquet, kept = false).
+
+    ``where``: INDEX_DIR/normal.parquet, the full list; ``cleaning``: the manifest's
+    ``cleaning`` entry (None when the index could not be read, and ``why`` says why);
+    ``rows``: uri and clean_score of at most MAX_REMOVED of them, highest clean_score
+    (most suspicious) first; ``n``: how many were removed.
+    """
+
+    where: str
+    cleaning: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    n: int = 0
+    why: str = ""
 
 
 def read_inputs(results_dir: str, index_dir: str | None, label_column: str) -> ReportInputs:
@@ -70,6 +91,7 @@ def read_inputs(results_dir: str, index_dir: str | None, label_column: str) -> R
     normal_loo, index_note = read_normal_scores(index_dir, summary)
     inputs = ReportInputs(summary, _conform(anomalies, empty_anomalies()),
                           _conform(errors, empty_errors()), groups, normal_loo, index_note)
+    inputs.removed = read_removed(index_dir, summary)
     if summary is None:
         inputs.notes.append("summary.json not found; counts below come from the tables.")
     return inputs
@@ -110,6 +132,8 @@ def empty_anomalies() -> pa.Table:
             "percentile": pa.array([], pa.float64()),
             "neighbor_uris": pa.array([], pa.list_(pa.string())),
             "neighbor_distances": pa.array([], pa.list_(pa.float64())),
+            "p_value": pa.array([], pa.float64()),
+            "flagged": pa.array([], pa.bool_()),
         }
     )
 
@@ -166,3 +190,41 @@ def _kept_loo_scores(index_dir: str) -> np.ndarray:
     # dropped duplicates would count twice.
     table = table.filter(pc.fill_null(table["kept"], False))
     return table["loo_score"].to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def read_removed(index_dir: str | None, summary: Mapping[str, Any] | None,
+                 cap: int = MAX_REMOVED) -> Removed | None:
+    """The normal images the index (``index_dir``, else summary.json's) removed when it was
+    cleaned; None when there is no index or it was not cleaned. An index named in the
+    summary that cannot be read here gives only where the list is, and why."""
+    named = index_dir or (summary or {}).get("index_dir")
+    if not named:
+        return None
+    where = outputs.join(named, "normal.parquet")
+    unusable = "" if index_dir else _unusable_index(named)
+    if unusable:
+        return Removed(where, why=unusable)
+    manifest = outputs.read_marker(named) or {}
+    cleaning = manifest.get("cleaning") or (
+        {"rule": "fraction", "fraction": manifest["clean_fraction"]}
+        if isinstance(manifest.get("clean_fraction"), float) and manifest["clean_fraction"] > 0
+        else None)  # an index built before the cleaning entry was recorded
+    if cleaning is None or cleaning.get("rule") == "off":
+        return None
+    removed = _removed_rows(named)
+    keys = [("clean_score", "descending"), ("uri", "ascending")]
+    order = pc.sort_indices(removed, sort_keys=keys).to_numpy()  # nulls (and NaN) last
+    return Removed(where, cleaning, removed.take(order[:cap]).to_pylist(), len(removed))
+
+
+def _removed_rows(index_dir: str) -> pa.Table:
+    """uri and clean_score (null before it was recorded) of normal.parquet's removed rows."""
+    fs, path = outputs.fs_and_path(index_dir)
+    with fs.open(outputs.join(path, "normal.parquet"), "rb") as f:
+        normal = pq.ParquetFile(f)
+        columns = [c for c in ("uri", "kept", "clean_score") if c in normal.schema_arrow.names]
+        table = normal.read(columns=columns)
+    table = table.filter(pc.invert(pc.fill_null(table["kept"], True)))
+    if "clean_score" not in table.column_names:
+        table = table.append_column("clean_score", pa.nulls(len(table), pa.float64()))
+    return table.select(["uri", "clean_score"])

@@ -126,10 +126,14 @@ def _context(inputs: ReportInputs, results_dir: str, top: int, sample: int, labe
     """Every value the template shows, with the thumbnails it embeds."""
     top_rows, sample_rows = content.select_rows(inputs.anomalies, top, sample)
     groups = content.top_groups(inputs.groups, top)
+    removed = content.removed_view(inputs.removed)
+    uris = content.uris_to_show(top_rows, sample_rows, groups)
+    uris += [row["uri"] for row in (removed or {}).get("rows", []) if row["uri"] not in uris]
     return {
         "title": _title(inputs.summary, results_dir),
         "thumb_px": thumb_px,
-        "thumbs": make_thumbs(content.uris_to_show(top_rows, sample_rows, groups), thumb_px),
+        "thumbs": make_thumbs(uris, thumb_px),
+        "removed": removed,
         "label_column": label_column,
         **_summary_context(inputs, results_dir),
         **_plots_context(inputs, label_column),
@@ -173,9 +177,11 @@ def _plots_context(inputs: ReportInputs, label_column: str) -> dict[str, Any]:
 
 def _rows_context(inputs: ReportInputs, top_rows: list[dict[str, Any]],
                   sample_rows: list[dict[str, Any]], top: int, sample: int) -> dict[str, Any]:
-    """The top rows with their neighbours, and the random sample."""
+    """The top rows (flagged first) with their neighbours, what the flag means, and the
+    random sample."""
     return {
         "top": top,
+        "flag_sentence": content.flag_sentence(inputs.summary),
         "top_rows": [(row, content.neighbours(row)) for row in top_rows],
         "sample": sample,
         "seed": content.SAMPLE_SEED,

@@ -7,10 +7,16 @@ written unranked. The global rank is a second pass over the written shards: its
 only global state is the sorted array of every score (8 bytes an image), so no
 scored row is held until the whole partition is scored. rank = 1 + the number of
 strictly higher scores, so ties share the better rank.
+
+Each row's ``p_value`` (against the index's normal reference) is computed with its
+score; ``flagged`` in the ranking pass, from the partition's decision
+(dn2ops.score.decisions: the score threshold of --fdr or --alpha), computed once from
+the sorted scores and the reference.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,11 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import RunInference
 
-from dn2ops.config import SearchConfig
+from dn2ops.config import FlagConfig, SearchConfig
 from dn2ops.engines.base import Dn2ModelHandler
 from dn2ops.index import LoadedIndex
+from dn2ops.index.calibration import load_reference
 from dn2ops.index.knn import set_faiss_threads
 from dn2ops.io import features, outputs
+from dn2ops.score import decisions
 
 FEATURE_COLUMNS = ("uri", "sha256", "backbone", "dim", "embedding")
 # Rows of an unranked shard ranked and rewritten at once (about 200 bytes a row
@@ -34,7 +42,9 @@ _RANK_BATCH = 65_536
 
 def anomaly_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
     fields = [("uri", pa.string()), ("score", pa.float64()), ("rank", pa.int64()),
-              ("percentile", pa.float64()), ("neighbor_uris", pa.list_(pa.string())),
+              ("percentile", pa.float64()), ("p_value", pa.float64()),
+              ("p_value_source", pa.string()), ("flagged", pa.bool_()),
+              ("neighbor_uris", pa.list_(pa.string())),
               ("neighbor_distances", pa.list_(pa.float64())), ("partition", pa.string()),
               ("backbone", pa.string()), ("index_id", pa.string()), ("sha256", pa.string())]
     return pa.schema(fields + [(c, pa.string()) for c in extra_columns])
@@ -52,17 +62,21 @@ def _lists(values: pa.Array, n: int, k: int) -> pa.ListArray:
 
 def score_batch(batch: pa.RecordBatch, index: LoadedIndex, partition: str) -> pa.RecordBatch:
     """A feature record batch (features.feature_schema) -> unranked anomaly rows
-    (anomaly_schema; ``rank`` null), in the same order. Higher score = more anomalous."""
+    (anomaly_schema; ``rank`` and ``flagged`` null), in the same order. Higher score =
+    more anomalous; lower ``p_value`` = less like the normal set."""
     xq = features.embeddings(batch)
     if not len(xq):
         xq = np.zeros((0, index.manifest["dim"]), np.float32)
     scores, D, I = index.search(xq)
     n, k = I.shape
     extras = extra_columns_of(batch.schema)
+    p, source = index.p_values(scores)
     columns = {
         "uri": batch.column("uri"), "score": pa.array(scores, pa.float64()),
         "rank": pa.nulls(n, pa.int64()),
         "percentile": pa.array(index.percentile(scores), pa.float64()),
+        "p_value": pa.array(p, pa.float64()), "p_value_source": pa.array(source, pa.string()),
+        "flagged": pa.nulls(n, pa.bool_()),
         "neighbor_uris": _lists(pa.array([index.uris[j] for j in I.ravel()], pa.string()),
                                 n, k),
         "neighbor_distances": _lists(pa.array(D.ravel().astype(np.float64)), n, k),
@@ -131,10 +145,25 @@ class SortedScores(beam.CombineFn):
         return np.sort(np.concatenate(acc)) if acc else np.zeros(0, np.float64)
 
 
-def rank_shard(src: str, dst: str, sorted_scores: np.ndarray, *,
-               batch_size: int = _RANK_BATCH) -> str:
+def flags(scores: np.ndarray, decision: dict[str, Any] | None) -> pa.Array | None:
+    """The ``flagged`` column (n,) of scores under a partition's decision (score >=
+    its threshold; none flagged when the threshold is None); None when the decision has
+    no rule (rows without p-values: the column stays null)."""
+    rule = (decision or {}).get("flags") or {}
+    if rule.get("rule") is None:
+        return None
+    threshold = rule["threshold"]
+    flagged = (np.zeros(len(scores), bool) if threshold is None
+               else np.asarray(scores) >= threshold)
+    return pa.array(flagged, pa.bool_())
+
+
+def rank_shard(src: str, dst: str, sorted_scores: np.ndarray,
+               decision: dict[str, Any] | None = None, *, batch_size: int = _RANK_BATCH
+               ) -> str:
     """Rewrites the unranked anomaly shard ``src`` to ``dst`` with its ``rank`` column
-    filled in (see ranks), a slice of rows at a time. Returns ``dst``.
+    filled in (see ranks), and ``flagged`` (see flags) under ``decision``
+    (decisions.decide), a slice of rows at a time. Returns ``dst``.
 
     Writing ``dst`` whole again is harmless, so a retried step gives the same file.
     """
@@ -144,42 +173,73 @@ def rank_shard(src: str, dst: str, sorted_scores: np.ndarray, *,
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
         at = schema.get_field_index("rank")
+        at_flag = schema.get_field_index("flagged")
         with dst_fs.open(dst_path, "wb") as out, pq.ParquetWriter(
                 out, schema, compression="none") as writer:
             for batch in pf.iter_batches(batch_size=batch_size):
-                rank = ranks(batch.column("score").to_numpy(), sorted_scores)
-                writer.write_batch(batch.set_column(at, schema.field(at), pa.array(rank)))
+                scores = batch.column("score").to_numpy(zero_copy_only=False)
+                batch = batch.set_column(at, schema.field(at),
+                                         pa.array(ranks(scores, sorted_scores)))
+                flagged = flags(scores, decision) if at_flag >= 0 else None
+                if flagged is not None:
+                    batch = batch.set_column(at_flag, schema.field(at_flag), flagged)
+                writer.write_batch(batch)
     return dst
 
 
 class RankShards(beam.DoFn):
     """An unranked shard's path -> the path of its ranked copy in ``directory``
-    (rank_shard; anomaly or group shards: any table with ``score`` and ``rank``)."""
+    (rank_shard; anomaly or group shards: any table with ``score`` and ``rank``, and
+    ``flagged``, filled in under the partition's decision)."""
 
     def __init__(self, directory: str):
         self.directory = directory
 
-    def process(self, src: str, sorted_scores: np.ndarray) -> Iterator[str]:
+    def process(self, src: str, sorted_scores: np.ndarray,
+                decision: dict[str, Any] | None = None) -> Iterator[str]:
         name = src.rstrip("/").rsplit("/", 1)[-1]
-        yield rank_shard(src, outputs.join(self.directory, name), sorted_scores)
+        yield rank_shard(src, outputs.join(self.directory, name), sorted_scores, decision)
+
+
+def partition_decision(sorted_scores: np.ndarray, index_dir: str, rule: FlagConfig
+                       ) -> dict[str, Any]:
+    """The partition's decision (decisions.decide) from its sorted scores and the
+    reference of ``index_dir`` (its manifest and normal.parquet only, not its shards)."""
+    return decisions.decide(sorted_scores, load_reference(index_dir), rule.rule, rule.level)
+
+
+def rank_and_decide(unranked, scores, directory: str, decide) -> tuple[Any, Any]:
+    """The ranking pass of a scoring stage: unranked shard paths and score arrays ->
+    (ranked shard paths, the decision singleton). ``decide(sorted_scores)`` -> decision,
+    computed once."""
+    sorted_scores = scores | "SortedScores" >> beam.CombineGlobally(SortedScores())
+    decision = sorted_scores | "Decide" >> beam.Map(decide)
+    ranked = unranked | "Rank" >> beam.ParDo(
+        RankShards(directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores),
+        decision=beam.pvalue.AsSingleton(decision))
+    return ranked, decision
 
 
 class ScoreFeatures(beam.PTransform):
     """Feature record batches -> ranked anomaly shards ``anomalies-*.parquet`` in
-    ``directory``; returns the PCollection of their paths (for finalize).
+    ``directory``; returns (the PCollection of their paths, for finalize; the partition's
+    decision, a singleton: decisions.decide under ``flags``).
 
     Pass 1 scores each batch and writes it unranked under ``directory/.unranked/``
     (a name the commit never copies: dn2ops.io.outputs) while the scores are combined
-    into one sorted array; pass 2, once both are complete, rewrites each unranked
-    shard ranked against that array. Both passes are parallel over batches / shards.
+    into one sorted array and the decision is taken from it; pass 2, once all are
+    complete, rewrites each unranked shard ranked against that array and flagged.
+    Both passes are parallel over batches / shards.
     """
 
     def __init__(self, index_dir: str, directory: str, *, extra_columns: Sequence[str] = (),
-                 partition: str = "", search: SearchConfig = SearchConfig()):
+                 partition: str = "", search: SearchConfig = SearchConfig(),
+                 flags: FlagConfig = FlagConfig()):
         super().__init__()
         self.directory = directory
         self.schema = anomaly_schema(extra_columns)
         self.handler = IndexModelHandler(index_dir, partition=partition, search=search)
+        self.decide = functools.partial(partition_decision, index_dir=index_dir, rule=flags)
 
     def expand(self, batches):
         scored = batches | "Score" >> RunInference(self.handler)
@@ -188,8 +248,5 @@ class ScoreFeatures(beam.PTransform):
                     | "WriteUnranked" >> beam.io.WriteToParquetBatched(
                         outputs.join(self.directory, ".unranked", "anomalies"), self.schema,
                         file_name_suffix=".parquet", shard_name_template="-SSSSS-of-NNNNN"))
-        sorted_scores = (scored
-                         | "Scores" >> beam.Map(lambda b: b.column("score").to_numpy())
-                         | "SortedScores" >> beam.CombineGlobally(SortedScores()))
-        return unranked | "Rank" >> beam.ParDo(
-            RankShards(self.directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores))
+        scores = scored | "Scores" >> beam.Map(lambda b: b.column("score").to_numpy())
+        return rank_and_decide(unranked, scores, self.directory, self.decide)

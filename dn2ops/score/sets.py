@@ -18,10 +18,15 @@ Higher = more anomalous in both. Sets of fewer than `MIN_SET_SIZE` images are
 not scored: each of their images becomes an error row with stage ``group``,
 so the image accounting ``count_in == scored + errored`` still holds (scored
 = images in scored sets). Ranks: 1 + the number of strictly higher scores.
+
+kNN sets get a ``p_value`` against the normal sets' reference and are ``flagged`` by
+the same rules as images (dn2ops.score.decisions); covtrace sets have no normal sets to
+compare with: both null.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -32,11 +37,12 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.transforms.window import GlobalWindows
 
-from dn2ops.config import POOLS, GroupConfig, SearchConfig
+from dn2ops.config import POOLS, FlagConfig, GroupConfig, SearchConfig
 from dn2ops.index import LoadedIndex
 from dn2ops.io import features, outputs
+from dn2ops.score import decisions
 from dn2ops.score.grouping import MIN_SET_SIZE, GroupKeyError, group_key
-from dn2ops.score.images import IndexModelHandler, RankShards, SortedScores
+from dn2ops.score.images import IndexModelHandler, partition_decision, rank_and_decide
 from dn2ops.score.set_features import SetSummary
 from dn2ops.score.spill import (
     BUCKET_IMAGES,
@@ -52,6 +58,8 @@ from dn2ops.score.spill import (
 STAGE = "group"  # members of a set too small to score
 KEY_STAGE = "group_key"  # an image with no value for --group-by
 ERRORS = "group_errors"  # tag of the error output of ScoreGroups
+COVTRACE_NO_FLAGS = ("--group-score covtrace scores each set by its own spread, against no "
+                     "normal sets: there is no p-value to flag sets by")
 
 
 def group_schema() -> pa.Schema:
@@ -61,6 +69,7 @@ def group_schema() -> pa.Schema:
         ("size", pa.int64()), ("member_uris", pa.list_(pa.string())),
         ("neighbor_groups", pa.list_(pa.string())),
         ("neighbor_distances", pa.list_(pa.float64())), ("percentile", pa.float64()),
+        ("p_value", pa.float64()), ("p_value_source", pa.string()), ("flagged", pa.bool_()),
         ("method", pa.string()), ("pool", pa.string()), ("group_by", pa.string()),
         ("partition", pa.string()), ("backbone", pa.string()), ("index_id", pa.string())])
 
@@ -181,6 +190,7 @@ class _SummariseBucket(beam.DoFn):
         yield {"group": name, "score": summary.covtrace() if covtrace else None,
                "rank": None, "size": len(uris), "member_uris": uris,
                "neighbor_groups": [], "neighbor_distances": [], "percentile": None,
+               "p_value": None, "p_value_source": None, "flagged": None,
                "method": self.method, "pool": None if covtrace else self.pool,
                "group_by": self.key, "partition": self.partition,
                "backbone": backbone, "index_id": None,
@@ -189,14 +199,17 @@ class _SummariseBucket(beam.DoFn):
 
 def score_group_batch(groups: Sequence[dict[str, Any]], index: LoadedIndex
                       ) -> list[dict[str, Any]]:
-    """Pooled group rows -> kNN-scored group rows (``rank`` still None, ``pooled`` dropped)."""
+    """Pooled group rows -> kNN-scored group rows with their p-values (``rank`` and
+    ``flagged`` still None, ``pooled`` dropped)."""
     xq = np.stack([g["pooled"] for g in groups])
     scores, D, I = index.search(xq)
     pct = index.percentile(scores)
+    pv, source = index.p_values(scores)
     out = []
-    for g, s, p, d, i in zip(groups, scores, pct, D, I, strict=True):
+    for g, s, p, d, i, pval, src in zip(groups, scores, pct, D, I, pv, source, strict=True):
         row = {key: v for key, v in g.items() if key != "pooled"}
-        out.append({**row, "score": float(s), "percentile": float(p),
+        out.append({**row, "score": float(s), "percentile": float(p), "p_value": float(pval),
+                    "p_value_source": str(src),
                     "neighbor_groups": [index.uris[j] for j in i],
                     "neighbor_distances": [float(x) for x in d], "index_id": index.index_id})
     return out
@@ -216,7 +229,8 @@ class GroupIndexModelHandler(IndexModelHandler):
 
 class ScoreGroups(beam.PTransform):
     """Feature record batches -> (the paths of the ranked ``groups-*.parquet`` written in
-    ``directory`` (group_schema), image error rows (stages 'group_key' and 'group')).
+    ``directory`` (group_schema), image error rows (stages 'group_key' and 'group'), the
+    partition's decision: a singleton, decisions.decide under ``flags`` for kNN sets).
 
     ``group.method`` knn needs ``index_dir`` (an index built with --group-by) and a
     ``group.pool``; covtrace needs neither. ``images``: how many images are coming (an
@@ -230,14 +244,15 @@ class ScoreGroups(beam.PTransform):
     floats a set), scores its sets and writes them unranked under
     ``directory/.unranked/`` while their scores are combined into one sorted array (8
     bytes a set); pass 3 rewrites each unranked shard ranked (rank = 1 + the number of
-    strictly higher scores). Each pass is parallel: over bundles, buckets, shards.
+    strictly higher scores) and flagged. Each pass is parallel: over bundles, buckets,
+    shards.
     Nothing under a dot-folder is committed.
     """
 
     def __init__(self, group: GroupConfig, directory: str, *, images: Any,
                  index_dir: str | None = None, partition: str = "", batch_size: int = 256,
                  search: SearchConfig = SearchConfig(), bucket_images: int = BUCKET_IMAGES,
-                 spill_rows: int = SPILL_ROWS):
+                 spill_rows: int = SPILL_ROWS, flags: FlagConfig = FlagConfig()):
         super().__init__()
         if not group.covtrace and (not index_dir or group.pool not in POOLS):
             raise ValueError("kNN group scoring needs an index built with --group-by and a pool")
@@ -246,6 +261,9 @@ class ScoreGroups(beam.PTransform):
         self.index_dir, self.partition = index_dir, partition
         self.handler = GroupIndexModelHandler(
             index_dir, partition=partition, search=search, max_batch_size=batch_size)
+        self.decide = (functools.partial(_no_decision, why=COVTRACE_NO_FLAGS) if group.covtrace
+                       else functools.partial(partition_decision, index_dir=index_dir,
+                                              rule=flags))
 
     def expand(self, batches):
         g = self.group
@@ -270,10 +288,11 @@ class ScoreGroups(beam.PTransform):
             outputs.join(self.directory, ".unranked", "groups"), group_schema(),
             file_name_suffix=".parquet", shard_name_template="-SSSSS-of-NNNNN",
             row_group_buffer_size=features.ROW_GROUP_BYTES)
-        sorted_scores = (groups
-                         | "Scores" >> beam.Map(lambda r: np.array([r["score"]], np.float64))
-                         | "SortedScores" >> beam.CombineGlobally(SortedScores()))
-        written = unranked | "Rank" >> beam.ParDo(
-            RankShards(self.directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores))
+        scores = groups | "Scores" >> beam.Map(lambda r: np.array([r["score"]], np.float64))
+        written, decision = rank_and_decide(unranked, scores, self.directory, self.decide)
         errors = (spilled[ERRORS], pooled[ERRORS]) | "Errors" >> beam.Flatten()
-        return written, errors
+        return written, errors, decision
+
+
+def _no_decision(sorted_scores: np.ndarray, why: str) -> dict[str, Any]:
+    return decisions.no_decision(why)

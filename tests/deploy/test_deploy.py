@@ -95,6 +95,8 @@ def test_template_regexes_accept_what_the_parser_accepts():
     actions = _score_actions()
     samples = {"positive": (["1", "64", "100000"], ["0", "-3", "1.5", "x", ""]),
                "fraction": (["0", "0.05", ".5", "0.999"], ["1", "1.0", "-0.1", "x"]),
+               "level": (["0.05", ".5", "0.999", "0.001", "1e-4", "2.5E-3"],
+                         ["0", "0.0", "1", "1.0", "-0.1", "x", "", "1e-0", "1e2"]),
                "backbone": ([*REGISTRY, "efficientnet_lite0+efficientnet_lite1",
                              "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2"],
                             ["bogus", "", "resnet50+efficientnet_lite0", "efficientnet_lite0+"])}
@@ -244,19 +246,20 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     feats, errors, count_in, _ = graphs.embed(p, args.input,
                                               EmbedPlan.resolve(args.config.embed))
     staging = args.output + "_staging-test"
-    written = graphs.score(graphs.as_batches(feats, []), errors, staging, index_dir=args.index,
-                           partition=args.partition, extra_columns=[],
-                           search=SearchConfig())
+    written, decision = graphs.score(graphs.as_batches(feats, []), errors, staging,
+                                     index_dir=args.index, partition=args.partition,
+                                     extra_columns=[], search=SearchConfig(),
+                                     flags=args.config.score.flags)
     graphs.finalize(p, functools.partial(
         finalize.finalize_results, staging=staging, output=args.output,
         partition=args.partition, source=args.input, index_dir=args.index, index_id="x",
         backbone=args.backbone, started=0.0, pipeline_started=0.0, top=args.top),
-        count_in=count_in, written=written)
+        count_in=count_in, written=written, counts={"decision": decision})
     p.run().wait_until_finish()  # dry run: translated, pickled, not submitted
     proto = p.runner.proto_pipeline
     names = {t.unique_name for t in proto.components.transforms.values()}
-    for step in ("List", "Embed", "Score", "Score/WriteUnranked", "Score/Rank", "WriteErrors",
-                 "Finalize"):
+    for step in ("List", "Embed", "Score", "Score/WriteUnranked", "Score/Decide", "Score/Rank",
+                 "WriteErrors", "Finalize"):
         assert step in names, step
     images = {beam_runner_api_pb2.DockerPayload.FromString(e.payload).container_image
               for e in proto.components.environments.values()

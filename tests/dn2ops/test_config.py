@@ -34,6 +34,8 @@ from dn2ops.transforms import DEFAULT as DEFAULT_TRANSFORM
     ({"k": 0}, "k must be a positive integer"),
     ({"clean_fraction": 1.0}, r"clean_fraction must be a float in \[0, 1\)"),
     ({"clean_k": 0}, "clean_k must be None or a positive integer"),
+    ({"clean_fraction": "sometimes"}, "clean_fraction must be 'auto' or a float"),
+    ({"clean_sample": 1}, "clean_sample must be None or an integer >= 2"),
 ])
 def test_index_config_refuses_what_no_build_can_do(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -46,6 +48,10 @@ def test_index_config_is_frozen_and_keeps_what_it_was_given():
     assert cfg.approximate and not IndexConfig().approximate
     # the library's default transform is the identity; the command line's is DEFAULT
     assert IndexConfig().feature_transform == "none" != DEFAULT_TRANSFORM == "root4-l2"
+    # the library does not clean unasked; the command line's default is auto
+    assert IndexConfig().clean_rule == "off"
+    assert IndexConfig(clean_fraction="auto").clean_rule == "auto"
+    assert IndexConfig(clean_fraction=0.1).clean_rule == "fraction"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.k = 4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import fsspec
@@ -15,11 +16,17 @@ from dn2ops.config import DEFAULT_BACKBONE
 from dn2ops.io.features import embeddings, read_table
 from pipelines.cli import main
 from tests.conftest import brute_scores, digit_images, root4_l2
+from tests.dn2ops.score.test_decisions import brute_bh
 
 
 def _results(results_dir) -> list[dict]:
     table = read_table(str(results_dir), "anomalies")
     return sorted(table.to_pylist(), key=lambda r: r["uri"])
+
+
+def _kept(index_dir) -> np.ndarray:
+    """The normal rows (n,) bool an index holds: those its cleaning did not remove."""
+    return pq.read_table(index_dir / "normal.parquet").column("kept").to_numpy()
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +56,32 @@ def test_scores_equal_brute_force_over_written_shards(run_out):
         == "root4-l2"
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
-    xq_all, xb = root4_l2(embeddings(incoming)), root4_l2(embeddings(normal))
+    kept = _kept(run_out / "index")  # what the default cleaning left (test below)
+    xq_all, xb = root4_l2(embeddings(incoming)), root4_l2(embeddings(normal))[kept]
     expected = dict(zip(incoming.column("uri").to_pylist(),
                         brute_scores(xq_all, xb, k=2), strict=True))
     rows = _results(run_out / "results")
     got = np.array([r["score"] for r in rows])
     np.testing.assert_allclose(got, [expected[r["uri"]] for r in rows], rtol=1e-4)
-    normal_uris = normal.column("uri").to_pylist()
+    normal_uris = list(np.array(normal.column("uri").to_pylist())[kept])
     for r in rows[:5]:  # the explanation: the k nearest normal images, nearest first
         xq = xq_all[incoming.column("uri").to_pylist().index(r["uri"])]
         d = np.linalg.norm(xb - xq, axis=1)
         assert r["neighbor_uris"] == [normal_uris[i] for i in np.argsort(d)[:2]]
+
+
+def test_the_default_cleans_the_normal_set_and_records_it(run_out):
+    """dn2 run cleans by the auto rule: what it removed is in normal.parquet (kept false,
+    the highest clean_score) and counted in the manifest."""
+    manifest = json.loads((run_out / "index" / "_SUCCESS").read_text())
+    normal = pq.read_table(run_out / "index" / "normal.parquet")
+    kept = normal.column("kept").to_numpy()
+    scores = normal.column("clean_score").to_numpy()
+    c = manifest["cleaning"]
+    assert c["rule"] == "auto" and c["k_c"] == 10 and c["sample"] is None  # 24 rows: exact
+    assert c["removed"] == (~kept).sum() == manifest["counts"]["dropped"] <= 2
+    assert np.isfinite(scores).all()
+    assert (scores[~kept] > c["threshold"]).all() and (scores[kept] <= c["threshold"]).all()
 
 
 def test_ranks_follow_scores(run_out):
@@ -70,6 +92,54 @@ def test_ranks_follow_scores(run_out):
     assert {r["partition"] for r in rows} == {"dt=2026-11-28"}
     top = (run_out / "results" / "top_anomalies.csv").read_text().splitlines()
     assert len(top) == 6 and top[1].startswith("1,")
+
+
+def test_p_values_flags_and_drift_in_the_table_and_summary(run_out):
+    """Every row's p-value against the index's reference, counted by hand; flags by BH
+    over the partition; summary.json says the rule, level, count, threshold and drift.
+    24 normal images: p >= 1/25, above what BH needs over 30 rows, which is said."""
+    rows = _results(run_out / "results")
+    normal = pq.read_table(run_out / "index" / "normal.parquet")
+    ref = normal.column("loo_score").to_numpy(zero_copy_only=False)
+    scores = np.array([r["score"] for r in rows])
+    p = np.array([(1 + np.sum(ref >= s)) / (len(ref) + 1) for s in scores])
+    np.testing.assert_allclose([r["p_value"] for r in rows], p, rtol=1e-12)
+    assert {r["p_value_source"] for r in rows} == {"rank"}
+    assert [r["flagged"] for r in rows] == brute_bh(p, 0.05).tolist()
+    summary = json.loads((run_out / "results" / "summary.json").read_text())
+    assert summary["flags"] == {"rule": "fdr", "level": 0.05, "flagged": 0, "threshold": None,
+                                "p_value_floor": pytest.approx(1 / 25), "reference_n": 24}
+    assert summary["drift"]["test"] == "ks-uniform" and not summary["drift"]["warn"]
+    (warning,) = summary["warnings"]
+    assert "a lone anomaly cannot be flagged" in warning and "24 scores" in warning
+    top = (run_out / "results" / "top_anomalies.csv").read_text().splitlines()
+    assert top[0] == "rank,score,percentile,p_value,flagged,uri,neighbor_uris"
+    marker = json.loads((run_out / "results" / "_SUCCESS").read_text())
+    assert (marker["flags"], marker["drift"]) == (summary["flags"], summary["drift"])
+
+
+def test_alpha_flags_rows_and_an_unreachable_alpha_is_refused(run_out, tmp_path, capsys):
+    args = ["score", "--features", str(run_out / "features"), "--index",
+            str(run_out / "index"), "--top", "30"]
+    assert main([*args, "--output", str(tmp_path / "a"), "--alpha", "0.05"]) == 0
+    rows = _results(tmp_path / "a")
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    flagged = [r for r in rows if r["flagged"]]
+    assert flagged and all(r["p_value"] <= 0.05 for r in flagged)
+    assert all(r["p_value"] > 0.05 for r in rows if not r["flagged"])
+    assert summary["flags"]["rule"] == "alpha" and summary["flags"]["level"] == 0.05
+    assert summary["flags"]["flagged"] == len(flagged) and summary["warnings"] == []
+    assert summary["flags"]["threshold"] == min(r["score"] for r in flagged)
+    top = list(csv.DictReader(open(tmp_path / "a" / "top_anomalies.csv")))
+    assert [r["flagged"] for r in top] == ["true"] * len(flagged) + ["false"] * (
+        30 - len(flagged))
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "b"), "--alpha", "0.01"]) == 1
+    err = capsys.readouterr().err
+    assert ("dn2 score: error: --alpha 0.01 asks for p <= 0.01, but the normal reference of "
+            "24 scores gives p no lower than 0.04 (no fitted tail): nothing can be flagged; "
+            "use --alpha >= 0.04 or build the index") in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_manifest_columns_are_carried_and_anomalies_rank_high(run_out):
@@ -162,7 +232,7 @@ def test_feature_transform_none_is_the_papers_raw_features(run_out, tmp_path):
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
     expected = dict(zip(incoming.column("uri").to_pylist(), brute_scores(
-        embeddings(incoming), embeddings(normal), k=2), strict=True))
+        embeddings(incoming), embeddings(normal)[_kept(tmp_path / "index")], k=2), strict=True))
     rows = _results(tmp_path / "res")
     np.testing.assert_allclose([r["score"] for r in rows], [expected[r["uri"]] for r in rows],
                                rtol=1e-5)
@@ -183,7 +253,8 @@ def test_hnsw_index_through_the_command_line(run_out, tmp_path):
     normal = read_table(str(run_out / "normal_features"), "features")
     incoming = read_table(str(run_out / "features"), "features")
     exact = dict(zip(incoming.column("uri").to_pylist(), brute_scores(
-        root4_l2(embeddings(incoming)), root4_l2(embeddings(normal)), k=2), strict=True))
+        root4_l2(embeddings(incoming)), root4_l2(embeddings(normal))[_kept(tmp_path / "index")],
+        k=2), strict=True))
     rows = _results(tmp_path / "res")
     got = np.array([r["score"] for r in rows])
     want = np.array([exact[r["uri"]] for r in rows])

@@ -31,7 +31,14 @@ from pipelines.cli import main
 from tests.conftest import brute_scores, digit_images, root4_l2
 
 SUMMARY_KEYS = ["count_in", "scored", "errored", "errors_by_stage", "partition", "backbone",
-                "index_id", "index_dir", "input", "timings", "created_at"]
+                "index_id", "index_dir", "input", "timings", "created_at", "flags", "drift",
+                "warnings"]
+DRIFT = {"test": "ks-uniform", "lower": 0.2, "level": 0.001, "rows": 3, "statistic": None,
+         "pvalue": None, "warn": False}
+# What the scoring stage decided for _stage_results' partition (dn2ops.score.decisions).
+DECISION = {"flags": {"rule": "fdr", "level": 0.05, "flagged": 1, "threshold": 0.9,
+                      "p_value_floor": 0.0, "reference_n": 500},
+            "drift": DRIFT, "warnings": ["reference too small, say"]}
 
 
 def _write(directory: Path, prefix: str, rows: list[dict], schema: pa.Schema) -> None:
@@ -40,8 +47,10 @@ def _write(directory: Path, prefix: str, rows: list[dict], schema: pa.Schema) ->
                    directory / f"{prefix}-00000-of-00001.parquet")
 
 
-def _anomaly(uri: str, score: float, rank: int, pct: float) -> dict:
-    return {"uri": uri, "score": score, "rank": rank, "percentile": pct,
+def _anomaly(uri: str, score: float, rank: int, pct: float, p: float = 0.5,
+             flagged: bool = False) -> dict:
+    return {"uri": uri, "score": score, "rank": rank, "percentile": pct, "p_value": p,
+            "p_value_source": "rank", "flagged": flagged,
             "neighbor_uris": [f"{uri}-n1", f"{uri}-n2"], "neighbor_distances": [0.1, 0.2],
             "partition": "2026-11-28", "backbone": "efficientnet_lite0", "index_id": "ix",
             "sha256": "0" * 64}
@@ -54,8 +63,9 @@ def _error(uri: str, stage: str, error: str = "boom") -> dict:
 def _stage_results(output: Path) -> str:
     """A staged image-mode result: 3 anomalies, 3 errors (2 read, 1 decode)."""
     staging = Path(outputs.new_staging(str(output)))
-    _write(staging, "anomalies", [_anomaly("a", 0.5, 2, 80.0), _anomaly("b", 0.9, 1, 99.5),
-                                  _anomaly("c", 0.1, 3, 10.25)], anomaly_schema())
+    _write(staging, "anomalies", [_anomaly("a", 0.5, 2, 80.0, 0.2),
+                                  _anomaly("b", 0.9, 1, 99.5, 1.2345678e-5, True),
+                                  _anomaly("c", 0.1, 3, 10.25, 0.9)], anomaly_schema())
     _write(staging, "errors", [_error("x", "read"), _error("y", "decode"), _error("z", "read")],
            graphs.RESULT_ERROR_SCHEMA)
     return str(staging)
@@ -72,11 +82,15 @@ def _results(staging: str, output: Path, count_in: int, **kw) -> dict:
 # --- finalize_results as a plain function -------------------------------------------
 
 
-def test_finalize_results_writes_summary_top_csv_and_commits(tmp_path):
+def test_finalize_results_writes_summary_top_csv_and_commits(tmp_path, caplog):
     out = tmp_path / "results"
     staging = _stage_results(out)
-    summary = _results(staging, out, 6, top=2)
+    summary = _results(staging, out, 6, top=2, decision=DECISION)
     assert list(summary) == SUMMARY_KEYS
+    assert (summary["flags"], summary["drift"]) == (DECISION["flags"], DRIFT)
+    assert summary["warnings"] == ["reference too small, say"]
+    assert f"{out}: reference too small, say" in [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert (summary["count_in"], summary["scored"], summary["errored"]) == (6, 3, 3)
     assert summary["errors_by_stage"] == {"read": 2, "decode": 1}
     assert (summary["partition"], summary["index_id"], summary["input"]) == (
@@ -90,9 +104,10 @@ def test_finalize_results_writes_summary_top_csv_and_commits(tmp_path):
     assert files == [{"name": p.name, "size": p.stat().st_size} for p in sorted(out.iterdir())
                      if p.name != outputs.MARKER]
     rows = list(csv.reader(io.StringIO((out / "top_anomalies.csv").read_text())))
-    assert rows == [["rank", "score", "percentile", "uri", "neighbor_uris"],
-                    ["1", "0.900000", "99.50", "b", "b-n1 b-n2"],
-                    ["2", "0.500000", "80.00", "a", "a-n1 a-n2"]]
+    assert rows == [["rank", "score", "percentile", "p_value", "flagged", "uri",
+                     "neighbor_uris"],
+                    ["1", "0.900000", "99.50", "1.23457e-05", "true", "b", "b-n1 b-n2"],
+                    ["2", "0.500000", "80.00", "0.2", "false", "a", "a-n1 a-n2"]]
     assert not Path(staging).exists() and not (out / outputs.COMMITTING).exists()
     assert sorted(read_table(str(out), "anomalies").column("uri").to_pylist()) == ["a", "b", "c"]
 
@@ -156,7 +171,8 @@ def test_group_mode_summary_and_top_groups(tmp_path):
         return {"group": name, "score": score, "rank": rank, "size": size,
                 "member_uris": [f"{name}/{i}" for i in range(size)],
                 "neighbor_groups": ["n0", "n1"], "neighbor_distances": [1.0, 2.0],
-                "percentile": 50.0, "method": "knn", "pool": "mean", "group_by": "parent_dir",
+                "percentile": 50.0, "p_value": 0.01 * rank, "p_value_source": "rank",
+                "flagged": rank == 1, "method": "knn", "pool": "mean", "group_by": "parent_dir",
                 "partition": "p", "backbone": "efficientnet_lite0", "index_id": "ix"}
 
     _write(staging, "groups", [group("lot-a", 5, 0.25, 2), group("lot-b", 4, 1.5, 1)],
@@ -169,9 +185,10 @@ def test_group_mode_summary_and_top_groups(tmp_path):
     assert summary["groups"] == {"group_by": "parent_dir", "method": "knn", "pool": "mean",
                                  "scored": 2, "errored": 1}
     rows = list(csv.reader(io.StringIO((out / "top_groups.csv").read_text())))
-    assert rows == [["rank", "score", "group", "size", "neighbor_groups"],
-                    ["1", "1.500000", "lot-b", "4", "n0 n1"],
-                    ["2", "0.250000", "lot-a", "5", "n0 n1"]]
+    assert rows == [["rank", "score", "p_value", "flagged", "group", "size",
+                     "neighbor_groups"],
+                    ["1", "1.500000", "0.01", "true", "lot-b", "4", "n0 n1"],
+                    ["2", "0.250000", "0.02", "false", "lot-a", "5", "n0 n1"]]
     assert not (out / "top_anomalies.csv").exists()
 
 
@@ -232,14 +249,15 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
     staging = outputs.new_staging(str(out))
     p = beam.Pipeline(options=options.beam_options([]))
     feats, errors, count_in = graphs.read_features(p, str(incoming))
-    written = graphs.score(feats, errors, staging, index_dir=str(index),
-                           partition="2026-11-28", extra_columns=[], search=SearchConfig())
+    written, decision = graphs.score(feats, errors, staging, index_dir=str(index),
+                                     partition="2026-11-28", extra_columns=[],
+                                     search=SearchConfig())
     graphs.finalize(p, functools.partial(
         finalize.finalize_results, staging=staging, output=str(out), partition="2026-11-28",
         source=str(incoming), index_dir=str(index),
         index_id=outputs.read_marker(str(index))["index_id"], backbone="efficientnet_lite0",
         started=time.time(), pipeline_started=time.time(), top=5),
-        count_in=count_in, written=written)
+        count_in=count_in, written=written, counts={"decision": decision})
     p.run().wait_until_finish()
 
     marker = outputs.require_complete(str(out), "results")
@@ -261,6 +279,14 @@ def test_the_pipeline_commits_with_no_code_after_run(store, tmp_path):
     np.testing.assert_allclose([float(r["score"]) for r in top], [s for s, _ in expected],
                                rtol=1e-4)
     assert not list(out.glob("_staging-*")) and not list(out.glob("beam-temp-*"))
+    # the decision the ranking pass flagged by is the one summary.json reports
+    ranked = read_table(str(out), "anomalies")
+    flags = summary["flags"]
+    assert (flags["rule"], flags["level"]) == ("fdr", 0.05)
+    assert flags["flagged"] == sum(ranked.column("flagged").to_pylist())
+    assert flags["reference_n"] == 16 and summary["drift"]["test"] == "ks-uniform"
+    assert [r["p_value"] for r in top] == [f"{p:.6g}" for p in sorted(
+        ranked.column("p_value").to_pylist())[:5]]
 
 
 def test_template_launch_commits_in_the_job_and_fails_it_on_too_many_errors(store, tmp_path,

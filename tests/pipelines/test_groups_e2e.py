@@ -99,6 +99,24 @@ def test_every_image_is_accounted_for_and_the_solo_lot_is_an_error(knn_out, lots
     manifest = json.loads((knn_out / "index" / "_SUCCESS").read_text())
     assert manifest["group_by"] == "parent_dir" and manifest["pool"] == "mean"
     assert manifest["group_counts"]["sets_indexed"] == 4
+    # The default cleaning (auto) needs at least 20 sets to estimate their spread: it says so.
+    assert manifest["cleaning"]["rule"] == "not applied" and manifest["counts"]["dropped"] == 0
+    assert "4 normal rows" in manifest["cleaning"]["why"]
+
+
+def test_sets_get_p_values_against_the_normal_sets_and_flags(knn_out):
+    """4 normal sets: p >= 1/5, so BH at 5 % can flag none, and the summary says why."""
+    groups = _groups(knn_out / "results")
+    ref = pq.read_table(knn_out / "index" / "normal.parquet").column("loo_score").to_numpy()
+    for g in groups:
+        assert g["p_value"] == pytest.approx((1 + np.sum(ref >= g["score"])) / 5)
+        assert g["p_value_source"] == "rank" and g["flagged"] is False
+    summary = json.loads((knn_out / "results" / "summary.json").read_text())
+    assert summary["flags"] == {"rule": "fdr", "level": 0.05, "flagged": 0, "threshold": None,
+                                "p_value_floor": 0.2, "reference_n": 4}
+    assert "nothing can be flagged" in summary["warnings"][0]
+    top = (knn_out / "results" / "top_groups.csv").read_text().splitlines()
+    assert top[0] == "rank,score,p_value,flagged,group,size,neighbor_groups"
 
 
 def test_covtrace_needs_no_index_and_a_manifest_column_groups_alike(knn_out, tmp_path):
@@ -116,9 +134,11 @@ def test_covtrace_needs_no_index_and_a_manifest_column_groups_alike(knn_out, tmp
         for name, g in got.items():
             assert g["score"] == pytest.approx(expected[name], rel=1e-5)
             assert g["method"] == "covtrace" and g["index_id"] is None
+            assert g["p_value"] is None and g["flagged"] is None
         assert got[MIXED]["rank"] == 1
         summary = json.loads((out / "summary.json").read_text())
         assert summary["count_in"] == summary["scored"] + summary["errored"] == 21
+        assert summary["flags"]["rule"] is None and "covtrace" in summary["flags"]["why"]
     assert {n: g["rank"] for n, g in results["lot"].items()} == {
         n: g["rank"] for n, g in results["parent_dir"].items()}
 

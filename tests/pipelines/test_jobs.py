@@ -60,7 +60,7 @@ def test_score_of_features_ranks_by_the_brute_force_score(toy):
     expected = brute_scores(root4_l2(incoming), root4_l2(normal), 2)
     np.testing.assert_allclose(table.column("score").to_numpy(), expected, rtol=1e-4)
     top = (root / "results" / "top_anomalies.csv").read_text().splitlines()[1:]
-    assert [line.split(",")[3] for line in top] == [uris[i] for i in np.argsort(-expected)[:4]]
+    assert [line.split(",")[5] for line in top] == [uris[i] for i in np.argsort(-expected)[:4]]
 
 
 def _fail(x):

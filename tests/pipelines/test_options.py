@@ -114,6 +114,29 @@ def test_reference_sample_defaults_to_a_bounded_sample_and_all_means_every_image
         options.parse("build-index", [*build, "--reference-sample", "0"])
 
 
+@pytest.mark.parametrize("command, flags, fraction", [
+    ("build-index", [], "auto"), ("run", [], "auto"),  # the command line cleans by default
+    ("build-index", ["--clean-fraction", "auto"], "auto"),
+    ("build-index", ["--no-clean"], 0.0), ("run", ["--clean-fraction", "0"], 0.0),
+    ("build-index", ["--clean-fraction", "0.1"], 0.1),
+    ("build-index", ["--group-by", "lot"], "auto"),  # sets too (below 20 sets: not applied)
+])
+def test_clean_fraction_is_auto_unless_told(command, flags, fraction):
+    argv = (["--features", "/f", "--output", "/o"] if command == "build-index"
+            else ["--normal", "/n", "--input", "/i", "--output", "/o"])
+    index = options.parse(command, [*argv, *flags])[0].config.index
+    assert index.clean_fraction == fraction
+    assert index.clean_rule == {"auto": "auto", 0.0: "off", 0.1: "fraction"}[fraction]
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "sometimes"])
+def test_clean_fraction_takes_auto_or_a_fraction(value, capsys):
+    with pytest.raises(SystemExit):
+        options.parse("build-index", ["--features", "/f", "--output", "/o",
+                                      "--clean-fraction", value])
+    assert "--clean-fraction" in capsys.readouterr().err
+
+
 def test_parse_builds_one_validated_job_config():
     from dn2ops.config import GroupConfig, IndexConfig, SearchConfig
 
@@ -121,7 +144,8 @@ def test_parse_builds_one_validated_job_config():
                                     "--ivf", "64", "--pq", "8", "--batch-size", "16",
                                     "--reads-in-flight", "5", "--stream-shards", "--top", "3"])
     cfg = args.config
-    assert cfg.index == IndexConfig(ivf_lists=64, pq_m=8, feature_transform="root4-l2")
+    assert cfg.index == IndexConfig(ivf_lists=64, pq_m=8, feature_transform="root4-l2",
+                                    clean_fraction="auto")
     assert cfg.embed.batch_size == 16 and cfg.embed.max_in_flight == 5
     assert cfg.search == SearchConfig(stream_shards=True, device="auto")
     assert cfg.score.top == 3 and cfg.group is None
@@ -195,3 +219,46 @@ def test_report_takes_its_own_flags_and_no_beam_options(capsys):
         with pytest.raises(SystemExit) as e:
             options.parse("report", argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, rule", [
+    ([], ("fdr", 0.05)), (["--fdr", "0.1"], ("fdr", 0.1)), (["--alpha", "0.001"], ("alpha", 0.001)),
+    (["--alpha=1e-4"], ("alpha", 1e-4)),
+])
+def test_fdr_by_default_or_alpha_instead(flags, rule):
+    from dn2ops.config import FlagConfig
+
+    for command, argv in (("score", _score("--partition", "p")),
+                          ("run", ["--normal", "/n", "--input", "/i", "--output", "/o"])):
+        config = options.parse(command, [*argv, *flags])[0].config
+        assert config.score.flags == FlagConfig(*rule)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fdr", "0"], "--fdr: must be in (0, 1), got 0"),
+    (["--fdr", "1"], "--fdr: must be in (0, 1), got 1"),
+    (["--alpha", "-0.1"], "--alpha: must be in (0, 1), got -0.1"),
+    (["--alpha", "often"], "--alpha: expected a number in (0, 1), got 'often'"),
+    (["--fdr", "0.1", "--alpha", "0.01"], "--alpha: not allowed with argument --fdr"),
+    (["--group-by", "lot", "--group-score", "covtrace", "--alpha", "0.01"],
+     "--fdr and --alpha flag by p-values against normal sets"),
+])
+def test_fdr_and_alpha_refusals(flags, message, capsys):
+    argv = _score("--partition", "p", *flags)
+    if "covtrace" in flags:
+        argv.remove("--index")
+        argv.remove("gs://b/dn2/index")
+    with pytest.raises(SystemExit) as e:
+        options.parse("score", argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_flag_config_refuses_levels_outside_the_open_interval():
+    from dn2ops.config import FlagConfig
+    from dn2ops.errors import ConfigError
+
+    for rule, level in (("fdr", 0.0), ("alpha", 1.0), ("fdr", True), ("fdr", "0.1")):
+        with pytest.raises(ConfigError, match=f"--{rule} must be in \\(0, 1\\)"):
+            FlagConfig(rule, level)
+    with pytest.raises(ConfigError, match="flag rule must be one of"):
+        FlagConfig("bonferroni", 0.05)

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from dn2ops.config import IndexConfig
 from dn2ops.index.files import IndexDir
-from dn2ops.index.reference import ScoreFn
+from dn2ops.index.reference import Scorer
 
 LOG = logging.getLogger("dn2")
 
@@ -29,8 +29,9 @@ LOG = logging.getLogger("dn2")
 @dataclasses.dataclass
 class Source:
     """The kept normal rows a build reads: ``chunks()`` yields them transformed, one
-    feature shard at a time (``kept_per_shard`` rows each); ``ref_ids`` are the rows of
-    the percentile reference (None: all)."""
+    feature shard at a time (``kept_per_shard`` rows each); ``ref_ids`` are the kept rows
+    of the normal reference's sample (None: all; dn2ops.index.build scores the sample's
+    removed rows)."""
 
     chunks: Callable[[], Iterator[np.ndarray]]
     n: int
@@ -42,12 +43,14 @@ class Source:
 @dataclasses.dataclass
 class Built:
     """One kind's files (name -> sha256), its reference scores (n,) and distances
-    (n, k'), and what the manifest records of it: ``n_flat`` flat shards, ``info`` under
-    the kind's key."""
+    (n, k') of the kept rows (NaN: not in the reference), the ``scorer`` that gave them
+    (it scores the removed rows too), and what the manifest records of it: ``n_flat``
+    flat shards, ``info`` under the kind's key."""
 
     checksums: dict[str, str]
     ref: np.ndarray
     ref_d: np.ndarray
+    scorer: Scorer
     n_flat: int = 0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -87,6 +90,7 @@ class Growing(Protocol):
     n: int  # n_old + m
     per_shard: list[int]  # the added rows, per feature shard
     retrain: bool
+    reference_sample: int | None  # the reference's sample size (None: every row)
     device: str
     seed: int
     fs: Any
@@ -117,8 +121,8 @@ class Growing(Protocol):
 
 class IndexKind(abc.ABC):
     """One kind of index. ``key``: the manifest key of what it records of itself (None:
-    nothing); ``how``: how its percentile reference is scored (the manifest's
-    reference.how); ``neighbours``: whether a score is a mean over k neighbours (else
+    nothing); ``how``: how its normal reference is scored (the manifest's reference.how
+    starts with it); ``neighbours``: whether a score is a mean over k neighbours (else
     one distance, and no neighbours are reported)."""
 
     name: ClassVar[str]
@@ -140,9 +144,9 @@ class IndexKind(abc.ABC):
         """Writes the kind's files of the rows ``src`` into ``stage``; scores the reference."""
 
     @abc.abstractmethod
-    def grow(self, g: Growing) -> tuple[ScoreFn, dict[str, Any]]:
-        """Stages the parent's files grown by the added rows. Returns the reference's score
-        function over the new index and the manifest entries that change."""
+    def grow(self, g: Growing) -> tuple[Scorer, dict[str, Any]]:
+        """Stages the parent's files grown by the added rows. Returns the reference's
+        scorer over the new index and the manifest entries that change."""
 
     @abc.abstractmethod
     def load(self, files: IndexDir, *, device: str, stream_shards: bool) -> Searcher:

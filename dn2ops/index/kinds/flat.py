@@ -13,7 +13,7 @@ from dn2ops.index import gpu, streams
 from dn2ops.index.files import IndexDir, flat_of, shard_name
 from dn2ops.index.kinds.base import Built, Growing, IndexKind, NeighbourSearcher, Source
 from dn2ops.index.knn import ExactShard, FlatShard, knn_sharded
-from dn2ops.index.reference import ScoreFn, flat_loo, reference_scores
+from dn2ops.index.reference import ScoreFn, Scorer, flat_loo, reference_scores
 from dn2ops.index.shards import shard_loader, shard_sizes, write_flat_shards
 
 
@@ -93,12 +93,14 @@ class Flat(IndexKind):
         """Flat shards, written as the rows stream by."""
         checksums, n_flat, (ref_x,) = write_shards(fs, stage, src, c)
         load = shard_loader(fs, stage, sorted(checksums), device)
-        ref, ref_d = reference_scores(flat_loo(load, c.k, device), src.chunks, src.n,
-                                      src.ref_ids, ref_x, keep=self.width(c.k))
-        return Built(checksums, ref, ref_d, n_flat=n_flat)
+        scorer = Scorer(flat_loo(load, c.k, device), self.how)
+        ref, ref_d = reference_scores(scorer.score, src.chunks, src.n, src.ref_ids, ref_x,
+                                      keep=self.width(c.k))
+        return Built(checksums, ref, ref_d, scorer, n_flat=n_flat)
 
-    def grow(self, g: Growing) -> tuple[ScoreFn, dict[str, Any]]:
-        return grow_shards(g)
+    def grow(self, g: Growing) -> tuple[Scorer, dict[str, Any]]:
+        score, info = grow_shards(g)
+        return Scorer(score, self.how), info
 
     def load(self, files: IndexDir, *, device: str, stream_shards: bool) -> FlatSearcher:
         return FlatSearcher(files, int(files.manifest["k"]), device=device,

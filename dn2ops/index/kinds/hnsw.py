@@ -14,7 +14,7 @@ from dn2ops.index import hnsw as faiss_hnsw
 from dn2ops.index import streams
 from dn2ops.index.files import IndexDir, write_index
 from dn2ops.index.kinds.base import ApproximateKind, Built, Growing, NeighbourSearcher, Source
-from dn2ops.index.reference import ScoreFn, approx_loo, reference_scores
+from dn2ops.index.reference import Scorer, approx_loo, reference_scores
 from dn2ops.io import outputs
 
 
@@ -51,11 +51,12 @@ class Hnsw(ApproximateKind):
         del tap
         path = outputs.join(stage, faiss_hnsw.INDEX_FILE)
         checksums = {faiss_hnsw.INDEX_FILE: write_index(fs, path, index)}
-        ref, ref_d = reference_scores(approx_loo(faiss_hnsw.search, index, c.k), src.chunks,
-                                      src.n, src.ref_ids, ref_x, keep=self.width(c.k))
-        return Built(checksums, ref, ref_d, info={self.key: info})
+        scorer = Scorer(approx_loo(faiss_hnsw.search, index, c.k), self.how)
+        ref, ref_d = reference_scores(scorer.score, src.chunks, src.n, src.ref_ids, ref_x,
+                                      keep=self.width(c.k))
+        return Built(checksums, ref, ref_d, scorer, info={self.key: info})
 
-    def grow(self, g: Growing) -> tuple[ScoreFn, dict[str, Any]]:
+    def grow(self, g: Growing) -> tuple[Scorer, dict[str, Any]]:
         """The added rows inserted into the graph; recall@k measured again at the parent's
         efSearch."""
         meta = g.parent[self.key]
@@ -66,7 +67,7 @@ class Hnsw(ApproximateKind):
         recall = g.recall(lambda xq, k: faiss_hnsw.search(index, xq, k), meta["ef_search"],
                           "at_ef_search", meta["recall"])
         g.write(faiss_hnsw.INDEX_FILE, index)
-        return (approx_loo(faiss_hnsw.search, index, g.k),
+        return (Scorer(approx_loo(faiss_hnsw.search, index, g.k), self.how),
                 {self.key: {**meta, "recall": recall}})
 
     def load(self, files: IndexDir, *, device: str, stream_shards: bool) -> HnswSearcher:

@@ -16,7 +16,7 @@ from dn2ops.index import gpu, streams
 from dn2ops.index import ivf as faiss_ivf
 from dn2ops.index.files import IndexDir, IndexError_, corrupt, file_sha256, write_index
 from dn2ops.index.kinds.base import ApproximateKind, Built, Growing, NeighbourSearcher, Source
-from dn2ops.index.reference import ScoreFn, approx_loo, reference_scores
+from dn2ops.index.reference import Scorer, approx_loo, reference_scores
 from dn2ops.io import outputs
 
 
@@ -88,11 +88,12 @@ class Ivf(ApproximateKind):
         ref_x = tap.rows(2)
         del tap
         checksums = _write(fs, stage, index, c.ondisk)
-        ref, ref_d = reference_scores(approx_loo(faiss_ivf.search, index, c.k), src.chunks, n,
-                                      src.ref_ids, ref_x, keep=self.width(c.k))
-        return Built(checksums, ref, ref_d, info={self.key: info})
+        scorer = Scorer(approx_loo(faiss_ivf.search, index, c.k), self.how)
+        ref, ref_d = reference_scores(scorer.score, src.chunks, n, src.ref_ids, ref_x,
+                                      keep=self.width(c.k))
+        return Built(checksums, ref, ref_d, scorer, info={self.key: info})
 
-    def grow(self, g: Growing) -> tuple[ScoreFn, dict[str, Any]]:
+    def grow(self, g: Growing) -> tuple[Scorer, dict[str, Any]]:
         """The added rows go into the trained lists (``add_with_ids``); recall@k measured
         again at the parent's nprobe."""
         meta = g.parent[self.key]
@@ -105,7 +106,8 @@ class Ivf(ApproximateKind):
         recall = g.recall(lambda xq, k: faiss_ivf.search(index, xq, k), meta["nprobe"],
                           "at_nprobe", meta["recall"])
         g.write(faiss_ivf.INDEX_FILE, index)
-        return approx_loo(faiss_ivf.search, index, g.k), {self.key: {**meta, "recall": recall}}
+        return (Scorer(approx_loo(faiss_ivf.search, index, g.k), self.how),
+                {self.key: {**meta, "recall": recall}})
 
     def load(self, files: IndexDir, *, device: str, stream_shards: bool) -> IvfSearcher:
         meta = files.manifest[self.key]

@@ -13,10 +13,18 @@ import pytest
 from dn2ops.config import IndexConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index
 from dn2ops.index.add import add_to_index
+from dn2ops.index.calibration import fit_tail, tail_entry
 from dn2ops.index.knn import knn_leave_one_out
 from dn2ops.io import features
 from pipelines.cli import main
-from tests.conftest import META, brute_scores, clustered, root4_l2, write_features
+from tests.conftest import (
+    META,
+    brute_dists,
+    brute_scores,
+    clustered,
+    root4_l2,
+    write_features,
+)
 
 N_OLD, N_ADD = 300, 120
 
@@ -154,10 +162,15 @@ def test_cli_add_then_score(sets, tmp_path, capsys):
     assert main(["build-index", "--add", str(root / "added"), "--index", str(tmp_path / "p"),
                  "--output", str(tmp_path / "a"), "--device", "cpu"]) == 0
     m = json.loads((tmp_path / "a" / "_SUCCESS").read_text())
-    assert m["added"]["images"] == N_ADD and m["feature_transform"] == "root4-l2"
+    # The default cleans: the parent by the auto rule, the added images by its threshold.
+    kept = pq.read_table(tmp_path / "a" / "normal.parquet").column("kept").to_numpy()
+    assert m["cleaning"]["rule"] == "auto" and m["cleaning"]["added"]["rule"] == "auto"
+    assert m["cleaning"]["added"]["removed"] == N_ADD - kept[N_OLD:].sum() <= N_ADD // 2
+    assert m["counts"]["dropped"] == (~kept).sum() < 0.05 * len(kept)
+    assert m["added"]["images"] == kept[N_OLD:].sum() and m["feature_transform"] == "root4-l2"
     # The added rows were transformed as the parent's were: scores over root4-l2 features.
     s, _, _ = LoadedIndex(str(tmp_path / "a"), device="cpu").search(xq)
-    np.testing.assert_allclose(s, brute_scores(root4_l2(xq), root4_l2(X), 2), rtol=1e-4)
+    np.testing.assert_allclose(s, brute_scores(root4_l2(xq), root4_l2(X[kept]), 2), rtol=1e-4)
     with pytest.raises(SystemExit):
         main(["build-index", "--add", str(root / "added"), "--index", str(tmp_path / "p"),
               "--output", str(tmp_path / "b"), "--kmeans", "4"])
@@ -215,3 +228,71 @@ def test_a_parent_sampled_more_thinly_than_asked_gets_a_fresh_sample(sets, tmp_p
     score = pq.read_table(tmp_path / "a" / "normal.parquet").column("loo_score").to_numpy()
     sampled = np.flatnonzero(np.isfinite(score))
     np.testing.assert_allclose(score[sampled], _loo_by_hand(X)[sampled], rtol=1e-5)
+
+
+def _cleaned_parent(features_dir, parent_dir, reference_sample):
+    """A parent cleaned by a fraction (its added rows are then kept as they are)."""
+    build_index(str(features_dir), str(parent_dir),
+                IndexConfig(k=2, clean_fraction=0.1, reference_sample=reference_sample))
+    return pq.read_table(parent_dir / "normal.parquet").column("kept").to_numpy()
+
+
+@pytest.mark.parametrize("parent_sample, incremental", [(None, True), (100, False)])
+def test_a_cleaned_parent_keeps_its_removed_rows_in_the_reference(sets, tmp_path,
+                                                                  parent_sample, incremental):
+    root, X, _ = sets
+    kept_old = _cleaned_parent(root / "old", tmp_path / "p", parent_sample)
+    m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"),
+                     reference_sample=None)
+    t = pq.read_table(tmp_path / "a" / "normal.parquet")
+    kept, ids = t.column("kept").to_numpy(), t.column("id").to_numpy()
+    loo = t.column("loo_score").to_numpy()
+    np.testing.assert_array_equal(kept, np.concatenate([kept_old, np.ones(N_ADD, bool)]))
+    assert np.isfinite(loo).all()  # every row, the 30 the parent removed included
+    # Removed rows: their k nearest kept rows of the union; kept: leave-one-out over them.
+    np.testing.assert_allclose(loo[~kept], brute_scores(X[~kept], X[kept], 2), rtol=1e-5)
+    np.testing.assert_allclose(loo[kept], _loo_by_hand(X[kept])[ids[kept]], rtol=1e-5)
+    ref = m["reference"]
+    assert (ref["incremental"], ref["includes_removed"], ref["of"], ref["scores"]) == (
+        incremental, True, N_OLD + N_ADD, N_OLD + N_ADD)
+    assert ref["tail"] == tail_entry(fit_tail(loo))
+    assert LoadedIndex(str(tmp_path / "a"), device="cpu").reference.n == N_OLD + N_ADD
+
+
+def test_removed_rows_whose_features_are_gone_leave_the_reference(sets, tmp_path, caplog):
+    root, X, _ = sets
+    write_features(tmp_path / "gone", X[:N_OLD], [N_OLD])
+    kept_old = _cleaned_parent(tmp_path / "gone", tmp_path / "p", None)
+    (tmp_path / "gone" / "_SUCCESS").unlink()
+    m = add_to_index(str(root / "added"), str(tmp_path / "p"), str(tmp_path / "a"),
+                     reference_sample=None)
+    loo = pq.read_table(tmp_path / "a" / "normal.parquet").column("loo_score").to_numpy()
+    assert np.isnan(loo[:N_OLD][~kept_old]).all() and np.isfinite(loo[:N_OLD][kept_old]).all()
+    assert m["reference"]["includes_removed"] is False
+    assert "left out of it: the parent's features" in caplog.text
+    ref = LoadedIndex(str(tmp_path / "a"), device="cpu").reference
+    assert ref.n == kept_old.sum() + N_ADD
+
+
+def test_kmeans_grows_an_out_of_sample_reference(sets, tmp_path):
+    """A parent of 300 rows and 1 centre, trained on all of them (cross-fitted); 250 rows
+    added: with the centre kept they are out of its sample and enough (>= 200) to be the
+    reference alone; retrained on all 550, the reference is cross-fitted again."""
+    root, X, _ = sets
+    more = clustered(250, seed=21)
+    write_features(tmp_path / "more", more, [250], start=1000)
+    p = build_index(str(root / "old"), str(tmp_path / "p"), IndexConfig(k=2, n_centroids=1))
+    assert "cross-fitted" in p["reference"]["how"]
+    m = add_to_index(str(tmp_path / "more"), str(tmp_path / "p"), str(tmp_path / "a"))
+    assert m["reference"]["how"].endswith("rows not in the centres' training sample")
+    loo = pq.read_table(tmp_path / "a" / "normal.parquet").column("loo_score").to_numpy()
+    assert np.isnan(loo[:N_OLD]).all() and np.isfinite(loo[N_OLD:]).all()
+    centre = LoadedIndex(str(tmp_path / "p"), device="cpu").centroids
+    np.testing.assert_allclose(loo[N_OLD:], brute_dists(more, centre)[:, 0], rtol=1e-5)
+    assert m["kmeans"]["sample_of"] == N_OLD and m["reference"]["tail"] == tail_entry(
+        fit_tail(loo))
+    r = add_to_index(str(tmp_path / "more"), str(tmp_path / "p"), str(tmp_path / "r"),
+                     retrain=True)
+    assert "cross-fitted" in r["reference"]["how"] and r["kmeans"]["trained_on"] == 550
+    loo = pq.read_table(tmp_path / "r" / "normal.parquet").column("loo_score").to_numpy()
+    assert np.isfinite(loo).all()

@@ -16,9 +16,10 @@ import pytest
 
 from dn2ops.config import CLEAN_K, REFERENCE_SAMPLE, IndexConfig
 from dn2ops.index import IndexError_, LoadedIndex, build_index, hnsw, ivf, streams
+from dn2ops.index.calibration import fit_tail, tail_entry
 from dn2ops.index.knn import knn_leave_one_out
 from dn2ops.score.estimator import DN2Scorer
-from tests.conftest import brute_scores, clustered, write_features
+from tests.conftest import brute_loo_scores, brute_scores, clustered, write_features
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,10 @@ def test_cleaning_in_two_passes_equals_in_memory_cleaning(data, tmp_path):
     assert (~ref.kept_mask_).sum() == 30
     loo = t.column("loo_score").to_numpy()
     np.testing.assert_allclose(loo[ref.kept_mask_], ref.train_scores_, rtol=1e-5)
-    assert np.isnan(loo[~ref.kept_mask_]).all()
+    # The removed rows are in the reference too, scored against the kept rows.
+    kept_x = X[ref.kept_mask_]
+    np.testing.assert_allclose(loo[~ref.kept_mask_],
+                               brute_scores(X[~ref.kept_mask_], kept_x, 2), rtol=1e-5)
     ids = t.column("id").to_numpy()
     np.testing.assert_array_equal(ids[ref.kept_mask_], np.arange(270))
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
@@ -113,8 +117,10 @@ def test_reference_sample_scores_only_the_sample_exactly(data, tmp_path):
     have = np.isfinite(loo)
     # 95 % DKW bound, by hand: 100 * sqrt(ln(2 / 0.05) / (2 * 40)) = 21.473 points
     assert have.sum() == 40 and m["reference"] == {
-        "scores": 40, "sample": 40, "of": 300, "percentile_error": 21.473,
-        "how": "leave-one-out, exact"}
+        "scores": 40, "sample": 40, "of": 300, "includes_removed": True,
+        "percentile_error": 21.473, "how": "leave-one-out, exact",
+        "tail": tail_entry(fit_tail(loo))}
+    assert m["reference"]["tail"]["n_exceed"] == 20  # 40 // 2: just enough for a tail
     D, _ = knn_leave_one_out(X, 2)
     np.testing.assert_allclose(loo[have], D.mean(axis=1)[have], rtol=1e-5)
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
@@ -126,8 +132,10 @@ def test_default_reference_is_a_bounded_sample_all_below_it(data, tmp_path):
     assert REFERENCE_SAMPLE == 20_000
     m = build_index(str(root / "feats"), str(tmp_path / "i"),
                     IndexConfig(k=2))  # 300 rows < 20k: all
+    loo = normal_table(tmp_path / "i").column("loo_score").to_numpy()
     assert m["reference"] == {"scores": 300, "sample": None, "of": 300,
-                              "percentile_error": 0.0, "how": "leave-one-out, exact"}
+                              "includes_removed": True, "percentile_error": 0.0,
+                              "how": "leave-one-out, exact", "tail": tail_entry(fit_tail(loo))}
     # 20k sampled: every percentile within 0.96 points at 95 % (by hand, as above)
     assert round(streams.percentile_error(20_000), 2) == 0.96
 
@@ -137,9 +145,13 @@ def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
     m = build_index(str(root / "feats"), str(tmp_path / "i"),
                     IndexConfig(k=2, n_centroids=4, shards=2))
     # 300 rows < 1024 * 4: trained on every row, in order, as DN2Scorer.
-    assert m["n_centroids"] == 4 and m["kmeans"] == {"trained_on": 300}
+    assert m["n_centroids"] == 4
+    assert m["kmeans"] == {"trained_on": 300, "sample_of": 300, "seed": 1234}
     assert "kmeans.faiss" in m["files"]
-    assert m["reference"]["how"] == "distance to the nearest centre"
+    # No row is left out of the training sample: the reference is cross-fitted.
+    assert m["reference"]["how"] == ("distance to the nearest centre, out of sample: "
+                                     "cross-fitted over 5 folds of the centres' training "
+                                     "sample")
     ref = DN2Scorer(k=2, n_centroids=4).fit(X)
     loaded = LoadedIndex(str(tmp_path / "i"), device="cpu")
     np.testing.assert_allclose(loaded.centroids, ref.centroids_, rtol=1e-5, atol=1e-4)
@@ -149,7 +161,33 @@ def test_kmeans_manifest_and_scores_equal_the_scorer(data, tmp_path):
     s, D, I = loaded.search(xq)
     np.testing.assert_allclose(s, ref.score_samples(xq), rtol=1e-5)
     assert D.shape == (30, 0) and I.shape == (30, 0)
-    np.testing.assert_allclose(loaded.train_scores, np.sort(ref.train_scores_), rtol=1e-5)
+    # Out of sample: above DN2Scorer's in-sample distances (a row is near its own centre).
+    assert np.median(loaded.train_scores) > np.median(ref.train_scores_)
+
+
+def test_a_cleaned_index_samples_its_reference_among_every_normal_row(data, tmp_path):
+    root, X, _ = data
+    m = build_index(str(root / "feats"), str(tmp_path / "i"),
+                    IndexConfig(k=2, clean_fraction=0.1, reference_sample=100))
+    t = normal_table(tmp_path / "i")
+    kept, loo = t.column("kept").to_numpy(), t.column("loo_score").to_numpy()
+    # The draw an uncleaned index makes, among all 300 rows, kept or removed.
+    rows = streams.sample_ids(300, 100, IndexConfig().seed + 2)
+    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(loo)), rows)
+    removed = rows[~kept[rows]]
+    assert len(removed) > 0
+    # Kept rows: leave-one-out among the kept; removed rows: their k nearest kept rows.
+    by_id = brute_loo_scores(X[kept], 2)
+    sampled_kept = rows[kept[rows]]
+    np.testing.assert_allclose(loo[sampled_kept],
+                               by_id[t.column("id").to_numpy()[sampled_kept]], rtol=1e-5)
+    np.testing.assert_allclose(loo[removed], brute_scores(X[removed], X[kept], 2), rtol=1e-5)
+    assert {key: m["reference"][key] for key in ("scores", "sample", "of",
+                                                 "includes_removed")} == {
+        "scores": 100, "sample": 100, "of": 300, "includes_removed": True}
+    ref = LoadedIndex(str(tmp_path / "i"), device="cpu").reference
+    np.testing.assert_allclose(ref.scores, np.sort(loo[rows]))
+    assert ref.tail == fit_tail(loo[rows]) and m["reference"]["tail"] == tail_entry(ref.tail)
 
 
 @pytest.fixture(scope="module")

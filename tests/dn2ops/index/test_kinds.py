@@ -11,8 +11,9 @@ import pytest
 
 from dn2ops.config import IndexConfig
 from dn2ops.errors import ConfigError
-from dn2ops.index import IndexError_, build_index_from_arrays, kinds
+from dn2ops.index import IndexError_, LoadedIndex, build_index_from_arrays, kinds, streams
 from dn2ops.index.files import IndexDir
+from dn2ops.index.kinds.kmeans import KMEANS_FOLDS
 from dn2ops.io import outputs
 from tests.conftest import META, brute_dists, brute_knn, clustered
 
@@ -61,7 +62,7 @@ def test_the_kind_is_chosen_from_the_config(name):
 def test_the_kind_is_chosen_from_the_manifest(built, name):
     _, manifest = built[name]
     assert kinds.for_manifest(manifest).name == name
-    assert manifest["reference"]["how"] == kinds.for_manifest(manifest).how
+    assert manifest["reference"]["how"].startswith(kinds.for_manifest(manifest).how)
     # Each keyed kind's entry: this kind's filled in, the others' None.
     for key in ("ivf", "hnsw", "kmeans"):
         assert (manifest[key] is not None) == (key == name)
@@ -100,6 +101,49 @@ def test_each_kind_scores_its_reference_leave_one_out(built, data, name):
     R = brute_dists(X, X)
     np.fill_diagonal(R, np.inf)
     np.testing.assert_allclose(loo, np.sort(R, axis=1)[:, :2].mean(axis=1), rtol=1e-5)
+
+
+def test_kmeans_cross_fits_its_reference_when_every_row_trained_the_centres(built, data):
+    """N rows, N centres: every row trains them (no row is left out), so each reference
+    score comes from the centres of the other folds, which are those folds' rows: the
+    distance to the nearest row of another fold (in sample it would be 0)."""
+    X, _ = data
+    directory, manifest = built["kmeans"]
+    assert "cross-fitted over 5 folds" in manifest["reference"]["how"]
+    loo = pq.read_table(f"{directory}/normal.parquet").column("loo_score").to_numpy()
+    fold = np.empty(N, np.int64)  # the folds, as documented: a seeded permutation
+    fold[np.random.default_rng(IndexConfig().seed + 5).permutation(N)] = (
+        np.arange(N) % KMEANS_FOLDS)
+    R = brute_dists(X, X)
+    R[fold[:, None] == fold[None, :]] = np.inf
+    np.testing.assert_allclose(loo, R.min(axis=1), rtol=1e-5)
+    assert (loo > 0).all()
+
+
+@pytest.mark.parametrize("clean", [0.0, 0.1])
+def test_kmeans_reference_is_the_rows_out_of_its_training_sample(tmp_path, clean):
+    """1500 rows, 1 centre: trained on a sample of 1024, so the 476 others (and removed
+    rows at their rate, 326 / 1350 with cleaning) are the reference, scored against the
+    centre."""
+    X = clustered(1500, seed=12)
+    uris = [f"u{i:04d}" for i in range(1500)]
+    m = build_index_from_arrays(uris, uris, X, META, str(tmp_path / "i"),
+                                IndexConfig(k=2, n_centroids=1, clean_fraction=clean))
+    assert m["reference"]["how"] == ("distance to the nearest centre, out of sample: rows "
+                                     "not in the centres' training sample")
+    t = pq.read_table(tmp_path / "i" / "normal.parquet")
+    kept, ids = t.column("kept").to_numpy(), t.column("id").to_numpy()
+    loo = t.column("loo_score").to_numpy()
+    n_kept = int(kept.sum())
+    trained = np.zeros(1500, bool)
+    trained[np.flatnonzero(kept)[streams.sample_ids(n_kept, 1024, IndexConfig().seed)]] = True
+    assert m["kmeans"]["trained_on"] == 1024 and ids[trained].max() < n_kept
+    ref = np.isfinite(loo)
+    assert not (ref & trained).any()
+    np.testing.assert_array_equal(ref[kept], ~trained[kept])  # every held-out kept row
+    assert (ref & ~kept).sum() == round((~kept).sum() * (n_kept - 1024) / n_kept)
+    centre = LoadedIndex(str(tmp_path / "i"), device="cpu").centroids
+    np.testing.assert_allclose(loo[ref], brute_dists(X[ref], centre)[:, 0], rtol=1e-5)
 
 
 def test_flat_shards_stream_to_the_held_answer(built, data):

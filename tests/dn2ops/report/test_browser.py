@@ -15,7 +15,7 @@ from markupsafe import escape
 from benchmarks.datasets import write_manifest, write_png_store
 from dn2ops.report import write_report
 from pipelines.cli import main
-from tests.conftest import K, ParsedPage, digit_images, make_results_dir
+from tests.conftest import K, ParsedPage, digit_images, make_results_dir, mark_cleaned
 
 pytestmark = pytest.mark.browser
 
@@ -76,6 +76,35 @@ def test_report_screenshot(report, tmp_path, chromium):
     assert shot.exists() and shot.stat().st_size > 10_000
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / "report.png")
+
+
+def test_removed_normal_images_render_and_decode(tmp_path, chromium):
+    """An index whose cleaning removed 30 normal images: the section shows 24 of them, every
+    thumbnail decodes; a screenshot of it is left at test-artifacts/report-removed.png."""
+    paths = make_results_dir(tmp_path / "data", 40, groups=False)
+    mark_cleaned(paths["index"], paths["images"], 30)
+    page = Path(write_report(paths["results"], top=2, sample=0))
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"),
+                      encoding="utf-8")
+    result = chromium("--dump-dom", probed.as_uri())
+    match = re.search(r"<title>decoded=(\d+)/(\d+) sections=(.*?)</title>", result.stdout)
+    assert match, result.stdout[:500]
+    assert match.group(1) == match.group(2) == str(2 * (1 + K) + 24 + 2)  # top, removed, plots
+    assert match.group(3) == "summary,histogram,top,sample,roc,removed,errors"
+    dom = ParsedPage(result.stdout)
+    assert "Removed from the normal set" in dom.text
+    # The page's head and that section alone: the screenshot shows it.
+    html = page.read_text(encoding="utf-8")
+    alone = tmp_path / "alone.html"
+    alone.write_text(html.split("<body>")[0] + "<body>" + re.search(
+        r'<section id="removed">.*?</section>', html, re.S).group(0) + "</body></html>",
+        encoding="utf-8")
+    shot = tmp_path / "removed.png"
+    result = chromium(f"--screenshot={shot}", "--window-size=1000,560", alone.as_uri())
+    assert result.returncode == 0 and shot.stat().st_size > 10_000
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / "report-removed.png")
 
 
 @pytest.fixture

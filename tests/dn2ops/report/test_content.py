@@ -47,6 +47,30 @@ def test_top_rows_by_rank_and_a_sample_of_the_rest():
     assert content.select_rows(table.slice(0, 0), 5, 5) == ([], [])
 
 
+def test_flagged_rows_first_then_by_rank_and_unflagged_results_by_rank():
+    table = _table(30)
+    flagged = pa.array([r in (4, 9) for r in table["rank"].to_pylist()])
+    top, sample = content.select_rows(table.append_column("flagged", flagged), 4, 30)
+    assert [r["rank"] for r in top] == [4, 9, 1, 2]
+    assert [r["rank"] for r in sample] == [n for n in range(3, 31) if n not in (4, 9)]
+    unknown = table.append_column("flagged", pa.nulls(30, pa.bool_()))  # results before flags
+    assert [r["rank"] for r in content.select_rows(unknown, 3, 0)[0]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    ({"rule": "fdr", "level": 0.05, "flagged": 3, "threshold": 1.23456},
+     "Flagged: Benjamini–Hochberg at 5 %: among flagged images, at most 5 % are expected to "
+     "be normal ones; 3 flagged (scores >= 1.235)."),
+    ({"rule": "alpha", "level": 0.001, "flagged": 0, "threshold": None},
+     "Flagged: p-value <= 0.001: a normal image is flagged with chance 0.1 %; 0 flagged."),
+    ({"rule": None, "why": "covtrace has no normal sets"},
+     "Nothing is flagged: covtrace has no normal sets."),
+])
+def test_flag_sentence_says_what_the_flag_means(flags, sentence):
+    assert content.flag_sentence({"flags": flags}) == sentence
+    assert content.flag_sentence({}) is None and content.flag_sentence(None) is None
+
+
 def test_sample_does_not_depend_on_row_order():
     table = _table(200)
     shuffled = table.take(np.random.default_rng(1).permutation(200))

@@ -9,7 +9,7 @@ import pytest
 
 from dn2ops.io import outputs
 from dn2ops.report import render_report
-from dn2ops.report.inputs import ANOMALY_COLUMNS, read_inputs, read_normal_scores
+from dn2ops.report.inputs import ANOMALY_COLUMNS, read_inputs, read_normal_scores, read_removed
 from tests.conftest import make_results_dir
 
 
@@ -93,3 +93,16 @@ def test_index_without_normal_scores(small):
     (Path(small["index"]) / "normal.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="normal.parquet"):
         read_normal_scores(small["index"], None)
+
+
+def test_removed_rows_of_an_index_built_before_clean_scores_were_recorded(small):
+    """An index cleaned by --clean-fraction before the cleaning entry and clean_score: its
+    removed rows (kept false) are listed, without scores; an index without cleaning: none."""
+    index = Path(small["index"])
+    assert read_removed(small["index"], None) is None  # the fixture's marker: no cleaning
+    (index / outputs.MARKER).write_text(json.dumps({"kind": "index", "clean_fraction": 0.1}))
+    removed = read_removed(small["index"], None)
+    assert removed.cleaning == {"rule": "fraction", "fraction": 0.1}
+    assert removed.n == 1 and removed.rows == [{"uri": "normal_500.png", "clean_score": None}]
+    assert removed.where == f"{small['index']}/normal.parquet"
+    assert read_inputs(small["results"], small["index"], "label").removed == removed

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from dn2ops.report import render_report, write_report
 from dn2ops.report.page import TEMPLATE
-from tests.conftest import K, ParsedPage, make_images, make_results_dir
+from tests.conftest import ALPHA, K, ParsedPage, make_images, make_results_dir, mark_cleaned
 
 _THUMB_RE = re.compile(r'<img class="thumb" src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"')
 _ANY_DATA_RE = re.compile(r'src="data:image/(jpeg|png);base64,([A-Za-z0-9+/=]+)"')
@@ -87,6 +87,17 @@ def test_top_rows_are_the_highest_ranked_with_neighbours(small):
     best = int(np.argmax(small["scores"]))
     assert f"<td class='num'>{small['scores'][best]:.4g}</td>" in top
     assert f"label: {small['labels'][best]}</div>" in top
+
+
+def test_flagged_rows_come_first_and_one_sentence_says_what_the_flag_means(small):
+    flagged = int((np.array(small["p_values"]) <= ALPHA).sum())
+    assert 0 < flagged < 25
+    top = section(render_report(small["results"], top=25, sample=0), "top")
+    assert top.count(">flagged</figcaption>") == flagged
+    assert top.count(">anomaly</figcaption>") == 25 - flagged
+    lowest = np.sort(small["scores"])[-flagged]
+    assert (f"<p id=\"flags\">Flagged: p-value &lt;= 0.01: a normal image is flagged with "
+            f"chance 1 %; {flagged} flagged (scores &gt;= {lowest:.4g}).</p>") in top
 
 
 def test_missing_and_corrupt_images_give_placeholders(small, tmp_path):
@@ -242,3 +253,34 @@ def test_report_size_is_bounded(tmp_path):
 def test_bad_sizes(small, top, sample, thumb_px):
     with pytest.raises(ValueError, match=">= "):
         render_report(small["results"], top=top, sample=sample, thumb_px=thumb_px)
+
+
+def test_removed_normal_images_are_shown_most_suspicious_first(tmp_path):
+    paths = make_results_dir(tmp_path, 20, groups=False)
+    removed = mark_cleaned(paths["index"], paths["images"], 30)
+    doc = render_report(paths["results"], top=2, sample=0)
+    assert section_ids(doc) == ["summary", "histogram", "top", "sample", "roc", "removed",
+                                "errors"]
+    part = section(doc, "removed")
+    assert "The auto rule removed 30 of 40 normal images (estimated contamination 75.0 %)" \
+        in part and "(threshold 3.5; 2 round(s))" in part
+    assert f"{paths['index']}/normal.parquet</span> (kept = false)" in part
+    assert "24 of the 30 removed images, most suspicious" in part
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", part)
+    assert captions == [f"{s:.4g}" for s, _ in removed[:24]]  # capped, highest first
+    assert len(_THUMB_RE.findall(part)) == 24 and _PLACEHOLDER not in part
+    assert re.findall(r'alt="([^"]*)"', part) == [u for _, u in removed[:24]]
+
+
+def test_removed_section_says_where_the_list_is_when_the_index_cannot_be_read(small, tmp_path):
+    summary_path = Path(small["results"]) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["index_dir"] = str(tmp_path / "nowhere")
+    summary_path.write_text(json.dumps(summary))
+    part = section(render_report(small["results"], top=0, sample=0), "removed")
+    assert "could not be read here" in part and "<img" not in part
+    assert f"{tmp_path / 'nowhere'}/normal.parquet</span> (kept = false)" in part
+
+
+def test_an_index_that_was_not_cleaned_has_no_removed_section(small):
+    assert "removed" not in section_ids(render_report(small["results"], top=0, sample=0))

@@ -12,8 +12,8 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
-from dn2ops.config import IndexConfig, SearchConfig
-from dn2ops.index import build_index
+from dn2ops.config import FlagConfig, IndexConfig, SearchConfig
+from dn2ops.index import LoadedIndex, build_index
 from dn2ops.io import features
 from dn2ops.score.images import (
     IndexModelHandler,
@@ -25,6 +25,7 @@ from dn2ops.score.images import (
     score_batch,
 )
 from tests.conftest import brute_scores, clustered, write_features
+from tests.dn2ops.score.test_decisions import brute_bh, brute_p
 
 
 def _fail(what):
@@ -56,6 +57,7 @@ def test_ranks_by_hand():
 def _unranked(path, scores: np.ndarray) -> None:
     n = len(scores)
     rows = [{"uri": f"u{i:04d}", "score": float(s), "rank": None, "percentile": 50.0,
+             "p_value": 0.5, "p_value_source": "rank", "flagged": None,
              "neighbor_uris": ["a", "b"], "neighbor_distances": [1.0, 2.0],
              "partition": "p", "backbone": "toy", "index_id": "x", "sha256": f"h{i}"}
             for i, s in enumerate(scores)]
@@ -103,13 +105,17 @@ def index(tmp_path_factory):
 def _queries(n: int) -> tuple[pa.RecordBatch, np.ndarray]:
     xq = clustered(n, seed=6, offset=21.0)
     xq[n // 2:n // 2 + 5] = xq[0]  # identical rows: tied scores
+    return _batch(xq), xq
+
+
+def _batch(xq: np.ndarray) -> pa.RecordBatch:
+    n = len(xq)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(xq.ravel()), xq.shape[1])
     schema = features.feature_schema(["lot"])
     batch = pa.RecordBatch.from_pylist(
         [{"uri": f"q{i:03d}", "sha256": f"s{i}", "backbone": "toy", "dim": 8,
           "lot": f"L{i % 3}"} for i in range(n)], schema=schema.remove(4))
-    batch = batch.add_column(4, schema.field("embedding"), emb.cast(pa.list_(pa.float32())))
-    return batch, xq
+    return batch.add_column(4, schema.field("embedding"), emb.cast(pa.list_(pa.float32())))
 
 
 def test_run_inference_with_the_index_handler_scores_each_batch(index):
@@ -139,9 +145,9 @@ def test_score_features_writes_ranked_shards_equal_to_brute_force(index, tmp_pat
     batch, xq = _queries(60)
     staging = tmp_path / "_staging-test"
     with BeamTestPipeline() as p:
-        written = (p | beam.Create([batch.slice(0, 7), batch.slice(7, 30), batch.slice(37)])
-                   | ScoreFeatures(index_dir, str(staging), extra_columns=["lot"],
-                                   partition="p1", search=SearchConfig(device="cpu")))
+        written, _ = (p | beam.Create([batch.slice(0, 7), batch.slice(7, 30), batch.slice(37)])
+                      | ScoreFeatures(index_dir, str(staging), extra_columns=["lot"],
+                                      partition="p1", search=SearchConfig(device="cpu")))
         assert_that(written | beam.Map(lambda f: f.rsplit("/", 1)[0]),
                     lambda dirs: dirs and set(dirs) == {str(staging)} or _fail(dirs),
                     label="RankedIntoStaging")
@@ -178,3 +184,80 @@ def test_the_index_handler_keeps_its_own_metrics_namespace_and_counts_arrow_byte
     batch = pa.record_batch({"x": pa.array(np.arange(10, dtype=np.float64))})
     assert handler.get_metrics_namespace() == "dn2_score"
     assert handler.get_num_bytes([batch, batch]) == 2 * 80
+
+
+def test_rank_shard_flags_the_rows_at_or_above_the_decisions_threshold(tmp_path):
+    scores = np.round(np.random.default_rng(9).gamma(2, 1, 200), 1)
+    _unranked(tmp_path / "a.parquet", scores)
+    cases = {"t": ({"flags": {"rule": "fdr", "threshold": 3.0}}, scores >= 3.0),
+             "none": ({"flags": {"rule": "alpha", "threshold": None}}, np.zeros(200, bool)),
+             "no-rule": ({"flags": {"rule": None, "why": "covtrace"}}, None)}
+    for name, (decision, expected) in cases.items():
+        rank_shard(str(tmp_path / "a.parquet"), str(tmp_path / f"{name}.parquet"),
+                   np.sort(scores), decision, batch_size=64)
+        got = pq.read_table(tmp_path / f"{name}.parquet").column("flagged")
+        if expected is None:
+            assert got.null_count == 200
+        else:
+            np.testing.assert_array_equal(got.to_numpy(zero_copy_only=False), expected)
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    """An exact k=2 index of 30 normal rows: too few for a tail (rank p-values only); and
+    40 queries: 30 more normal rows and 10 of them moved far away (anomalies)."""
+    root = tmp_path_factory.mktemp("small")
+    x = clustered(60, seed=5)
+    write_features(root / "normal", x[:30], [30])
+    build_index(str(root / "normal"), str(root / "index"), IndexConfig(k=2))
+    xq = np.concatenate([x[30:], x[30:40] + 6.0])
+    return str(root / "index"), xq
+
+
+def _reference_scores(index_dir: str) -> np.ndarray:
+    normal = pq.read_table(f"{index_dir}/normal.parquet")
+    return normal.column("loo_score").to_numpy(zero_copy_only=False)
+
+
+def test_p_values_equal_the_rank_p_values_counted_by_hand(small_index):
+    index_dir, xq = small_index
+    loaded = LoadedIndex(index_dir, device="cpu")
+    assert loaded.reference.tail is None and loaded.reference.n == 30
+    got = score_batch(_batch(xq), loaded, "p")
+    scores = got.column("score").to_numpy()
+    np.testing.assert_allclose(got.column("p_value").to_numpy(),
+                               brute_p(scores, _reference_scores(index_dir)), rtol=1e-12)
+    assert got.column("p_value_source").unique().to_pylist() == ["rank"]
+    assert got.column("flagged").null_count == len(xq)  # decided in the ranking pass
+    assert got.schema.names[3:7] == ["percentile", "p_value", "p_value_source", "flagged"]
+
+
+@pytest.mark.parametrize("flags", [FlagConfig("fdr", 0.2), FlagConfig("alpha", 0.05)],
+                         ids=["fdr", "alpha"])
+def test_score_features_flags_the_partition_as_brute_force_does(small_index, tmp_path, flags):
+    """Through a real pipeline: each batch scored, the partition's decision taken once
+    from every score, each shard flagged: BH over the whole partition's p-values."""
+    index_dir, xq = small_index
+    batch = _batch(xq)
+    staging = tmp_path / "_staging-test"
+
+    def check(decisions):
+        (d,) = decisions
+        assert d["flags"]["rule"] == flags.rule and d["flags"]["reference_n"] == 30
+        assert d["flags"]["flagged"] > 0
+        # 30 reference scores: p >= 1/31, above BH's first cut-off 0.2 / 40, said so
+        lone = [w for w in d["warnings"] if "lone anomaly cannot be flagged" in w]
+        assert len(lone) == (flags.rule == "fdr") == len(d["warnings"])
+
+    with BeamTestPipeline() as p:
+        _, decision = (p | beam.Create([batch.slice(0, 13), batch.slice(13)])
+                       | ScoreFeatures(index_dir, str(staging), extra_columns=["lot"],
+                                       search=SearchConfig(device="cpu"), flags=flags))
+        assert_that(decision, check, label="OneDecision")
+    got = features.read_table(str(staging), "anomalies")
+    p_value = got.column("p_value").to_numpy()
+    expected = (brute_bh(p_value, flags.level) if flags.rule == "fdr"
+                else p_value <= flags.level)
+    np.testing.assert_array_equal(got.column("flagged").to_numpy(zero_copy_only=False),
+                                  expected)
+    assert expected[-10:].all() and expected.sum() < 20  # the moved rows, few others

@@ -13,12 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dn2ops.config import GroupConfig, IndexConfig
+from dn2ops.config import FlagConfig, GroupConfig, IndexConfig
 from dn2ops.index import LoadedIndex, build_index_from_arrays
 from dn2ops.io import features
 from dn2ops.score.sets import ScoreGroups
 from pipelines.options import beam_options
 from tests.dn2ops.score.conftest import META, set_rows
+from tests.dn2ops.score.test_decisions import brute_bh, brute_p
 
 
 def _run_groups(rows: list[dict], tmp_path, *, key: str, method: str, pool: str | None,
@@ -33,7 +34,7 @@ def _run_groups(rows: list[dict], tmp_path, *, key: str, method: str, pool: str 
     batches = [features.rows_batch(rows[i:i + batch_rows], schema)
                for i in range(0, len(rows), batch_rows)]
     with beam.Pipeline(options=beam_options([])) as p:
-        written, errors = p | beam.Create(batches, reshuffle=False) | ScoreGroups(
+        written, errors, _ = p | beam.Create(batches, reshuffle=False) | ScoreGroups(
             group, results, images=len(rows) if images is None else images, **kwargs)
         errors | "E" >> beam.Map(json.dumps) | "WE" >> beam.io.WriteToText(err)
     shards = sorted(glob.glob(f"{results}/groups-*.parquet"))
@@ -60,6 +61,8 @@ def test_covtrace_equals_hand_computed_and_small_sets_become_errors(tmp_path):
     assert got[2]["member_uris"] == ["mem://store/c/00.png", "mem://store/c/01.png"]
     assert all(g["neighbor_groups"] == [] and g["index_id"] is None for g in got)
     assert all(g["method"] == "covtrace" and g["group_by"] == "lot" for g in got)
+    # no normal sets: no p-values, no flags
+    assert all(g[c] is None for g in got for c in ("p_value", "p_value_source", "flagged"))
     by_uri = {e["uri"]: e for e in errors}
     assert set(by_uri) == {"mem://store/solo/00.png", "mem://store/nokey.png"}
     assert by_uri["mem://store/solo/00.png"]["stage"] == "group"
@@ -89,7 +92,7 @@ def test_knn_against_a_set_index_equals_brute_force(tmp_path, pool):
     queries = {f"q{i}": rng.normal(size=(int(rng.integers(2, 6)), 3)) * (1 + i)
                for i in range(6)}
     got, errors = _run_groups(set_rows(queries), tmp_path, key="lot", method="knn", pool=pool,
-                              index_dir=index_dir)
+                              index_dir=index_dir, flags=FlagConfig("fdr", 0.3))
     assert errors == []
     loaded = LoadedIndex(index_dir)
     scores = []
@@ -107,6 +110,12 @@ def test_knn_against_a_set_index_equals_brute_force(tmp_path, pool):
         scores.append(g["score"])
     scores = np.array(scores)
     assert [g["rank"] for g in got] == [1 + int((scores > s).sum()) for s in scores]
+    # p-values against the normal sets' reference, flags by BH over the partition's sets
+    p = brute_p(scores, loaded.reference.scores)
+    np.testing.assert_allclose([g["p_value"] for g in got], p, rtol=1e-12)
+    assert {g["p_value_source"] for g in got} == {"rank"}
+    assert [g["flagged"] for g in got] == brute_bh(p, 0.3).tolist()
+    assert 0 < sum(g["flagged"] for g in got) < len(got)
 
 
 def test_sets_spilled_into_many_buckets_score_as_in_one(tmp_path):
