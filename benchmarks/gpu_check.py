@@ -16,6 +16,14 @@
   both re-ranked exactly), with the largest distance difference between
   the two paths.
 
+* the process model on a GPU worker (docs/memory.md, "Embedding workers"): ``dn2 embed``
+  with the defaults (torch on the GPU) on the same photos, as one process whose 4 threads
+  share one model (what ``--experiments no_use_multiple_sdk_containers`` gives on
+  Dataflow: ``--direct_num_workers 4 --direct_running_mode multi_threading`` here) and as
+  4 processes with a model each (``multi_processing``, Dataflow's default): images/s,
+  the summed peak RSS of the process tree, the GPU memory used (nvidia-smi), the model
+  loads (dn2's log) and the processes with torch loaded (benchmarks.worker_memory).
+
 Needs a CUDA GPU (exits 2 with a message otherwise); the faiss part also needs
 faiss with GPU support (pip install 'dn2[gpu]') and is skipped, said so, without.
 About 5 minutes on one GPU and 16 cores.
@@ -118,10 +126,58 @@ def main(argv=None) -> dict:
         res["embed_images_per_s"][name] = rates
         print(f"embed {name:<18} batch {args.batch}: cuda {rates['cuda']:8.1f} img/s, "
               f"cpu {rates['cpu']:7.1f} img/s ({rates['gpu_over_cpu']:.1f}x)", flush=True)
+    res["process_model"] = process_model_part(args)
     res["faiss"] = faiss_part(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(res, f, indent=2)
+    return res
+
+
+def _gpu_memory_mib() -> int | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
+                              "nounits"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum(int(x) for x in out.split())
+
+
+def process_model_part(args) -> dict:
+    """One process sharing one model across 4 threads, against 4 processes with a model
+    each: dn2 embed with its defaults on the GPU, each run a fresh process tree."""
+    import threading
+
+    from benchmarks.datasets import write_manifest, write_photo_store
+    from benchmarks.worker_memory import REPO, embed
+
+    photos = write_photo_store(args.photos or os.path.join(args.out, "photos"),
+                               args.decode_images, workers=os.cpu_count())
+    manifest = os.path.join(args.out, "photos.csv")
+    write_manifest([{"uri": p} for p in photos], manifest)
+    res = {}
+    for name, mode in (("1 process, 4 threads", "multi_threading"),
+                       ("4 processes", "multi_processing")):
+        peak, done = [0], threading.Event()
+
+        def watch(peak=peak, done=done):
+            while not done.wait(0.5):
+                peak[0] = max(peak[0], _gpu_memory_mib() or 0)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        r = embed(REPO, manifest, os.path.join(args.out, f"embed-{mode}"),
+                  ["--direct_num_workers", "4", "--direct_running_mode", mode])
+        done.set()
+        watcher.join()
+        r["gpu_memory_peak_mib"] = peak[0]
+        r["images_per_s"] = round(len(photos) / r["wall_s"], 1)
+        res[name] = r
+        print(f"process model, {name}: {r['images_per_s']} img/s, host RSS peak "
+              f"{r['peak_gib']} GiB, GPU memory peak {peak[0]} MiB, model loads "
+              f"{r['model_loads']}, processes with torch {r['torch_pids']}", flush=True)
     return res
 
 

@@ -20,6 +20,13 @@
 #   SCHEDULE   [0 3 * * *] (cron syntax, UTC)          scores yesterday's partition
 #   GPU        [nvidia-l4]   MACHINE_TYPE [g2-standard-8] (L4 GPUs need G2 machines;
 #              nvidia-tesla-t4 runs on N1 machines, e.g. n1-standard-8)
+#              GPU=none: CPU workers (MACHINE_TYPE [n1-standard-4]), for projects
+#              without GPU quota: ONNX Runtime, one SDK process per vCPU
+#   The process model (docs/memory.md, "Embedding workers"): with a GPU, one SDK process
+#   per worker (--experiments no_use_multiple_sdk_containers), whose threads share the
+#   one model on the GPU, as Beam advises for RunInference on GPUs; without, Dataflow's
+#   default of one process per vCPU, each with its own ONNX Runtime model of <= 1.5 GiB
+#   (4 processes on an n1-standard-4's 15 GB).
 #   MAX_WORKERS [4]   MAX_ERROR_FRACTION [unset: no limit], e.g. 0.05
 set -euo pipefail
 : "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${BUCKET:?set BUCKET}"
@@ -32,7 +39,6 @@ INDEX="${INDEX:-gs://${BUCKET}/dn2/index}"
 OUTPUT="${OUTPUT:-gs://${BUCKET}/dn2/results/dt=${P}/}"
 SCHEDULE="${SCHEDULE:-0 3 * * *}"
 GPU="${GPU:-nvidia-l4}"
-MACHINE_TYPE="${MACHINE_TYPE:-g2-standard-8}"
 MAX_WORKERS="${MAX_WORKERS:-4}"
 MAX_ERROR_FRACTION="${MAX_ERROR_FRACTION:-}"
 JOB=dn2-nightly
@@ -42,6 +48,16 @@ js() {  # a JSON string
     printf '"%s"' "${s//\"/\\\"}"
 }
 
+if [[ "$GPU" == none ]]; then
+    MACHINE_TYPE="${MACHINE_TYPE:-n1-standard-4}"
+    DEVICE=cpu
+    EXPERIMENTS=""
+else
+    MACHINE_TYPE="${MACHINE_TYPE:-g2-standard-8}"
+    DEVICE=auto
+    EXPERIMENTS="$(js "worker_accelerator=type:${GPU};count:1;install-nvidia-driver")"
+    EXPERIMENTS+=", $(js no_use_multiple_sdk_containers)"
+fi
 LIMIT=""
 if [[ -n "$MAX_ERROR_FRACTION" ]]; then
     LIMIT=", \"max_error_fraction\": $(js "$MAX_ERROR_FRACTION")"
@@ -49,14 +65,15 @@ fi
 # The LaunchFlexTemplateRequest. Cloud Scheduler sends the same body every night, so the
 # date is not in it: dn2 resolves --partition yesterday when the launcher runs it.
 # parameters: dn2 score's options (deploy/metadata.json); auto: the workers' GPU embeds
-# (see the README on --device cuda with Dataflow). environment: the Dataflow options.
+# (see the README on --device cuda with Dataflow), cpu without one. environment: the
+# Dataflow options.
 BODY=$(cat <<EOF
 {"launchParameter": {
   "jobName": $(js "$JOB"),
   "containerSpecGcsPath": $(js "$TEMPLATE"),
   "parameters": {
     "input": $(js "$INPUT"), "index": $(js "$INDEX"), "output": $(js "$OUTPUT"),
-    "partition": "yesterday", "top": "100", "device": "auto"${LIMIT}
+    "partition": "yesterday", "top": "100", "device": "${DEVICE}"${LIMIT}
   },
   "environment": {
     "serviceAccountEmail": $(js "$SERVICE_ACCOUNT"),
@@ -65,7 +82,7 @@ BODY=$(cat <<EOF
     "sdkContainerImage": $(js "$IMAGE"),
     "machineType": $(js "$MACHINE_TYPE"),
     "maxWorkers": ${MAX_WORKERS},
-    "additionalExperiments": [$(js "worker_accelerator=type:${GPU};count:1;install-nvidia-driver")]
+    "additionalExperiments": [${EXPERIMENTS}]
   }
 }}
 EOF

@@ -48,20 +48,31 @@ def cleaning_k(k: int, clean_k: int | None, n: int) -> int:
 
 
 # The auto cleaning rule (``clean_fraction="auto"``, dn2ops.index.cleaning), which needs no
-# rate: a row goes when its score (the log of its mean distance to its k_c nearest other
-# rows, k_c = CLEAN_AUTO_SHARE of n within CLEAN_AUTO_K: a neighbourhood larger than the
-# clusters impurities form) lies more than CLEAN_AUTO_Z robust standard deviations above the
-# median, for at most CLEAN_AUTO_ROUNDS rounds; scored against a uniform sample of
-# CLEAN_SAMPLE rows, so the pass stays linear in n. Below CLEAN_AUTO_MIN_ROWS rows the spread
-# is not estimated and nothing is removed.
+# rate. A row's score s is the log of its mean distance to its k_c nearest other kept rows,
+# k_c = CLEAN_AUTO_SHARE of n, at least CLEAN_AUTO_MIN_K, with no upper cap: a neighbourhood
+# larger than the clusters impurities form, the same share of n at any size (a cap of 1000
+# would mean 0.5 % of n at 200k rows; k_c = 0.5 % of n gave 0.8641 instead of 0.9066 at 5 %
+# impurities, research pass of issue 27). A row goes when s - median > min(CLEAN_AUTO_Z x
+# 1.4826 MAD, CLEAN_AUTO_RATIO) (median and MAD of the kept rows' scores); the scores are
+# computed again against the rows kept until the kept set stops changing, at most
+# CLEAN_AUTO_ROUNDS rounds. The pass scores
+# every row against a uniform sample of CLEAN_SAMPLE rows with k_s = k_c m / n neighbours
+# (5 % of the sample), so it stays linear in n. Below CLEAN_AUTO_MIN_ROWS rows (group mode:
+# sets) nothing is removed. Measured on the full protocol: docs/accuracy.md,
+# benchmarks/contamination.py.
 CLEAN_AUTO_SHARE = 0.05
-CLEAN_AUTO_K = (10, 1000)
+CLEAN_AUTO_MIN_K = 10
 CLEAN_AUTO_Z = 3.0
-# A cap on how far above the median (in log units) the threshold may lie, whatever the
-# spread: None, no cap (the candidate rule of issue 27; its research measures e.g. 0.25).
-CLEAN_AUTO_RATIO: float | None = None
-CLEAN_AUTO_ROUNDS = 5
-CLEAN_AUTO_MIN_ROWS = 20
+# The cap on the threshold above the median (log units: a neighbourhood e^0.25 = 1.28x as
+# wide as the median row's), whatever the spread: a contaminated set's MAD is inflated by
+# its impurities, so 3 MAD alone removed too few (5 % impurities: 0.8798 without the cap,
+# 0.9066 with it, research pass of issue 27). Being absolute, it removes more of a clean
+# set whose scores spread wide (low intrinsic dimension: docs/accuracy.md). None: no cap.
+CLEAN_AUTO_RATIO: float | None = 0.25
+CLEAN_AUTO_ROUNDS = 20
+# The rule's median and MAD need a few dozen scores (the research rule's minimum; clean
+# subsets of one digit lose 2.6 % at 50 rows, 1.3 % at 100: docs/accuracy.md).
+CLEAN_AUTO_MIN_ROWS = 50
 # 5,000 (not 10,000): scoring n rows against the sample is n m d, the build's percentile
 # reference 20,000 n d; at 10,000 the default build took 1.7x a --no-clean one at 50,000
 # 2560-d rows, at 5,000 about 1.3x (benchmarks/build_scale.py), with the same rows removed.
@@ -114,10 +125,26 @@ def check_fit_size(*, k: int, n_centroids: int | None, clean_fraction: float, n:
         )
 
 
+# Images a CPU engine runs at once (``engine_batch=None``): a model call of ``batch_size``
+# images runs in slices of this many. An engine's working memory grows with the images it
+# runs at once (ONNX Runtime keeps its arena at the largest slice seen), its speed hardly:
+# dn2 embed, default backbone, 1,000 PNGs, one process on 2 cores: slices of 64 peaked at
+# 3.88 GiB, of 16 at 1.68 GiB, of 8 at 1.29 GiB, in 25.2 / 21.1 / 20.9 s
+# (benchmarks/worker_memory.py, docs/memory.md). On a GPU a slice is the whole batch.
+CPU_ENGINE_BATCH = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
     """How images become features: the embedding flags, passed whole to
-    dn2ops.embed.plan.EmbedPlan, which the embedding stage and the engines take."""
+    dn2ops.embed.plan.EmbedPlan, which the embedding stage and the engines take.
+
+    ``batch_size``: images a model call gets (RunInference's batch: what is read and
+    decoded ahead, and what one call hands on); ``engine_batch``: images the engine runs at
+    once within a call (None: CPU_ENGINE_BATCH on a CPU, the whole batch on a GPU).
+    ``cache_dir``: the directory of dn2's cache (the CPU engines' ONNX exports; None:
+    $DN2_CACHE_DIR, else the user's XDG cache, resolved where the model loads: see
+    dn2ops.embed.export.cache_root)."""
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
@@ -129,6 +156,8 @@ class EmbedConfig:
     threads: int | None = None
     decode_threads: int | None = None
     max_in_flight: int | None = None
+    cache_dir: str | None = None
+    engine_batch: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

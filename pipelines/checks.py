@@ -26,6 +26,7 @@ from dn2ops.embed.backbones import (
     get_spec,
     resolve_weights,
 )
+from dn2ops.embed.export import export_dir
 from dn2ops.embed.plan import EmbedPlan
 from dn2ops.engines.base import resolve_device, resolve_engine
 from dn2ops.errors import ConfigError
@@ -44,6 +45,7 @@ def preflight(config: EmbedConfig, options: PipelineOptions, *,
 
     The GPU is checked here only when the pipeline runs in this process: a Dataflow job is
     launched from a machine without one, and its workers check ``--device cuda`` themselves.
+    So is the export cache of a CPU engine (created private, or refused: CacheDirError).
     The weights are loaded once here, to hash them for the plan. Weights the user names
     are untrusted files, loaded with ``torch.load(weights_only=True)``: a damaged, hostile
     or ill-fitting file fails now with a short reason, not later inside every worker.
@@ -54,7 +56,8 @@ def preflight(config: EmbedConfig, options: PipelineOptions, *,
         resolve_weights(spec, config.weights)
     if runs_here(options):
         resolve_device(config.device)
-        resolve_engine(config.engine, config.device)
+        if resolve_engine(config.engine, config.device) != "torch":
+            export_dir(config.cache_dir)
     try:
         return EmbedPlan.resolve(config, spec=spec, workers=model_workers(options))
     except WeightsError as e:
@@ -130,7 +133,7 @@ def check_run_output(output: str) -> None:
             f"output path {output} holds dn2 {marker.get('kind')} output, not the "
             f"{', '.join(RUN_OUTPUTS)} directories of dn2 run; choose another --output")
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    others = [n for n in names if n not in RUN_OUTPUTS and not n.startswith(".")]
+    others = [n for n in names if n not in RUN_OUTPUTS and not outputs.is_bookkeeping(n)]
     if others:
         raise outputs.OutputError(
             f"output path {output} is not empty and holds no dn2 run output (found "

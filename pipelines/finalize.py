@@ -10,12 +10,19 @@ the staged files, so they are tested without Beam.
 A step Dataflow retries after its commit went through finds the output's ``_SUCCESS``
 naming this run (``run_id``): it finishes the commit's clean-up and returns the
 committed summary instead of failing (see dn2ops.io.outputs for the commit protocol).
+
+Each step runs under the output's lease (dn2ops.io.lease), whose run id is the staging
+folder's name: it adopts the lease the job's process holds, wherever the step runs, or
+takes it where no process holds one (a template job, which nobody waits on), and
+releases only a lease it took. The commit is fenced by it: a step whose run lost the
+lease (another run took it over) raises LeaseLost before ``_SUCCESS`` is written.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import io
 import json
 import logging
@@ -27,8 +34,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dn2ops.embed.plan import EmbedPlan
+from dn2ops.engines.base import resolve_engine
 from dn2ops.errors import UserError
-from dn2ops.io import features, outputs
+from dn2ops.io import features, lease, outputs
 
 LOG = logging.getLogger("dn2")
 
@@ -96,6 +105,35 @@ def _committed(staging: str, output: str) -> dict[str, Any] | None:
     return None
 
 
+def _under_lease(step):
+    """``step(count_in, staging=..., output=..., ...)`` run holding OUTPUT's lease for
+    the run of ``staging`` (adopted from the job's process, or taken here)."""
+
+    @functools.wraps(step)
+    def leased(count_in: int, *, staging: str, output: str, **kwargs) -> dict[str, Any]:
+        with lease.hold(output, run_id(staging)):
+            return step(count_in, staging=staging, output=output, **kwargs)
+
+    return leased
+
+
+def finalize_embedded(count_in: int, *, plan: EmbedPlan, reuse: str | None = None,
+                      reused: int = 0, **kwargs) -> dict[str, Any]:
+    """finalize_features with ``plan``'s metadata, recording the engine that
+    ``plan.config.engine`` resolves to where the pipeline's last step runs (beside the
+    model: a Dataflow worker, GPU or not), and with ``reuse``, the images whose features
+    were copied from it. (Here, not in pipelines.jobs: the workers unpickle it, and this
+    module imports neither the index nor the scoring, so an embedding worker loads
+    neither faiss nor torch; docs/memory.md.)"""
+    config = plan.config
+    metadata = {**plan.metadata(), "engine": resolve_engine(config.engine, config.device),
+                "decode": config.decode}
+    if reuse:
+        metadata["reused"] = {"from": reuse, "images": reused}
+    return finalize_features(count_in, metadata=metadata, **kwargs)
+
+
+@_under_lease
 def finalize_features(count_in: int, *, staging: str, output: str, metadata: dict[str, Any],
                       input: str, extra_columns: list[str], started: float) -> dict[str, Any]:
     """dn2 embed's last step: the features marker, checked and committed. Returns the marker.
@@ -127,6 +165,7 @@ def finalize_features(count_in: int, *, staging: str, output: str, metadata: dic
     return marker
 
 
+@_under_lease
 def finalize_results(count_in: int, *, staging: str, output: str, partition: str,
                      source: str | None, index_dir: str | None, index_id: str | None,
                      backbone: str | None, started: float, pipeline_started: float,

@@ -1,4 +1,10 @@
-"""Builds dn2's Beam graphs on a given pipeline, without running them."""
+"""Builds dn2's Beam graphs on a given pipeline, without running them.
+
+The scoring stages (dn2ops.score, and with it dn2ops.index: faiss and torch) are
+imported by the functions that build their graphs: a worker unpickles this module for
+the small functions of every graph, and a worker that only embeds with ONNX Runtime
+then imports neither (torch alone is 0.5 GB of RSS a process; docs/memory.md).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,6 @@ from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.stage import EmbedImages
 from dn2ops.io import features, sources
 from dn2ops.io.progress import LogProgress
-from dn2ops.score.images import ScoreFeatures
-from dn2ops.score.sets import ScoreGroups
 
 COUNTERS = "dn2"
 
@@ -113,6 +117,8 @@ def score(
     """Scores feature record batches (read_features, as_batches) into ranked and flagged
     anomalies-*.parquet and writes errors-*.parquet; returns (the PCollections of the file
     names written, the partition's decision: a singleton), both for finalize."""
+    from dn2ops.score.images import ScoreFeatures
+
     written, decision = batches | "Score" >> ScoreFeatures(
         index_dir, staging, extra_columns=extra_columns, partition=partition, search=search,
         flags=flags)
@@ -149,6 +155,8 @@ def score_groups(
     members of sets too small to score, stage 'group'). ``images``: how many images come
     (an int, or the listing's count; see ScoreGroups). Returns (the PCollections of the
     file names written, the partition's decision), both for finalize."""
+    from dn2ops.score.sets import ScoreGroups
+
     written, group_errors, decision = feats | "ScoreGroups" >> ScoreGroups(
         group, staging, images=images, index_dir=index_dir, partition=partition,
         search=search, flags=flags)

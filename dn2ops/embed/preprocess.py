@@ -7,7 +7,6 @@ import functools
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,7 +55,8 @@ class Preprocessing:
 
     def normalization(self):
         """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] then mean/std normalised."""
-        from torchvision.transforms import v2  # imported by the torch engine only
+        import torch  # the torch engine's: a CPU-engine worker never imports torch
+        from torchvision.transforms import v2
 
         return v2.Compose([
             v2.ToDtype(torch.float32, scale=True),

@@ -49,27 +49,31 @@ def read_bytes(uri: str) -> bytes:
 
 def prepare(row: dict[str, Any], preprocessing: Preprocessing,
             max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "draft",
-            cpu: threading.Semaphore | None = None, known: Known | None = None
+            cpu: threading.Semaphore | None = None, known: Known | None = None,
+            reads: threading.Semaphore | None = None
             ) -> tuple[ImageKey, np.ndarray | Location]:
     """Row -> (key, uint8 array (3, crop, crop)). Raises _StageError naming the stage.
 
+    ``reads``: held from the read until the image is decoded, so that it bounds the
+    encoded images held at once (a 12 MP JPEG is 2-4 MB), whatever the rows pending.
     ``cpu``: held while hashing, decoding and cropping (not while reading), so that
     threads waiting on storage do not count against the cores set aside for decoding.
     ``known`` (``--reuse``): an image whose sha256 it holds is not decoded; its key
     comes with the Location of its earlier features instead of pixels.
     """
     uri = row["uri"]
-    try:
-        data = read_bytes(uri)
-    except Exception as e:  # every storage backend has its own errors
-        raise _StageError("read", _read_reason(e)) from e
-    extras = tuple((k, v) for k, v in row.items() if k != "uri")
-    with cpu or contextlib.nullcontext():
-        key = ImageKey(uri, sha256_hex(data), extras)
-        found = known.find(key.sha256) if known is not None else None
-        if found is not None:
-            return key, found
-        return key, _decode_and_crop(data, preprocessing, max_pixels, decode)
+    with reads or contextlib.nullcontext():
+        try:
+            data = read_bytes(uri)
+        except Exception as e:  # every storage backend has its own errors
+            raise _StageError("read", _read_reason(e)) from e
+        extras = tuple((k, v) for k, v in row.items() if k != "uri")
+        with cpu or contextlib.nullcontext():
+            key = ImageKey(uri, sha256_hex(data), extras)
+            found = known.find(key.sha256) if known is not None else None
+            if found is not None:
+                return key, found
+            return key, _decode_and_crop(data, preprocessing, max_pixels, decode)
 
 
 def _decode_and_crop(data: bytes, preprocessing: Preprocessing, max_pixels: int,
@@ -103,18 +107,18 @@ class _StageError(Exception):
 
 # Reads (each with its decode and crop) in flight per PrepareImages instance. An object
 # store answers a small read in 20-100 ms: 16 at once keep 160-800 images/s coming, more
-# than a worker embeds; each holds one encoded and one decoded image, and the image size
-# limit (--max-pixels) bounds those.
+# than a worker embeds; each holds one encoded image until it is decoded (a 12 MP JPEG:
+# 2-4 MB), and the image size limit (--max-pixels) bounds those.
 DEFAULT_MAX_IN_FLIGHT = 16
 
 
 def _prepared(row: dict[str, Any], preprocessing: Preprocessing, max_pixels: int,
-              decode: str, cpu: threading.Semaphore | None, known: Known | None
-              ) -> tuple[str | None, Any]:
+              decode: str, cpu: threading.Semaphore | None, known: Known | None,
+              reads: threading.Semaphore | None) -> tuple[str | None, Any]:
     """prepare() as an outcome that never raises: (None, (key, array)),
     (REUSED, (key, Location)) or (ERRORS, row)."""
     try:
-        key, value = prepare(row, preprocessing, max_pixels, decode, cpu, known)
+        key, value = prepare(row, preprocessing, max_pixels, decode, cpu, known, reads)
         return (REUSED if isinstance(value, Location) else None), (key, value)
     except _StageError as e:
         return ERRORS, error_row(row["uri"], e.stage, str(e))
@@ -132,7 +136,9 @@ class PrepareImages(beam.DoFn):
     model's inference downstream in the same fused stage. ``process`` hands on whatever
     has finished and blocks only when ``max_in_flight`` rows are pending; ``finish_bundle``
     drains the rest. Outputs come in completion order, each in its own row's window.
-    ``max_in_flight=1`` reads one image at a time. Of the rows in flight, only the
+    Of the rows pending, at most ``reads`` (None: ``max_in_flight``) are read and held
+    encoded at once: the others wait holding only their row. ``max_in_flight=1`` reads
+    one image at a time. Of the rows in flight, only the
     decode threads of ``plan``'s thread plan (dn2ops.engines.base.thread_plan) decode at
     once, so decoding and the model's threads together fit the cores (None: no limit
     beyond ``max_in_flight``). ``decode``: one of DECODES.
@@ -140,12 +146,15 @@ class PrepareImages(beam.DoFn):
 
     def __init__(self, preprocessing: Preprocessing, max_pixels: int, *,
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, decode: str = "draft",
-                 plan: EmbedPlan | None = None, reuse: str | None = None):
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+                 plan: EmbedPlan | None = None, reuse: str | None = None,
+                 reads: int | None = None):
+        if max_in_flight < 1 or (reads is not None and reads < 1):
+            raise ValueError(f"max_in_flight and reads must be at least 1, got "
+                             f"{max_in_flight}, {reads}")
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
         self.max_in_flight = max_in_flight
+        self.reads = min(reads or max_in_flight, max_in_flight)
         self.decode = decode
         self.plan = plan
         self.reuse = reuse
@@ -157,6 +166,8 @@ class PrepareImages(beam.DoFn):
         # Planned here, on the worker: its cores and its GPU, not the launcher's.
         self._cpu = (threading.BoundedSemaphore(thread_plan(self.plan)[1])
                      if self.plan is not None else None)
+        self._reads = (threading.BoundedSemaphore(self.reads)
+                       if self.reads < self.max_in_flight else None)
         self._known = (self._shared.acquire(lambda: Known.load(self.reuse), tag=self.reuse)
                        if self.reuse else None)
 
@@ -166,7 +177,7 @@ class PrepareImages(beam.DoFn):
     def process(self, row: dict[str, Any], timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam) -> Iterator[Any]:
         future = self._pool.submit(_prepared, row, self.preprocessing, self.max_pixels,
-                                   self.decode, self._cpu, self._known)
+                                   self.decode, self._cpu, self._known, self._reads)
         self._pending[future] = (timestamp, window)
         done = [f for f in self._pending if f.done()]
         if not done and len(self._pending) >= self.max_in_flight:
@@ -227,9 +238,11 @@ class EmbedImages(beam.PTransform):
     (dn2ops.engines.auto.make_handler); ``decode``, draft | full (DECODES); ``threads`` /
     ``decode_threads``, the engine's threads per model call and the images decoded at
     once beside it (None: dn2ops.engines.base.thread_plan splits the cores that
-    ``plan.workers`` leave to each); ``max_in_flight``, rows read at once
-    (PrepareImages; None: a batch plus DEFAULT_MAX_IN_FLIGHT, so that decoding goes on
-    through a whole model call, which blocks the thread that feeds PrepareImages).
+    ``plan.workers`` leave to each); ``max_in_flight`` (--reads-in-flight), images read
+    and held encoded at once (PrepareImages' ``reads``; None: DEFAULT_MAX_IN_FLIGHT).
+    PrepareImages takes a batch more rows than that (its ``max_in_flight``), so that
+    reading and decoding go on through a whole model call, which blocks the thread that
+    feeds PrepareImages; those rows wait holding nothing but the row.
     """
 
     def __init__(self, plan: EmbedPlan, *, reuse: str | None = None):
@@ -239,7 +252,8 @@ class EmbedImages(beam.PTransform):
             raise ValueError(f"decode must be one of {DECODES}, got {config.decode!r}")
         self.plan = plan
         self.handler = make_handler(plan)
-        self.max_in_flight = config.max_in_flight or config.batch_size + DEFAULT_MAX_IN_FLIGHT
+        self.reads = config.max_in_flight or DEFAULT_MAX_IN_FLIGHT
+        self.max_in_flight = config.batch_size + self.reads
         self.reuse = reuse
 
     def expand(self, rows):
@@ -247,7 +261,7 @@ class EmbedImages(beam.PTransform):
         prepared = rows | "Prepare" >> beam.ParDo(
             PrepareImages(plan.preprocessing, plan.config.max_pixels,
                           max_in_flight=self.max_in_flight, decode=plan.config.decode,
-                          plan=plan, reuse=self.reuse)
+                          plan=plan, reuse=self.reuse, reads=self.reads)
         ).with_outputs(ERRORS, REUSED, main="images")
         inferred, failed = (prepared.images
                             | "Embed" >> RunInference(KeyedModelHandler(self.handler))

@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from apache_beam.ml.inference.base import ExampleT, ModelHandler, ModelT, PredictionT
 
+from dn2ops.config import CPU_ENGINE_BATCH, EmbedConfig
 from dn2ops.embed.plan import EmbedPlan
 from dn2ops.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,17 +51,40 @@ class EngineError(UserError, RuntimeError):
     """An engine was asked for that cannot run here (not installed, or not on this device)."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when present else cpu; 'cuda' without a GPU fails fast."""
+# Where an NVIDIA driver shows itself on Linux (natively, in a container given a GPU, and
+# WSL's /dev/dxg): without any of them torch cannot see a CUDA GPU either.
+_NVIDIA_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU, asked without importing torch on a Linux machine
+    that has no NVIDIA driver: a CPU-engine worker never imports torch (0.5 GB of RSS a
+    process, docs/memory.md)."""
+    if sys.platform.startswith("linux") and not any(map(os.path.exists, _NVIDIA_PATHS)):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_type(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when present else 'cpu'; 'cuda' without a GPU fails fast."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    has_cuda = torch.cuda.is_available()
+    has_cuda = cuda_available()
     if device == "auto":
-        return torch.device("cuda" if has_cuda else "cpu")
+        return "cuda" if has_cuda else "cpu"
     if device == "cuda" and not has_cuda:
         raise DeviceError("--device cuda was asked for but torch sees no CUDA GPU "
                           "(torch.cuda.is_available() is False); use --device cpu or auto")
-    return torch.device(device)
+    return device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """device_type(device) as a torch.device (for the torch engine)."""
+    import torch
+
+    return torch.device(device_type(device))
 
 
 def installed(engine: str) -> bool:
@@ -72,7 +100,7 @@ def resolve_engine(engine: str = "auto", device: str = "auto") -> str:
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    on_cuda = resolve_device(device).type == "cuda"
+    on_cuda = device_type(device) == "cuda"
     if engine == "auto":
         if on_cuda:
             return "torch"
@@ -110,10 +138,29 @@ def thread_plan(plan: EmbedPlan) -> tuple[int, int]:
     """
     config, workers = plan.config, plan.workers
     share = 1 if workers is None else max(1, usable_cores() // max(1, workers))
-    gpu = (resolve_engine(config.engine, config.device) == "torch"
-           and resolve_device(config.device).type == "cuda")
-    threads = config.threads or (1 if gpu else share)
+    threads = config.threads or (1 if on_gpu(config) else share)
     return threads, config.decode_threads or share
+
+
+def on_gpu(config: EmbedConfig) -> bool:
+    """Whether this machine runs ``config``'s model on a GPU (torch on CUDA)."""
+    return (resolve_engine(config.engine, config.device) == "torch"
+            and device_type(config.device) == "cuda")
+
+
+def engine_batch(config: EmbedConfig, gpu: bool) -> int:
+    """Images the engine runs at once: ``config.engine_batch``, else the whole model call
+    on a GPU and CPU_ENGINE_BATCH on a CPU (dn2ops.config), never more than a call."""
+    return min(config.engine_batch or (config.batch_size if gpu else CPU_ENGINE_BATCH),
+               config.batch_size)
+
+
+def in_slices(run: Callable[[np.ndarray], np.ndarray], batch: Sequence[np.ndarray],
+              size: int) -> np.ndarray:
+    """``run`` over ``batch`` stacked ``size`` images at a time, outputs concatenated:
+    the engine's working memory is that of ``size`` images, whatever the call's batch."""
+    return np.concatenate([run(np.stack(batch[i:i + size]))
+                           for i in range(0, len(batch), size)])
 
 
 class Dn2ModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):

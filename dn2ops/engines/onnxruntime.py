@@ -21,9 +21,9 @@ import numpy as np
 import onnxruntime as ort
 from apache_beam.ml.inference.base import PredictionResult
 
-from dn2ops.embed.export import export_backbone
+from dn2ops.embed.export import exported_model
 from dn2ops.embed.plan import EmbedPlan
-from dn2ops.engines.base import Dn2ModelHandler, thread_plan
+from dn2ops.engines.base import Dn2ModelHandler, engine_batch, in_slices, thread_plan
 
 LOG = logging.getLogger("dn2")
 
@@ -35,20 +35,26 @@ def session_options(threads: int) -> ort.SessionOptions:
     # Idle intra-op threads would spin for a while after each batch, taking the
     # cores from the threads that read and decode the next images.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The CPU arena stays on (ONNX Runtime's default): it keeps the largest working set
+    # seen, and the engine batch bounds that (dn2ops.config.CPU_ENGINE_BATCH). Without it
+    # every run allocates and frees its buffers again, which cost dn2 embed a third of its
+    # speed on PNGs (docs/memory.md, "Embedding workers").
     return options
 
 
 class OnnxBackboneModelHandler(
         Dn2ModelHandler[np.ndarray, PredictionResult, ort.InferenceSession]):
-    """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32."""
+    """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32, run
+    in slices of dn2ops.engines.base.engine_batch images."""
 
     def __init__(self, plan: EmbedPlan):
         super().__init__(batch_size=plan.config.batch_size)
         self.plan = plan
+        self.engine_batch = engine_batch(plan.config, gpu=False)
 
     def load_model(self) -> ort.InferenceSession:
         threads, _ = thread_plan(self.plan)
-        path = export_backbone(self.plan.backbone, self.plan.config.weights)
+        path = exported_model(self.plan)  # the torch backbone is loaded only to export it
         LOG.info("engine onnxruntime %s: %s, %d threads", ort.__version__,
                  self.plan.backbone, threads)
         return ort.InferenceSession(path, session_options(threads),
@@ -58,6 +64,7 @@ class OnnxBackboneModelHandler(
                       inference_args: dict[str, Any] | None = None
                       ) -> Iterable[PredictionResult]:
         name = inference_session.get_inputs()[0].name
-        features = inference_session.run(None, {name: np.stack(batch)})[0]
+        features = in_slices(lambda x: inference_session.run(None, {name: x})[0], batch,
+                             self.engine_batch)
         # Beam's handlers keep each input image beside its result (150 KB each).
         return [PredictionResult(None, f) for f in features]

@@ -20,7 +20,14 @@ from torch import nn
 
 from dn2ops.embed.backbones import load_backbone
 from dn2ops.embed.plan import EmbedPlan
-from dn2ops.engines.base import Dn2ModelHandler, resolve_device, thread_plan
+from dn2ops.engines.base import (
+    Dn2ModelHandler,
+    engine_batch,
+    in_slices,
+    on_gpu,
+    resolve_device,
+    thread_plan,
+)
 
 LOG = logging.getLogger("dn2")
 
@@ -63,12 +70,14 @@ class Embedder:
 
 class TorchModelHandler(Dn2ModelHandler[np.ndarray, PredictionResult, Embedder]):
     """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32,
-    normalised with torchvision and run by an Embedder (``fast``: see Embedder)."""
+    normalised with torchvision and run by an Embedder (``fast``: see Embedder), in slices
+    of dn2ops.engines.base.engine_batch images (a whole batch on a GPU)."""
 
     def __init__(self, plan: EmbedPlan, *, fast: bool = True):
         super().__init__(batch_size=plan.config.batch_size)
         self.plan = plan
         self.fast = fast
+        self._engine_batch: int | None = None  # resolved on the worker: its device
 
     def load_model(self) -> Embedder:
         threads, _ = thread_plan(self.plan)
@@ -81,6 +90,10 @@ class TorchModelHandler(Dn2ModelHandler[np.ndarray, PredictionResult, Embedder])
 
     def run_inference(self, batch: Sequence[np.ndarray], model: Embedder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
-        features = model(self.plan.preprocessing.normalize(torch.from_numpy(np.stack(batch))))
+        if self._engine_batch is None:
+            self._engine_batch = engine_batch(self.plan.config, on_gpu(self.plan.config))
+        normalize = self.plan.preprocessing.normalize
+        features = in_slices(lambda x: model(normalize(torch.from_numpy(x))), batch,
+                             self._engine_batch)
         # The example is not kept: it would carry 150 KB per image downstream.
         return [PredictionResult(None, f) for f in features]

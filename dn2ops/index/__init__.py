@@ -35,7 +35,16 @@ passes), writes one index shard at a time, and computes the leave-one-out
 reference scores by searching the shards it wrote, loaded one at a time, so
 the whole normal set is never in memory (unless --shards 1 asks for one shard
 of everything). `LoadedIndex(stream_shards=True)` scores the same way.
+
+torch is imported before anything else in this package on purpose: torch and faiss each
+bring their own libgomp, and when faiss's is loaded first, torch's OpenMP pool hangs in
+forked children once the parent has run a parallel torch op (seen with faiss-cpu 1.15
+and torch 2.14; tests/dn2ops/test_import_order.py). Every module that imports faiss is
+in this package, so it gets torch's runtime loaded first. (Not in dn2ops/__init__: a
+worker that only embeds with ONNX Runtime imports neither, and saves torch's 0.5 GB.)
 """
+
+import torch  # noqa: F401  (before faiss: see above)
 
 from dn2ops.index.build import build_index, build_index_from_arrays
 from dn2ops.index.files import KIND, IndexError_

@@ -9,21 +9,23 @@ like them, and hide them. One rule is chosen once from the IndexConfig (`rule_of
   score over ``clean_k`` neighbours go (`by_fraction`; exact, n^2 d: every row against
   every row). The rate must be known.
 * ``auto`` (the command line's default; `auto`): no rate. Each row's cleaning score is
-  s = log(mean distance to its k_c nearest other kept rows), k_c = 5 % of n within
-  [10, 1000]: a neighbourhood larger than the small clusters impurities form, so a
-  cluster of them cannot vouch for itself. Rows with a robust z = (s - median) /
-  (1.4826 MAD) above 3 (median and MAD over the kept rows) go, and the scores are
-  computed again against the rows kept, until the kept set stops changing (at most 5
-  rounds). Never more than half of the rows go, and at least what the index kind needs
-  stays. The share removed is the estimated contamination rate.
+  s = log(mean distance to its k_c nearest other kept rows), k_c = 5 % of n (at least 10,
+  no upper cap): a neighbourhood larger than the small clusters impurities form, so a
+  cluster of them cannot vouch for itself. Rows with s - median > min(3 x 1.4826 MAD,
+  0.25) go (median and MAD over the kept rows; 0.25 in log units is a neighbourhood 1.28x
+  as wide as the median row's, the cap that matters when impurities inflate the MAD), and
+  the scores are computed again against the rows kept, until the kept set stops changing
+  (at most 20 rounds). Below 50 rows nothing is removed; never more than half of the rows
+  go, and at least what the index kind needs stays. The share removed is the estimated
+  contamination rate. (config: CLEAN_AUTO_*.)
 
 The auto rule stays linear in n: rows are scored against a uniform sample of m rows
-(``clean_sample``, 5,000), with k_s = round(k_c m / n) neighbours (the k_s-th nearest of
-a uniform sample of m is about the k_c-th nearest of all n). The rounds run on the sample
-alone (its rows' own leave-one-out scores within the sample give the median and MAD);
-then one pass scores every row against the kept part of the sample and applies the last
-round's threshold. Two reads of the features (gather the sample, score every row) and
-n m d work; with m = n it is the exact rule.
+(``clean_sample``, 5,000), with k_s = round(k_c m / n) neighbours, i.e. 5 % of the sample
+(the k_s-th nearest of a uniform sample of m is about the k_c-th nearest of all n). The
+rounds run on the sample alone (its rows' own leave-one-out scores within the sample give
+the median and MAD); then one pass scores every row against the kept part of the sample
+and applies the last round's threshold. Two reads of the features (gather the sample,
+score every row) and n m d work; with m = n it is the exact rule.
 
 Every rule returns `Cleaned`: the kept mask, each row's cleaning score (normal.parquet's
 ``clean_score``) and the manifest's ``cleaning`` entry.
@@ -40,7 +42,7 @@ import faiss
 import numpy as np
 
 from dn2ops.config import (
-    CLEAN_AUTO_K,
+    CLEAN_AUTO_MIN_K,
     CLEAN_AUTO_MIN_ROWS,
     CLEAN_AUTO_RATIO,
     CLEAN_AUTO_ROUNDS,
@@ -147,9 +149,9 @@ def by_fraction(rows: Rows, per_shard: list[int], config: IndexConfig, min_keep:
 
 
 def auto_k(n: int) -> int:
-    """k_c: the neighbours of a row's auto cleaning score among all n rows."""
-    lo, hi = CLEAN_AUTO_K
-    return int(min(max(round(CLEAN_AUTO_SHARE * n), lo), hi, n - 1))
+    """k_c: the neighbours of a row's auto cleaning score among all n rows: 5 % of n, at
+    least 10, at most n - 1."""
+    return int(min(max(round(CLEAN_AUTO_SHARE * n), CLEAN_AUTO_MIN_K), n - 1))
 
 
 def sample_k(k_c: int, m: int, n: int) -> int:
@@ -210,10 +212,10 @@ def fit_sample(x: np.ndarray, k: int, *, z: float = CLEAN_AUTO_Z,
                ratio: float | None = CLEAN_AUTO_RATIO, rounds: int = CLEAN_AUTO_ROUNDS,
                most: int | None = None) -> SampleFit:
     """The auto rule's rounds on the rows x (m, d) float32, k neighbours each: score every
-    row against the rows kept (all at first), drop those above median + z scale of the
-    kept rows' scores (at most median + ``ratio``, when given), again until the kept set
-    stops changing or ``rounds`` are done. ``most``: the most rows removed (default: half,
-    and at least k + 1 rows stay)."""
+    row against the rows kept (all at first), drop those above median + min(z scale,
+    ``ratio``) of the kept rows' scores (no cap when ``ratio`` is None), again until the
+    kept set stops changing or ``rounds`` are done. ``most``: the most rows removed
+    (default: half, and at least k + 1 rows stay)."""
     m = len(x)
     most = min(max_drop(m, k + 1), m if most is None else most)
     hood = _Neighbourhood(x, k)

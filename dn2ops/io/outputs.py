@@ -5,15 +5,19 @@ prefix beside it, ``DIR/_staging-RUNID/``, and committed only when the run has
 succeeded. The protocol asks of the store only what object stores give: whole-object
 writes, copies, deletes and listings; no directories, no atomic rename.
 
-commit() does, in order:
+Only the run that holds the directory's lease (``_LEASE``, dn2ops.io.lease) commits
+into it. commit() does, in order:
 
+0. check that this run still holds the lease, renewing it (lease.fence): a run whose
+   lease was taken over stops here and changes nothing;
 1. write ``_COMMITTING`` (the kind and run id): the directory is being replaced;
 2. delete ``_SUCCESS``: from here on readers see an uncommitted directory;
-3. delete everything else in DIR but this run's staging prefix: old tables, a stale
-   ``_staging-*`` of a run that died, files half-copied by a commit that died;
+3. delete everything else in DIR but this run's staging prefix and the lease: old
+   tables, a stale ``_staging-*`` of a run that died, files half-copied by a commit
+   that died;
 4. copy each staged file to its final name (a rename on local disk, which has one);
-5. write ``_SUCCESS`` last, listing every committed file (name, size) under
-   ``committed_files``: the one commit point;
+5. check the lease again (lease.fence), then write ``_SUCCESS`` last, listing every
+   committed file (name, size) under ``committed_files``: the one commit point;
 6. delete the staging prefix, then ``_COMMITTING``.
 
 A crash before 2 leaves the previous commit readable; between 2 and 5 an uncommitted
@@ -36,6 +40,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from dn2ops.errors import UserError
+from dn2ops.io import lease
 
 MARKER = "_SUCCESS"
 # Written first by commit() and removed last: a directory holding it (and no
@@ -91,12 +96,14 @@ def read_marker(directory: str, name: str = MARKER) -> dict[str, Any] | None:
 
 
 def check_writable(directory: str, kind: str) -> None:
-    """Refuses to write ``kind`` into a directory that holds other data."""
+    """Refuses to write ``kind`` into a directory that holds other data, or that another
+    live run holds the lease of (lease.LeaseHeld)."""
     fs, path = fresh_fs_and_path(directory)
     if not fs.exists(path):
         return
     if not fs.isdir(path):
         raise OutputError(f"output path {directory} is a file, not a directory")
+    lease.check_free(directory)
     marker = read_marker(directory)
     if marker is not None and marker.get("kind") != kind:
         raise OutputError(f"output path {directory} holds dn2 {marker.get('kind')} output, "
@@ -110,7 +117,7 @@ def check_writable(directory: str, kind: str) -> None:
                               f"{committing.get('kind')} output, not {kind}; choose another "
                               "--output")
         others = [p for p in fs.ls(path, detail=False)
-                  if not posixpath.basename(p).startswith((STAGING_PREFIX, "."))]
+                  if not is_bookkeeping(posixpath.basename(p.rstrip("/")))]
         if others:
             raise OutputError(
                 f"output path {directory} is not empty and holds no dn2 {kind} output "
@@ -129,6 +136,12 @@ def require_complete(directory: str, kind: str) -> dict[str, Any]:
     if marker.get("kind") != kind:
         raise OutputError(f"{directory} holds dn2 {marker.get('kind')} output, not {kind}")
     return marker
+
+
+def is_bookkeeping(name: str) -> bool:
+    """A name in an output directory that is not output: a run's staging prefix, the
+    lease (and its probes and temporary copies), a hidden file."""
+    return name.startswith((STAGING_PREFIX, lease.LEASE, "."))
 
 
 def new_staging(directory: str) -> str:
@@ -185,12 +198,14 @@ def commit(staging: str, directory: str, marker: dict[str, Any]) -> None:
     _, stage_path = fs_and_path(staging)
     staged = staged_files(staging)
     run = posixpath.basename(stage_path)
+    lease.fence(directory)  # a run that no longer holds DIR's lease changes nothing
     fs.pipe_file(join(path, COMMITTING),
                  json.dumps({"kind": marker.get("kind"), "run_id": run}).encode())
     _clear(fs, path, keep=(run, COMMITTING))
     for rel in staged:
         _place(fs, join(stage_path, rel), join(path, rel))
     files = [{"name": rel, "size": size} for rel, size in staged.items()]
+    lease.fence(directory)  # renewed: it lasts far longer than the write of _SUCCESS
     fs.pipe_file(join(path, MARKER),
                  json.dumps({**marker, FILES: files}, indent=2, default=str).encode())
     finish_commit(staging, directory)
@@ -207,12 +222,13 @@ def finish_commit(staging: str, directory: str) -> None:
 
 
 def _clear(fs: fsspec.AbstractFileSystem, path: str, keep: tuple[str, ...]) -> None:
-    """Deletes ``_SUCCESS`` first, then every other entry of ``path`` not named in keep."""
+    """Deletes ``_SUCCESS`` first, then every other entry of ``path`` not named in keep,
+    but the lease (this run's, and the only live one: the commit is fenced by it)."""
     if fs.exists(join(path, MARKER)):
         fs.rm(join(path, MARKER))  # from here on readers see an uncommitted directory
     for old in fs.ls(path, detail=False):
         name = posixpath.basename(old.rstrip("/"))
-        if name not in keep:
+        if name not in keep and not name.startswith(lease.LEASE):
             fs.rm(old, recursive=True)
     fs.invalidate_cache(path)
 

@@ -375,8 +375,11 @@ def _launch_argv(body: dict, project: str, region: str) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("limit", ["", "0.05"], ids=["no-limit", "max-error-fraction"])
-def test_dataflow_nightly_schedule_launches_the_flex_template_for_yesterday(stub_gcloud, limit):
+@pytest.mark.parametrize(("limit", "gpu"), [("", "nvidia-l4"), ("0.05", "nvidia-l4"),
+                                           ("", "none")],
+                         ids=["no-limit", "max-error-fraction", "cpu-workers"])
+def test_dataflow_nightly_schedule_launches_the_flex_template_for_yesterday(stub_gcloud, limit,
+                                                                            gpu):
     from apache_beam.options.pipeline_options import (
         DebugOptions,
         GoogleCloudOptions,
@@ -384,7 +387,9 @@ def test_dataflow_nightly_schedule_launches_the_flex_template_for_yesterday(stub
         WorkerOptions,
     )
 
-    calls = stub_gcloud("dataflow-nightly.sh", MAX_ERROR_FRACTION=limit)
+    from pipelines import checks
+
+    calls = stub_gcloud("dataflow-nightly.sh", MAX_ERROR_FRACTION=limit, GPU=gpu)
     assert not any(c[:2] == ["run", "jobs"] for c in calls)  # no driver: the job commits
     sched = next(c for c in calls if c[:4] == ["scheduler", "jobs", "create", "http"])
     flag = dict(zip(sched[5::2], sched[6::2], strict=True))
@@ -413,17 +418,26 @@ def test_dataflow_nightly_schedule_launches_the_flex_template_for_yesterday(stub
     assert args.partition == yesterday
     assert args.input == f"gs://dn2-test-bucket/images/dt={yesterday}/"
     assert args.output == f"gs://dn2-test-bucket/dn2/results/dt={yesterday}/"
-    assert args.index == "gs://dn2-test-bucket/dn2/index" and args.device == "auto"
+    assert args.index == "gs://dn2-test-bucket/dn2/index"
+    assert args.device == ("cpu" if gpu == "none" else "auto")
     assert args.max_error_fraction == (float(limit) if limit else None)
     opts = options.beam_options(beam_args)
     assert opts.view_as(StandardOptions).runner == "DataflowRunner"
     assert opts.view_as(GoogleCloudOptions).template_location
     assert opts.view_as(GoogleCloudOptions).service_account_email == (
         "dn2-runner@dn2-test-project.iam.gserviceaccount.com")
-    assert opts.view_as(DebugOptions).experiments == [
-        "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"]
     worker = opts.view_as(WorkerOptions)
-    assert worker.machine_type == "g2-standard-8" and worker.max_num_workers == 4
+    assert worker.max_num_workers == 4
+    if gpu == "none":  # CPU workers: Dataflow's one SDK process per vCPU, each its model
+        assert not opts.view_as(DebugOptions).experiments
+        assert worker.machine_type == "n1-standard-4"
+        assert checks.model_workers(opts) is None
+    else:  # one SDK process per GPU worker, its threads sharing the model on the GPU
+        assert opts.view_as(DebugOptions).experiments == [
+            "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver",
+            "no_use_multiple_sdk_containers"]
+        assert worker.machine_type == "g2-standard-8"
+        assert checks.model_workers(opts) == 1
     assert worker.sdk_container_image == (
         "us-central1-docker.pkg.dev/dn2-test-project/dn2/dn2:latest")
 

@@ -98,7 +98,8 @@ def test_embed_and_search_config_defaults():
     assert dataclasses.asdict(EmbedConfig()) == {
         "backbone": DEFAULT_BACKBONE, "weights": None, "batch_size": 64, "device": "auto",
         "max_pixels": DEFAULT_MAX_PIXELS, "engine": "auto", "decode": "draft",
-        "threads": None, "decode_threads": None, "max_in_flight": None}
+        "threads": None, "decode_threads": None, "max_in_flight": None, "cache_dir": None,
+        "engine_batch": None}
     assert SearchConfig() == SearchConfig(stream_shards=False, device="auto", faiss_threads=1)
 
 

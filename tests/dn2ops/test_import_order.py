@@ -47,3 +47,42 @@ def test_torch_and_faiss_in_either_order_and_in_forked_workers(first, second):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok")
+
+
+EMBED_WORKER = """
+import sys
+import numpy as np
+import dn2ops  # first, as when a worker unpickles dn2's functions
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.testing.util import assert_that, equal_to
+import dn2ops.embed.stage, dn2ops.engines.onnxruntime, pipelines.graphs, pipelines.finalize
+from dn2ops.engines.base import Dn2ModelHandler
+
+class Model:
+    factor = 2
+
+class Doubler(Dn2ModelHandler):
+    def load_model(self):
+        return Model()
+    def run_inference(self, batch, model, inference_args=None):
+        return [int(model.factor * x.sum()) for x in batch]
+
+with beam.Pipeline() as p:
+    got = (p | beam.Create([1, 2, 3]) | beam.Map(lambda i: np.full(2, i))
+           | RunInference(Doubler(batch_size=2, min_batch_size=1)))
+    assert_that(got, equal_to([4, 8, 12]))
+assert "torch" not in sys.modules, "torch was imported"
+assert "faiss" not in sys.modules, "faiss was imported"
+print("ok")
+"""
+
+
+def test_an_embedding_worker_runs_inference_without_torch_or_faiss():
+    """What a worker that embeds with ONNX Runtime loads (dn2ops.__init__ keeps Beam's
+    model manager, and with it torch, out; the embedding and finalize modules import no
+    index): RunInference still runs."""
+    proc = subprocess.run([sys.executable, "-c", EMBED_WORKER], capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")

@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from dn2ops.config import EmbedConfig, JobConfig, ScoreConfig
 from dn2ops.embed.backbones import WeightsError, get_spec
+from dn2ops.embed.export import CacheDirError
 from dn2ops.engines.base import DeviceError
 from dn2ops.errors import ConfigError
 from dn2ops.index import build_index
@@ -211,6 +212,20 @@ def test_preflight_names_a_damaged_weights_file(tmp_path):
         checks.preflight(EmbedConfig(backbone="resnet18", weights=str(weights)),
                          options.beam_options([]))
 
+
+def test_preflight_refuses_a_model_cache_others_can_write(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    config = EmbedConfig(backbone="efficientnet_lite0", engine="onnxruntime",
+                         cache_dir=str(cache))
+    with pytest.raises(CacheDirError, match=f"{cache} is writable by other users"):
+        checks.preflight(config, options.beam_options([]))
+    # torch exports nothing; a Dataflow job's workers check their own disk
+    checks.preflight(EmbedConfig(backbone="efficientnet_lite0", engine="torch", device="cpu",
+                                 cache_dir=str(cache)), options.beam_options([]))
+    checks.preflight(config, options.beam_options(["--runner", "DataflowRunner"]))
+    assert os.listdir(cache) == []
 
 def test_weights_reason_cuts_torchs_refusal_to_what_a_user_can_act_on():
     torch_says = ("cannot read weights w.pt: UnpicklingError: Weights only load failed. "

@@ -99,7 +99,7 @@ def test_every_image_is_accounted_for_and_the_solo_lot_is_an_error(knn_out, lots
     manifest = json.loads((knn_out / "index" / "_SUCCESS").read_text())
     assert manifest["group_by"] == "parent_dir" and manifest["pool"] == "mean"
     assert manifest["group_counts"]["sets_indexed"] == 4
-    # The default cleaning (auto) needs at least 20 sets to estimate their spread: it says so.
+    # The default cleaning (auto) needs at least 50 sets to estimate their spread: it says so.
     assert manifest["cleaning"]["rule"] == "not applied" and manifest["counts"]["dropped"] == 0
     assert "4 normal rows" in manifest["cleaning"]["why"]
 

@@ -243,11 +243,13 @@ def test_reuse_and_add_with_everything_on_the_store(store_runs):
     grown = json.loads(fs.cat_file(f"{path}/grown/_SUCCESS"))
     parent = json.loads(fs.cat_file(f"{path}/run/index/_SUCCESS"))
     assert grown["parent_index_id"] == parent["index_id"]
-    # The default cleans the added images by the parent's threshold: these are the
-    # incoming ones, two thirds of them other digits; those it removed are not in the index.
+    # The default cleans the added images by the parent's auto threshold; this parent (24
+    # normal rows, under the rule's 50) was not cleaned, so neither are they, and it says so.
     kept = pq.read_table(fs.open(f"{path}/grown/normal.parquet", "rb")).column("kept").to_numpy()
     added = grown["cleaning"]["added"]
-    assert added["rule"] == "auto" and added["removed"] == 30 - kept[-30:].sum() <= 15
+    assert parent["cleaning"]["rule"] == "not applied"
+    assert added["rule"] == "off" and added["removed"] == 0 and kept.all()
+    assert "the parent index was not cleaned" in added["why"]
     assert grown["counts"]["kept"] == parent["counts"]["kept"] + kept[-30:].sum()
     vectors = np.concatenate(list(LoadedIndex(f"{out}/grown", device="cpu").iter_shards()))
     _, X_normal, _ = features.load_features(f"{out}/run/normal_features")

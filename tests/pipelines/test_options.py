@@ -119,7 +119,7 @@ def test_reference_sample_defaults_to_a_bounded_sample_and_all_means_every_image
     ("build-index", ["--clean-fraction", "auto"], "auto"),
     ("build-index", ["--no-clean"], 0.0), ("run", ["--clean-fraction", "0"], 0.0),
     ("build-index", ["--clean-fraction", "0.1"], 0.1),
-    ("build-index", ["--group-by", "lot"], "auto"),  # sets too (below 20 sets: not applied)
+    ("build-index", ["--group-by", "lot"], "auto"),  # sets too (below 50 sets: not applied)
 ])
 def test_clean_fraction_is_auto_unless_told(command, flags, fraction):
     argv = (["--features", "/f", "--output", "/o"] if command == "build-index"
@@ -142,11 +142,13 @@ def test_parse_builds_one_validated_job_config():
 
     args, _ = options.parse("run", ["--normal", "/n", "--input", "/i", "--output", "/o",
                                     "--ivf", "64", "--pq", "8", "--batch-size", "16",
-                                    "--reads-in-flight", "5", "--stream-shards", "--top", "3"])
+                                    "--reads-in-flight", "5", "--stream-shards", "--top", "3",
+                                    "--cache-dir", "/c", "--engine-batch", "4"])
     cfg = args.config
     assert cfg.index == IndexConfig(ivf_lists=64, pq_m=8, feature_transform="root4-l2",
                                     clean_fraction="auto")
     assert cfg.embed.batch_size == 16 and cfg.embed.max_in_flight == 5
+    assert cfg.embed.cache_dir == "/c" and cfg.embed.engine_batch == 4
     assert cfg.search == SearchConfig(stream_shards=True, device="auto")
     assert cfg.score.top == 3 and cfg.group is None
     args, _ = options.parse("build-index", ["--features", "/f", "--output", "/o",

@@ -31,11 +31,12 @@ def _digest(key_and_tensor) -> tuple[str, str, str]:
     return key.uri, key.sha256, hashlib.sha1(pixels.tobytes()).hexdigest()
 
 
-def _prepared(rows: list[dict], max_in_flight: int):
+def _prepared(rows: list[dict], max_in_flight: int, reads: int | None = None):
     """Runs PrepareImages over rows; returns (pipeline, images PCollection, errors)."""
     p = BeamTestPipeline(runner=LOCAL_RUNNER)
     out = (p | beam.Create(rows)
-           | beam.ParDo(PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=max_in_flight))
+           | beam.ParDo(PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=max_in_flight,
+                                      reads=reads))
            .with_outputs(ERRORS, main="images"))
     return p, out.images, out[ERRORS]
 
@@ -99,12 +100,15 @@ class _SlowReads:
                 self.now -= 1
 
 
-@pytest.mark.parametrize("max_in_flight", [1, 4])
-def test_reads_run_concurrently_up_to_the_bound(rows, monkeypatch, max_in_flight):
+@pytest.mark.parametrize(("max_in_flight", "reads", "peak"), [(1, None, 1), (4, None, 4),
+                                                              (8, 2, 2)])
+def test_reads_run_concurrently_up_to_the_bound(rows, monkeypatch, max_in_flight, reads,
+                                                peak):
+    """At most ``reads`` images are read (and held encoded) at once, of the rows pending."""
     good = rows[:14]
     slow = _SlowReads(0.05, fail=good[3]["uri"])
     monkeypatch.setattr(dn2ops.embed.stage, "read_bytes", slow)  # the in-process runner sees it
-    p, images, errors = _prepared(good, max_in_flight)
+    p, images, errors = _prepared(good, max_in_flight, reads)
     assert_that(images | beam.Map(lambda kt: kt[0].uri),
                 equal_to([r["uri"] for r in good if r is not good[3]]), label="images")
     assert_that(errors | beam.Map(lambda e: (e["uri"], e["stage"], e["error"])),
@@ -112,12 +116,14 @@ def test_reads_run_concurrently_up_to_the_bound(rows, monkeypatch, max_in_flight
                            "ConnectionError: simulated: the store reset the connection")]),
                 label="errors")
     p.run().wait_until_finish()
-    assert slow.peak == max_in_flight
+    assert slow.peak == peak
 
 
 def test_max_in_flight_must_be_positive():
-    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
+    with pytest.raises(ValueError, match="max_in_flight and reads must be at least 1"):
         PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=0)
+    with pytest.raises(ValueError, match="max_in_flight and reads must be at least 1"):
+        PrepareImages(PREP, DEFAULT_MAX_PIXELS, max_in_flight=4, reads=0)
 
 
 class _CountedDecodes:

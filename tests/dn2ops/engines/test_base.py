@@ -16,6 +16,9 @@ from dn2ops.engines.base import (
     DeviceError,
     Dn2ModelHandler,
     EngineError,
+    cuda_available,
+    engine_batch,
+    in_slices,
     resolve_device,
     resolve_engine,
     thread_plan,
@@ -44,6 +47,46 @@ def test_asking_for_cuda_without_one_fails_fast():
         resolve_device("cuda")
 
 
+def test_cuda_available_agrees_with_torch():
+    assert cuda_available() == torch.cuda.is_available()
+
+
+def test_without_an_nvidia_driver_cuda_is_not_asked_of_torch(monkeypatch):
+    # No driver path on a Linux machine: the answer comes without torch (whose import a
+    # CPU-engine worker would pay for); with one, torch is asked.
+    monkeypatch.setattr(dn2ops.engines.base.sys, "platform", "linux")
+    monkeypatch.setattr(dn2ops.engines.base, "_NVIDIA_PATHS", ("/nonexistent/nvidiactl",))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda_available() is False
+    monkeypatch.setattr(dn2ops.engines.base, "_NVIDIA_PATHS", ("/proc/self",))
+    assert cuda_available() is True
+
+
+@pytest.mark.parametrize(("config", "gpu", "expected"), [
+    ({}, False, 8),  # dn2ops.config.CPU_ENGINE_BATCH
+    ({}, True, 64),  # a GPU runs the whole model call
+    ({"engine_batch": 16}, False, 16),
+    ({"engine_batch": 8}, True, 8),
+    ({"batch_size": 4}, False, 4),  # never more than a call holds
+    ({"batch_size": 32, "engine_batch": 100}, True, 32),
+])
+def test_engine_batch(config, gpu, expected):
+    assert engine_batch(EmbedConfig(**config), gpu) == expected
+
+
+def test_in_slices_runs_the_engine_on_slices_and_concatenates_in_order():
+    batch = [np.full((3, 2, 2), i, np.uint8) for i in range(7)]
+    seen = []
+
+    def run(x):
+        seen.append(len(x))
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float32)
+
+    out = in_slices(run, batch, 3)
+    assert seen == [3, 3, 1]
+    np.testing.assert_array_equal(out[:, 0], [12 * i for i in range(7)])
+
+
 def test_unknown_device():
     with pytest.raises(ValueError, match="device must be one of"):
         resolve_device("tpu")
@@ -67,13 +110,13 @@ def test_auto_is_onnxruntime_on_a_cpu_then_openvino_then_torch(monkeypatch):
 
 
 def test_auto_is_torch_on_a_gpu(monkeypatch):
-    monkeypatch.setattr(dn2ops.engines.base, "resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(dn2ops.engines.base, "cuda_available", lambda: True)
     assert resolve_engine("auto", "auto") == "torch"
 
 
 def test_engines_that_cannot_run_here_fail_with_a_reason(monkeypatch):
     with pytest.raises(EngineError, match="runs on the CPU; with --device cuda"):
-        monkeypatch.setattr(dn2ops.engines.base, "resolve_device", lambda d: torch.device("cuda"))
+        monkeypatch.setattr(dn2ops.engines.base, "cuda_available", lambda: True)
         resolve_engine("openvino", "cuda")
     monkeypatch.undo()
     monkeypatch.setattr(dn2ops.engines.base, "installed", lambda e: e == "torch")
@@ -102,7 +145,7 @@ def test_engines_that_cannot_run_here_fail_with_a_reason(monkeypatch):
 def test_thread_plan_gives_the_engine_and_decoding_the_share_of_the_cores(
         monkeypatch, cores, config, expected):
     monkeypatch.setattr(dn2ops.engines.base, "usable_cores", lambda: cores)
-    monkeypatch.setattr(dn2ops.engines.base, "resolve_device", lambda d: torch.device("cpu"))
+    monkeypatch.setattr(dn2ops.engines.base, "cuda_available", lambda: False)
     threads, decode = thread_plan(_plan(engine="torch", **config))
     assert (threads, decode) == expected
     workers = config.get("workers", 1)
@@ -114,7 +157,7 @@ def test_thread_plan_gives_the_engine_and_decoding_the_share_of_the_cores(
 
 def test_with_a_gpu_every_core_of_the_share_decodes(monkeypatch):
     monkeypatch.setattr(dn2ops.engines.base, "usable_cores", lambda: 8)
-    monkeypatch.setattr(dn2ops.engines.base, "resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(dn2ops.engines.base, "cuda_available", lambda: True)
     assert thread_plan(_plan(engine="auto")) == (1, 8)
     # openvino on a GPU machine still runs on the CPU: on every core, beside decoding
     monkeypatch.setattr(dn2ops.engines.base, "installed", lambda e: True)

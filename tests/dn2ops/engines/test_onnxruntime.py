@@ -24,6 +24,13 @@ def test_features_do_not_depend_on_the_batch_or_threads(features, real_batch):
     np.testing.assert_allclose(single, whole[[0, 5]], rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_call_runs_in_engine_batches_with_the_same_features(features, real_batch):
+    """--engine-batch 3 runs a call of 8 images as 3 + 3 + 2: the working memory of 3."""
+    whole = features("onnxruntime", real_batch)
+    sliced = features("onnxruntime", real_batch, engine_batch=3)
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_default_composite_backbone_runs_alike(features, composite_batch,
                                                composite_torch_features):
     """dn2's default backbone (two networks in one exported graph) equals its torch

@@ -35,9 +35,10 @@ def test_features_do_not_depend_on_the_batch(batch):
 
 
 def test_handler_normalises_uint8_batches_as_the_plain_reference(real_batch):
-    """uint8 crops -> (x / 255 - mean) / std by hand -> the backbone under no_grad."""
+    """uint8 crops -> (x / 255 - mean) / std by hand -> the backbone under no_grad, on
+    the whole batch; the handler runs it in engine batches of 3 (3 + 3 + 2)."""
     plan = EmbedPlan.resolve(EmbedConfig(backbone=BACKBONE, engine="torch", device="cpu",
-                                         batch_size=len(real_batch)))
+                                         batch_size=len(real_batch), engine_batch=3))
     handler = TorchModelHandler(plan, fast=False)
     got = np.stack([r.inference for r in handler.run_inference(list(real_batch),
                                                                handler.load_model())])

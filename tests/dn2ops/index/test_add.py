@@ -166,7 +166,12 @@ def test_cli_add_then_score(sets, tmp_path, capsys):
     kept = pq.read_table(tmp_path / "a" / "normal.parquet").column("kept").to_numpy()
     assert m["cleaning"]["rule"] == "auto" and m["cleaning"]["added"]["rule"] == "auto"
     assert m["cleaning"]["added"]["removed"] == N_ADD - kept[N_OLD:].sum() <= N_ADD // 2
-    assert m["counts"]["dropped"] == (~kept).sum() < 0.05 * len(kept)
+    # These 8-d rows are clean, but in so few dimensions their log scores spread wider than
+    # the rule's 0.25 cap above the median, which then sets the threshold and removes about
+    # a fifth of them (high-dimensional clean sets lose far fewer: test_cleaning.py).
+    c = m["cleaning"]
+    assert c["threshold"] == pytest.approx(c["median"] + 0.25) and 3 * c["scale"] > 0.25
+    assert m["counts"]["dropped"] == (~kept).sum() <= len(kept) // 2
     assert m["added"]["images"] == kept[N_OLD:].sum() and m["feature_transform"] == "root4-l2"
     # The added rows were transformed as the parent's were: scores over root4-l2 features.
     s, _, _ = LoadedIndex(str(tmp_path / "a"), device="cpu").search(xq)
