@@ -46,6 +46,8 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.6", "openvino>=2025.0",
                 # the layers contract (.importlinter) and the import-cycle test
                 "import-linter>=2.17",
+                # the memory benchmarks sample a process tree's RSS (benchmarks/worker_memory.py)
+                "psutil>=5.9",
                 # the DataflowRunner graph test (tests/deploy) builds a Dataflow job offline
                 f"apache-beam[gcp,aws]=={BEAM_VERSION}", "gcsfs>=2024.2", "s3fs>=2024.2",
                 # real object-store servers on 127.0.0.1 for the `objectstore` tests
