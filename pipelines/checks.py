@@ -28,7 +28,7 @@ from dn2ops.embed.backbones import (
 )
 from dn2ops.embed.export import export_dir
 from dn2ops.embed.plan import EmbedPlan
-from dn2ops.engines.base import resolve_device, resolve_engine
+from dn2ops.engines.base import resolve_device, resolve_engine, shares_model
 from dn2ops.errors import ConfigError
 from dn2ops.index import LoadedIndex
 from dn2ops.index.gpu import resolve_faiss_device
@@ -59,7 +59,8 @@ def preflight(config: EmbedConfig, options: PipelineOptions, *,
         if resolve_engine(config.engine, config.device) != "torch":
             export_dir(config.cache_dir)
     try:
-        return EmbedPlan.resolve(config, spec=spec, workers=model_workers(options))
+        return EmbedPlan.resolve(config, spec=spec, workers=model_workers(options),
+                                 shared=shares_model(config, model_processes(options)))
     except WeightsError as e:
         if config.weights in (None, RANDOM_WEIGHTS):
             raise
@@ -102,6 +103,17 @@ def model_workers(options: PipelineOptions) -> int | None:
     Python), unless told to run one process (no_use_multiple_sdk_containers)."""
     if runs_here(options):
         return local_workers(options)
+    experiments = options.view_as(DebugOptions).experiments or []
+    return 1 if "no_use_multiple_sdk_containers" in experiments else None
+
+
+def model_processes(options: PipelineOptions) -> int | None:
+    """SDK processes that run the model on one machine: the local runner's workers with
+    ``--direct_running_mode multi_processing`` (else 1: threads share a process's model);
+    None for a remote runner (one a vCPU), unless told to run one."""
+    if runs_here(options):
+        direct = options.view_as(DirectOptions)
+        return local_workers(options) if direct.direct_running_mode == "multi_processing" else 1
     experiments = options.view_as(DebugOptions).experiments or []
     return 1 if "no_use_multiple_sdk_containers" in experiments else None
 

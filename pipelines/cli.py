@@ -14,6 +14,7 @@ COMMANDS = {
     "score": ("pipelines.score", "images or features x index -> ranked anomalies"),
     "run": ("pipelines.run", "embed normal, build index, embed and score input"),
     "report": ("pipelines.report", "results -> one self-contained HTML page"),
+    "load-bigquery": ("pipelines.load_bigquery", "committed results -> BigQuery tables"),
 }
 
 USAGE = ("usage: dn2 {" + ",".join(COMMANDS) + "} [--verbose] [options]\n\n"

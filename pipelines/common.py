@@ -21,13 +21,14 @@ from dn2ops.io.faults import permanent_fault
 
 def guarded(job: Callable[[], object], command: str) -> int:
     """Runs ``job``: 0 when it returns; a UserError or a store's permanent refusal prints
-    ``dn2 COMMAND: error: ...`` and returns 1; any other exception propagates with its
-    traceback."""
+    ``dn2 COMMAND: error: ...`` and returns 1 (or the error's ``exit_code``: 3 for a
+    BigQuery load that failed after the commit, README "Exit codes"); any other exception
+    propagates with its traceback."""
     try:
         job()
     except UserError as e:
         print(f"dn2 {command}: error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     except Exception as e:
         reason = permanent_fault(e)
         if reason is None:

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from dn2ops.embed.plan import EmbedPlan
 from dn2ops.engines.base import resolve_engine
 from dn2ops.errors import UserError
-from dn2ops.io import features, lease, outputs
+from dn2ops.io import features, lease, outputs, result_tables
 
 LOG = logging.getLogger("dn2")
 
@@ -171,13 +171,16 @@ def finalize_results(count_in: int, *, staging: str, output: str, partition: str
                      backbone: str | None, started: float, pipeline_started: float,
                      top: int | None = None, group: dict[str, Any] | None = None,
                      max_error_fraction: float | None = None,
-                     decision: dict[str, Any] | None = None) -> dict[str, Any]:
+                     decision: dict[str, Any] | None = None,
+                     heatmaps: dict[str, Any] | None = None) -> dict[str, Any]:
     """dn2 score's last step: summary.json, the accounting check, the top CSV, the commit.
 
     ``count_in``: inputs listed (images, or feature rows + error rows of a features
     directory); ``group``: ``{"group_by", "method", "pool"}`` in group mode, else None;
     ``decision``: the scoring stage's (dn2ops.score.decisions.decide: ``flags``,
-    ``drift``, ``warnings``), added to the summary, its warnings logged;
+    ``drift``, ``warnings``), added to the summary, its warnings logged; ``heatmaps``:
+    the explain stage's result (dn2ops.score.heatmaps), its ``summary`` added as
+    ``heatmaps`` (the PNGs' scale, the settings, missing neighbours, failures);
     ``started`` / ``pipeline_started``: epoch seconds when the job / its pipeline began
     (summary ``timings``). Raises JobError, and discards the staging folder, when
     count_in != scored + errored: nothing is committed. With ``max_error_fraction``
@@ -199,6 +202,8 @@ def finalize_results(count_in: int, *, staging: str, output: str, partition: str
                                              group.get("pool")))
             if decision is not None:
                 summary.update(decision_summary(decision))
+            if heatmaps is not None:  # dn2ops.score.heatmaps.explained_result
+                summary["heatmaps"] = heatmaps["summary"]
             check_accounted(summary["count_in"], summary["scored"], summary["errored"],
                             staging)
         except JobError:
@@ -253,6 +258,8 @@ def results_summary(staging: str, *, count_in: int | None, partition: str, sourc
         "input": source,
         "timings": timings,
         "created_at": _utcnow(),
+        # the version of dn2's result tables' schema file (dn2ops.io.result_tables)
+        "schema_version": result_tables.schema_version(),
     }
 
 
@@ -291,7 +298,8 @@ def _top_rows(results_dir: str, n: int, columns: list[str]) -> list[dict[str, An
 def top_csv(results_dir: str, n: int) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    columns = ["rank", "score", "percentile", "p_value", "flagged", "uri", "neighbor_uris"]
+    columns = ["rank", "score", "percentile", "p_value", "flagged", "uri", "neighbor_uris",
+               "heatmap_uri"]
     w.writerow(columns)
     for r in _top_rows(results_dir, n, columns):
         w.writerow(
@@ -303,6 +311,7 @@ def top_csv(results_dir: str, n: int) -> bytes:
                 _flag(r["flagged"]),
                 r["uri"],
                 " ".join(r["neighbor_uris"]),
+                r["heatmap_uri"] or "",
             ]
         )
     return buf.getvalue().encode()

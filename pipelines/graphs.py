@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from dn2ops.config import FlagConfig, GroupConfig, SearchConfig
 from dn2ops.embed.plan import EmbedPlan
+from dn2ops.embed.resume import Resume
 from dn2ops.embed.stage import EmbedImages
 from dn2ops.io import features, sources
 from dn2ops.io.progress import LogProgress
@@ -33,11 +34,12 @@ def _count(name: str):
 
 
 def embed(p: beam.Pipeline, src: str, plan: EmbedPlan, *, reuse: str | None = None,
-          workers: int = 1):
+          workers: int = 1, resume: Resume | None = None):
     """Lists SRC and embeds it as ``plan`` says (EmbedImages). Returns (feature rows, error
     rows, count of listed images, count of images whose features were copied from
     ``reuse``, an earlier features directory). ``workers``: the local runner's, for the
-    progress log.
+    progress log. ``resume``: seal the rows made into pieces, copy the adopted ones
+    (pipelines.resume).
 
     The counts (singleton PCollections) are what finalize checks and records.
     """
@@ -46,7 +48,7 @@ def embed(p: beam.Pipeline, src: str, plan: EmbedPlan, *, reuse: str | None = No
     rows = rows | "Progress" >> beam.ParDo(
         LogProgress("embedding", workers=workers), total=beam.pvalue.AsSingleton(total)
     )
-    feats, errors, reused = rows | "Embed" >> EmbedImages(plan, reuse=reuse)
+    feats, errors, reused = rows | "Embed" >> EmbedImages(plan, reuse=reuse, resume=resume)
     return feats, errors, total, reused | "Reused" >> beam.combiners.Count.Globally()
 
 
@@ -113,15 +115,19 @@ def score(
     extra_columns: Sequence[str],
     search: SearchConfig,
     flags: FlagConfig = FlagConfig(),
+    explain: dict | None = None,
 ) -> tuple[list, beam.PCollection]:
     """Scores feature record batches (read_features, as_batches) into ranked and flagged
     anomalies-*.parquet and writes errors-*.parquet; returns (the PCollections of the file
-    names written, the partition's decision: a singleton), both for finalize."""
+    names written, the partition's decision: a singleton), both for finalize. With
+    ``explain`` (dn2ops.score.heatmaps.ExplainTop's keywords) a third item: the explain
+    stage's result (a singleton: heatmap rows and summary)."""
     from dn2ops.score.images import ScoreFeatures
 
-    written, decision = batches | "Score" >> ScoreFeatures(
+    scored = batches | "Score" >> ScoreFeatures(
         index_dir, staging, extra_columns=extra_columns, partition=partition, search=search,
-        flags=flags)
+        flags=flags, explain=explain)
+    written, decision = scored[:2]
     errors = errors | "Partition" >> beam.Map(
         lambda e: {
             "uri": e["uri"],
@@ -132,7 +138,7 @@ def score(
     )
     return [written, errors | "WriteErrors" >> features.WriteTable(
         staging, "errors", RESULT_ERROR_SCHEMA, num_shards=1
-    )], decision
+    )], decision, *scored[2:]
 
 
 RESULT_ERROR_SCHEMA = features.ERROR_SCHEMA.append(pa.field("partition", pa.string()))

@@ -24,27 +24,30 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from dn2ops.config import EmbedConfig, JobConfig
 from dn2ops.embed.plan import EmbedPlan
+from dn2ops.embed.resume import Resume
 from dn2ops.embed.reuse import check_reusable
 from dn2ops.errors import ConfigError
 from dn2ops.index import build_index, kinds
 from dn2ops.index.add import add_to_index
 from dn2ops.index.gpu import resolve_faiss_device
-from dn2ops.io import features, lease, outputs
+from dn2ops.io import features, lease, outputs, pieces
 from dn2ops.score.grouping import build_group_index
-from pipelines import checks, finalize, graphs
+from pipelines import checks, finalize, graphs, resume
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
 LOG = logging.getLogger("dn2")
 
 
 def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, plan: EmbedPlan,
-                 reuse: str | None = None):
+                 reuse: str | None = None, resumed: Resume | None = None):
     """Lists and embeds SRC on ``p`` as ``plan`` says: (feature rows, error rows, count of
-    listed images, count of images copied by ``reuse``)."""
-    return graphs.embed(p, src, plan, reuse=reuse, workers=checks.local_workers(options))
+    listed images, count of images copied by ``reuse``). ``resumed``: seal the rows
+    made, copy the adopted pieces' (pipelines.resume)."""
+    return graphs.embed(p, src, plan, reuse=reuse, workers=checks.local_workers(options),
+                        resume=resumed)
 
 
-def _run(pipeline: beam.Pipeline) -> bool:
+def _run(pipeline: beam.Pipeline, resumed: Resume | None = None) -> bool:
     """Runs the pipeline; True when it ran to the end here (its outputs are committed),
     False for a template launch, which only writes the job graph."""
     result = pipeline.run()
@@ -54,6 +57,7 @@ def _run(pipeline: beam.Pipeline) -> bool:
         return False
     result.wait_until_finish()
     _log_model_loads(result)
+    resume.log_resumed(result, resumed)
     return True
 
 
@@ -77,12 +81,14 @@ def _log_model_loads(result: Any) -> None:
                                               for ns, n in sorted(loads.items())))
 
 
-def _run_staged(pipeline: beam.Pipeline, staging: str) -> bool:
-    """_run, discarding the staging folder when the pipeline fails."""
+def _run_staged(pipeline: beam.Pipeline, staging: str, resumed: Resume | None = None
+                ) -> bool:
+    """_run, discarding the staging folder when the pipeline fails, but its sealed
+    pieces (and its lease, which pipelines.resume releases): a rerun resumes from them."""
     try:
-        return _run(pipeline)
+        return _run(pipeline, resumed)
     except BaseException:
-        outputs.discard(staging)
+        outputs.discard(staging, keep=(pieces.PIECES, lease.LEASE))
         raise
 
 
@@ -111,17 +117,20 @@ def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = N
         checks.check_source(reuse, "--reuse")
         check_reusable(reuse, plan.metadata(), plan.weights_sha256)
     extras = checks.extra_columns(input)
-    staging = outputs.new_staging(output)
-    p = test_pipeline or beam.Pipeline(options=options)
-    feats, errors, count_in, reused = _embed_graph(p, input, options, plan, reuse=reuse)
-    written = graphs.write_features(feats, errors, staging, extras)
-    # The last step of the pipeline counts, checks and commits (also in a template job).
-    graphs.finalize(p, functools.partial(
-        finalize.finalize_embedded, plan=plan, staging=staging, output=output, input=input,
-        reuse=reuse, extra_columns=extras, started=started), count_in=count_in,
-        written=written, counts={"reused": reused})
-    with _leased(output, staging, options):
-        if not _run_staged(p, staging):
+    key = resume.key(input, plan, options)  # None: nothing sealed (Dataflow, templates)
+    staging = outputs.new_staging(output, key)
+    with _leased(output, staging, options), resume.adopt(output, staging, key,
+                                                         plan) as resumed:
+        p = test_pipeline or beam.Pipeline(options=options)
+        feats, errors, count_in, reused = _embed_graph(p, input, options, plan, reuse=reuse,
+                                                       resumed=resumed)
+        written = graphs.write_features(feats, errors, staging, extras)
+        # The last step of the pipeline counts, checks and commits (also in a template job).
+        graphs.finalize(p, functools.partial(
+            finalize.finalize_embedded, plan=plan, staging=staging, output=output,
+            input=input, reuse=reuse, extra_columns=extras, started=started),
+            count_in=count_in, written=written, counts={"reused": reused})
+        if not _run_staged(p, staging, resumed):
             return {}
     marker = outputs.require_complete(output, features.KIND)
     marker.pop("run_id", None)
@@ -194,18 +203,22 @@ def score(*, index: str | None, output: str, input: str | None = None,
     """
     started = time.time()
     plan = checks.check_score(index, output, input, features_dir, config, options)
-    staging = outputs.new_staging(output)
-    pipeline_started = time.time()
-    p = test_pipeline or beam.Pipeline(options=options)
-    written, count_in, decision = _score_graph(p, plan, index, input, features_dir, staging,
-                                               config, options)
-    # The last step of the pipeline: summary.json, accounting check, top CSV, commit.
-    graphs.finalize(p, _finalize_results(plan, index, output, source or input or features_dir,
-                                         staging, (started, pipeline_started), config,
-                                         checks.is_template(options)),
-                    count_in=count_in, written=written, counts={"decision": decision})
-    with _leased(output, staging, options):  # held until report.html is written too
-        if not _run_staged(p, staging):
+    key = resume.key(input, plan.embed, options) if input else None  # --input seals
+    staging = outputs.new_staging(output, key)
+    # held until report.html is written too
+    with _leased(output, staging, options), resume.adopt(output, staging, key,
+                                                         plan.embed) as resumed:
+        pipeline_started = time.time()
+        p = test_pipeline or beam.Pipeline(options=options)
+        written, count_in, counts = _score_graph(p, plan, index, input, features_dir,
+                                                 staging, config, options, resumed)
+        # The last step of the pipeline: summary.json, accounting check, top CSV, commit.
+        graphs.finalize(p, _finalize_results(plan, index, output,
+                                             source or input or features_dir, staging,
+                                             (started, pipeline_started), config,
+                                             checks.is_template(options)),
+                        count_in=count_in, written=written, counts=counts)
+        if not _run_staged(p, staging, resumed):
             return {}
         summary = finalize.committed_summary(output)
         LOG.info("scored %s of %s images into %s (%s errors)%s", summary["scored"],
@@ -228,14 +241,15 @@ def _flagged(summary: dict) -> str:
 
 def _score_graph(p: beam.Pipeline, plan: checks.ScorePlan, index: str | None, input: str | None,
                  features_dir: str | None, staging: str, config: JobConfig,
-                 options: PipelineOptions):
+                 options: PipelineOptions, resumed: Resume | None = None):
     """dn2 score's graph on ``p``: (the PCollections of file names written, count_in, the
-    partition's decision)."""
+    singletons finalize takes: the partition's decision, the heatmaps' result)."""
     group = config.group
     if features_dir:
         feats, errors, count_in = graphs.read_features(p, features_dir)
     else:
-        feats, errors, count_in, _ = _embed_graph(p, input, options, plan.embed)
+        feats, errors, count_in, _ = _embed_graph(p, input, options, plan.embed,
+                                                  resumed=resumed)
     if not features_dir:
         feats = graphs.as_batches(feats, plan.extras)
     partition = config.score.partition
@@ -246,11 +260,18 @@ def _score_graph(p: beam.Pipeline, plan: checks.ScorePlan, index: str | None, in
         written, decision = graphs.score_groups(
             feats, errors, staging, dataclasses.replace(group, pool=plan.pool), images=images,
             index_dir=index, partition=partition, flags=config.score.flags)
-    else:
-        written, decision = graphs.score(
-            feats, errors, staging, index_dir=index, partition=partition,
-            extra_columns=plan.extras, search=config.search, flags=config.score.flags)
-    return written, count_in, decision
+        return written, count_in, {"decision": decision}
+    explain = None if config.score.explain == 0 else {
+        "backbone": plan.backbone, "weights": config.embed.weights,
+        "explain": config.score.explain, "top": config.score.top}
+    written, decision, *heatmaps = graphs.score(
+        feats, errors, staging, index_dir=index, partition=partition,
+        extra_columns=plan.extras, search=config.search, flags=config.score.flags,
+        explain=explain)
+    counts = {"decision": decision}
+    if heatmaps:
+        counts["heatmaps"] = heatmaps[0]
+    return written, count_in, counts
 
 
 def _finalize_results(plan: checks.ScorePlan, index: str | None, output: str, source: str,

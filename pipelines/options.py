@@ -121,6 +121,10 @@ def add_embed_args(p: argparse.ArgumentParser, *, index_decides: bool = False) -
                    help="images the engine runs at once within a call, which bounds its "
                         f"working memory (default: {CPU_ENGINE_BATCH} on a CPU, the whole "
                         "call on a GPU; docs/memory.md)")
+    g.add_argument("--share-model", choices=("auto", "on", "off"), default="auto",
+                   help="one model a machine, shared by its SDK processes (auto: on a CPU "
+                        "engine with several processes, e.g. --direct_running_mode "
+                        "multi_processing or Dataflow's one a vCPU; docs/memory.md)")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: GPU when present; cuda: fail fast without one")
     g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
@@ -201,11 +205,19 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
     g.add_argument("--top", type=_positive, default=None, metavar="N",
                    help="also write top_anomalies.csv with the N most anomalous")
+    g.add_argument("--explain", type=_non_negative, default=None, metavar="N",
+                   help="heatmaps (results/heatmaps/, heatmap_uri, hot_box) of the N "
+                        "top-ranked images; 0: none (default: the --top images, at most "
+                        "20, or the flagged ones when more, at most 100)")
     g.add_argument("--partition", default="",
                    help="partition name; replaces {partition} in input and output paths "
                         "(today / yesterday: that UTC date, YYYY-MM-DD)")
     g.add_argument("--max-error-fraction", type=_fraction, default=None, metavar="F",
                    help="exit non-zero when more than this fraction of inputs errored")
+    g.add_argument("--bigquery-table", default=None, metavar="PROJECT.DATASET.TABLE",
+                   help="after the commit, load the results into this table (errors into "
+                        "TABLE_errors, sets into TABLE_sets), replacing the partition's rows; "
+                        "needs --partition as a date (README: BigQuery)")
     g.add_argument("--report", action="store_true", help="also write report.html")
     g.add_argument("--stream-shards", action="store_true",
                    help="load flat index shards one at a time per batch (index > memory)")
@@ -247,6 +259,31 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
                    help="random other images shown (default 200)")
     p.add_argument("--label-column", default="label", metavar="NAME",
                    help="ground-truth column for the ROC curve (default: label)")
+
+
+def add_load_bigquery_args(p: argparse.ArgumentParser) -> None:
+    """dn2 load-bigquery's arguments: a committed results directory and the table."""
+    p.description = ("Load a committed dn2 results directory into BigQuery again (without "
+                     "scoring it again), replacing its partition's rows.")
+    p.add_argument("results_dir", metavar="RESULTS_DIR",
+                   help="output of `dn2 score` (committed: with its _SUCCESS marker); its "
+                        "summary.json's partition, a date, is the partition loaded")
+    p.add_argument("--bigquery-table", required=True, metavar="PROJECT.DATASET.TABLE",
+                   help="the ranked table (errors: TABLE_errors, sets: TABLE_sets)")
+
+
+def _check_bigquery_table(p: argparse.ArgumentParser, table: str,
+                          partition: str | None = None) -> None:
+    """Refuses, before any work, a malformed --bigquery-table, or (``partition`` given:
+    dn2 score / run) a --partition that is not a date (argparse's exit status 2)."""
+    from dn2ops.io import bigquery
+
+    try:
+        bigquery.table_ref(table)
+        if partition is not None:
+            bigquery.partition_date(partition)
+    except ConfigError as e:
+        p.error(str(e))
 
 
 def parser(command: str) -> argparse.ArgumentParser:
@@ -293,6 +330,8 @@ def parser(command: str) -> argparse.ArgumentParser:
         add_group_args(p, scoring=True)
     elif command == "report":
         add_report_args(p)
+    elif command == "load-bigquery":
+        add_load_bigquery_args(p)
     else:
         raise ValueError(f"unknown command {command}")
     return p
@@ -306,6 +345,10 @@ def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
     p = parser(command)
     if command == "report":
         return p.parse_args(argv), []
+    if command == "load-bigquery":
+        args = p.parse_args(argv)
+        _check_bigquery_table(p, args.bigquery_table)
+        return args, []
     args, beam_args = p.parse_known_args(_dashed(p, argv))
     partition = resolve_partition(getattr(args, "partition", ""))
     if hasattr(args, "partition"):
@@ -316,6 +359,8 @@ def parse(command: str, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
             if not partition:
                 p.error(f"--{name} contains {{partition}} but no --partition was given")
             setattr(args, name, value.replace("{partition}", partition))
+    if getattr(args, "bigquery_table", None):
+        _check_bigquery_table(p, args.bigquery_table, partition)
     unknown = [a for a in beam_args if a.startswith("--") and not _is_beam_flag(a)]
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -347,7 +392,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             decode=get("decode", "draft"), threads=get("threads", None),
             decode_threads=get("decode_threads", None),
             max_in_flight=get("reads_in_flight", None), cache_dir=get("cache_dir", None),
-            engine_batch=get("engine_batch", None)),
+            engine_batch=get("engine_batch", None), share_model=get("share_model", "auto")),
         index=IndexConfig(
             k=get("k", 2), n_centroids=get("kmeans", None),
             clean_fraction=get("clean_fraction", 0.0), clean_k=get("clean_k", None),
@@ -359,7 +404,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             feature_transform=transform),
         score=ScoreConfig(partition=get("partition", ""), top=get("top", None),
                           max_error_fraction=get("max_error_fraction", None),
-                          report=get("report", False), flags=_flag_config(args)),
+                          report=get("report", False), flags=_flag_config(args),
+                          explain=get("explain", None)),
         search=SearchConfig(stream_shards=get("stream_shards", False),
                             device=get("device", "auto")),
         group=group)

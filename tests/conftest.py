@@ -280,6 +280,16 @@ def fake_gcs_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def bigquery_emulator(tmp_path_factory):
+    """bqemulator on 127.0.0.1 (tests/bigquery_emulator.py), for the ``bigquery`` tests."""
+    from tests.bigquery_emulator import BigQueryEmulator
+
+    server = BigQueryEmulator(tmp_path_factory.mktemp("bqemulator")).start(timeout=90)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module", params=["s3", "gs"])
 def bucket(request):
     """A new bucket on a real S3 (moto) or GCS (fake-gcs-server) server on 127.0.0.1, with

@@ -58,10 +58,15 @@ class Server:
     def env(self) -> dict[str, str]:
         raise NotImplementedError
 
+    def process_env(self) -> dict[str, str] | None:
+        """The server process's environment (None: this process's)."""
+        return None
+
     def start(self, timeout: float = 30.0) -> Server:
         # The log is a file, not a pipe: a pipe nobody reads stalls a chatty server.
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.process_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -46,23 +46,26 @@ class EmbedPlan:
     ``weights_sha256``: of the weights loaded (weights_sha256);
     ``workers``: the model calls that run at once on one machine and share its cores
     (None: one SDK process per core, as Dataflow runs Python; see
-    dn2ops.engines.base.thread_plan).
+    dn2ops.engines.base.thread_plan); ``shared``: the model is loaded once per machine
+    and its SDK processes share it (dn2ops.engines.shared; the launcher decides, by
+    dn2ops.engines.base.shares_model).
     """
 
     config: EmbedConfig
     spec: BackboneSpec
     weights_sha256: str
     workers: int | None = 1
+    shared: bool = False
 
     @classmethod
     def resolve(cls, config: EmbedConfig, *, spec: BackboneSpec | None = None,
-                workers: int | None = 1) -> EmbedPlan:
+                workers: int | None = 1, shared: bool = False) -> EmbedPlan:
         """The plan of ``config``: its backbone's spec (``spec``: looked up already) and
         its weights, loaded once to hash them. Raises ConfigError for an unknown
         backbone, WeightsError for weights missing, unreadable or unfit."""
         spec = spec or get_spec(config.backbone)
         model = load_backbone(spec.name, config.weights)
-        return cls(config, spec, weights_sha256(model), workers)
+        return cls(config, spec, weights_sha256(model), workers, shared)
 
     @property
     def backbone(self) -> str:

@@ -184,9 +184,13 @@ class CopyFeatures(beam.PTransform):
     hold a wanted row, by whichever worker takes it.
     """
 
-    def __init__(self, features_dir: str, backbone: str):
+    def __init__(self, features_dir: str | None, backbone: str, *,
+                 paths: Sequence[str] | None = None):
         super().__init__()
-        self.paths = features.shard_paths(features_dir, "features")
+        # paths: Parquet files of feature rows to copy from instead of a directory's
+        # shards (the sealed pieces a resumed run adopts: dn2ops.embed.resume)
+        self.paths = (list(paths) if paths is not None
+                      else features.shard_paths(features_dir, "features"))
         self.backbone = backbone
 
     def expand(self, reused):

@@ -27,16 +27,20 @@ from apache_beam.utils.shared import Shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from dn2ops.config import DEFAULT_MAX_PIXELS
+from dn2ops.embed import resume as resuming
 from dn2ops.embed.images import ImageDecodeError, load_image, sha256_hex
 from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.preprocess import Preprocessing
+from dn2ops.embed.resume import PieceLocation, Resume
 from dn2ops.embed.reuse import CopyFeatures, Known, Location
 from dn2ops.engines.auto import make_handler
 from dn2ops.engines.base import thread_plan
+from dn2ops.io.pieces import SealPieces
 from dn2ops.rows import ImageKey, error_row, feature_row
 
 ERRORS = "errors"
 REUSED = "reused"  # images whose features --reuse copies (PrepareImages' third output)
+RESUMED = "resumed"  # images whose features an adopted sealed piece holds (dn2ops.embed.resume)
 # draft: decode only the pixels the resize needs (JPEG DCT scaling, integer reduction);
 # full: every pixel, then resize (dn2's path before draft decoding; for comparisons).
 DECODES = ("draft", "full")
@@ -50,7 +54,7 @@ def read_bytes(uri: str) -> bytes:
 def prepare(row: dict[str, Any], preprocessing: Preprocessing,
             max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "draft",
             cpu: threading.Semaphore | None = None, known: Known | None = None,
-            reads: threading.Semaphore | None = None
+            reads: threading.Semaphore | None = None, resumed: Known | None = None
             ) -> tuple[ImageKey, np.ndarray | Location]:
     """Row -> (key, uint8 array (3, crop, crop)). Raises _StageError naming the stage.
 
@@ -60,6 +64,8 @@ def prepare(row: dict[str, Any], preprocessing: Preprocessing,
     threads waiting on storage do not count against the cores set aside for decoding.
     ``known`` (``--reuse``): an image whose sha256 it holds is not decoded; its key
     comes with the Location of its earlier features instead of pixels.
+    ``resumed`` (a rerun after a crash): an image whose (uri, sha256) an adopted sealed
+    piece holds comes with its PieceLocation (dn2ops.embed.resume), not decoded either.
     """
     uri = row["uri"]
     with reads or contextlib.nullcontext():
@@ -70,7 +76,9 @@ def prepare(row: dict[str, Any], preprocessing: Preprocessing,
         extras = tuple((k, v) for k, v in row.items() if k != "uri")
         with cpu or contextlib.nullcontext():
             key = ImageKey(uri, sha256_hex(data), extras)
-            found = known.find(key.sha256) if known is not None else None
+            found = resuming.find(resumed, uri, key.sha256)
+            if found is None and known is not None:
+                found = known.find(key.sha256)
             if found is not None:
                 return key, found
             return key, _decode_and_crop(data, preprocessing, max_pixels, decode)
@@ -114,12 +122,16 @@ DEFAULT_MAX_IN_FLIGHT = 16
 
 def _prepared(row: dict[str, Any], preprocessing: Preprocessing, max_pixels: int,
               decode: str, cpu: threading.Semaphore | None, known: Known | None,
-              reads: threading.Semaphore | None) -> tuple[str | None, Any]:
+              reads: threading.Semaphore | None, resumed: Known | None = None
+              ) -> tuple[str | None, Any]:
     """prepare() as an outcome that never raises: (None, (key, array)),
-    (REUSED, (key, Location)) or (ERRORS, row)."""
+    (REUSED, (key, Location)), (RESUMED, (key, PieceLocation)) or (ERRORS, row)."""
     try:
-        key, value = prepare(row, preprocessing, max_pixels, decode, cpu, known, reads)
-        return (REUSED if isinstance(value, Location) else None), (key, value)
+        key, value = prepare(row, preprocessing, max_pixels, decode, cpu, known, reads,
+                             resumed)
+        tag = (RESUMED if isinstance(value, PieceLocation)
+               else REUSED if isinstance(value, Location) else None)
+        return tag, (key, value)
     except _StageError as e:
         return ERRORS, error_row(row["uri"], e.stage, str(e))
     except Exception as e:  # a bug or a surprise for one image: report it, go on
@@ -141,13 +153,15 @@ class PrepareImages(beam.DoFn):
     one image at a time. Of the rows in flight, only the
     decode threads of ``plan``'s thread plan (dn2ops.engines.base.thread_plan) decode at
     once, so decoding and the model's threads together fit the cores (None: no limit
-    beyond ``max_in_flight``). ``decode``: one of DECODES.
+    beyond ``max_in_flight``). ``decode``: one of DECODES. ``resume``: the sealed
+    pieces a rerun adopts; images they hold go to the ``resumed`` output as (ImageKey,
+    PieceLocation), not decoded.
     """
 
     def __init__(self, preprocessing: Preprocessing, max_pixels: int, *,
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, decode: str = "draft",
                  plan: EmbedPlan | None = None, reuse: str | None = None,
-                 reads: int | None = None):
+                 reads: int | None = None, resume: tuple[str, ...] = ()):
         if max_in_flight < 1 or (reads is not None and reads < 1):
             raise ValueError(f"max_in_flight and reads must be at least 1, got "
                              f"{max_in_flight}, {reads}")
@@ -158,7 +172,9 @@ class PrepareImages(beam.DoFn):
         self.decode = decode
         self.plan = plan
         self.reuse = reuse
+        self.resume = tuple(resume)
         self._shared = Shared()  # one Known per worker process, whatever its threads
+        self._shared_resumed = Shared()
 
     def setup(self):
         self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dn2-prepare")
@@ -170,6 +186,9 @@ class PrepareImages(beam.DoFn):
                        if self.reads < self.max_in_flight else None)
         self._known = (self._shared.acquire(lambda: Known.load(self.reuse), tag=self.reuse)
                        if self.reuse else None)
+        self._resumed = (self._shared_resumed.acquire(
+            lambda: resuming.load_resumed(self.resume), tag=self.resume)
+            if self.resume else None)
 
     def start_bundle(self):
         self._pending = {}  # a failed bundle's leftovers are retried by the runner
@@ -177,7 +196,8 @@ class PrepareImages(beam.DoFn):
     def process(self, row: dict[str, Any], timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam) -> Iterator[Any]:
         future = self._pool.submit(_prepared, row, self.preprocessing, self.max_pixels,
-                                   self.decode, self._cpu, self._known, self._reads)
+                                   self.decode, self._cpu, self._known, self._reads,
+                                   self._resumed)
         self._pending[future] = (timestamp, window)
         done = [f for f in self._pending if f.done()]
         if not done and len(self._pending) >= self.max_in_flight:
@@ -243,9 +263,16 @@ class EmbedImages(beam.PTransform):
     PrepareImages takes a batch more rows than that (its ``max_in_flight``), so that
     reading and decoding go on through a whole model call, which blocks the thread that
     feeds PrepareImages; those rows wait holding nothing but the row.
+
+    ``resume`` (dn2ops.embed.resume.Resume; the local runner's dn2 embed and dn2 score
+    --input): every row the model makes is sealed in a piece of ``resume.staging``
+    (dn2ops.io.pieces.SealPieces) before it is handed on, and the images that the
+    adopted pieces ``resume.pieces`` hold are copied from them, not embedded (counted
+    by the ``dn2`` counter ``resumed``).
     """
 
-    def __init__(self, plan: EmbedPlan, *, reuse: str | None = None):
+    def __init__(self, plan: EmbedPlan, *, reuse: str | None = None,
+                 resume: Resume | None = None):
         super().__init__()
         config = plan.config
         if config.decode not in DECODES:
@@ -255,14 +282,16 @@ class EmbedImages(beam.PTransform):
         self.reads = config.max_in_flight or DEFAULT_MAX_IN_FLIGHT
         self.max_in_flight = config.batch_size + self.reads
         self.reuse = reuse
+        self.resume = resume
 
     def expand(self, rows):
         plan = self.plan
         prepared = rows | "Prepare" >> beam.ParDo(
             PrepareImages(plan.preprocessing, plan.config.max_pixels,
                           max_in_flight=self.max_in_flight, decode=plan.config.decode,
-                          plan=plan, reuse=self.reuse, reads=self.reads)
-        ).with_outputs(ERRORS, REUSED, main="images")
+                          plan=plan, reuse=self.reuse, reads=self.reads,
+                          resume=self.resume.pieces if self.resume else ())
+        ).with_outputs(ERRORS, REUSED, RESUMED, main="images")
         inferred, failed = (prepared.images
                             | "Embed" >> RunInference(KeyedModelHandler(self.handler))
                             .with_exception_handling())
@@ -271,7 +300,29 @@ class EmbedImages(beam.PTransform):
         embed_errors = failed.failed_inferences | "FailedBatch" >> beam.FlatMap(
             _failed_batch_rows)
         errors = (prepared[ERRORS], embed_errors) | "AllErrors" >> beam.Flatten()
+        if self.resume:
+            features = features | "Seal" >> beam.ParDo(SealPieces(
+                self.resume.staging, self.resume.piece_rows, self.resume.secret))
+        parts = [features]
         if self.reuse:
-            copied = prepared[REUSED] | "CopyReused" >> CopyFeatures(self.reuse, plan.backbone)
-            features = (features, copied) | "AllFeatures" >> beam.Flatten()
+            parts.append(prepared[REUSED] | "CopyReused" >> CopyFeatures(self.reuse,
+                                                                        plan.backbone))
+        if self.resume and self.resume.pieces:
+            parts.append(prepared[RESUMED]
+                         | "CountResumed" >> beam.Map(_counted(RESUMED))
+                         | "CopyResumed" >> CopyFeatures(None, plan.backbone,
+                                                         paths=self.resume.pieces))
+        if len(parts) > 1:
+            features = tuple(parts) | "AllFeatures" >> beam.Flatten()
         return features, errors, prepared[REUSED]
+
+
+def _counted(name: str):
+    """x -> x, counting each in the ``dn2`` counter ``name``."""
+    counter = beam.metrics.Metrics.counter("dn2", name)
+
+    def inc(x):
+        counter.inc()
+        return x
+
+    return inc

@@ -39,11 +39,13 @@ def handler_class(engine: str) -> type[Dn2ModelHandler]:
 
 def make_handler(plan: EmbedPlan) -> ModelHandler:
     """The Beam model handler of ``plan.config.engine`` (``auto``: resolved when the
-    model loads)."""
+    model loads), served once per machine when ``plan.shared`` (dn2ops.engines.shared)."""
     engine = plan.config.engine
-    if engine == "auto":
-        return AutoModelHandler(plan)
-    return handler_class(engine)(plan)
+    handler = AutoModelHandler(plan) if engine == "auto" else handler_class(engine)(plan)
+    if plan.shared:
+        from dn2ops.engines.shared import SharedModelHandler
+        return SharedModelHandler(handler, plan.config.batch_size)
+    return handler
 
 
 @dataclasses.dataclass

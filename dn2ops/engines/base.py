@@ -138,8 +138,28 @@ def thread_plan(plan: EmbedPlan) -> tuple[int, int]:
     """
     config, workers = plan.config, plan.workers
     share = 1 if workers is None else max(1, usable_cores() // max(1, workers))
-    threads = config.threads or (1 if on_gpu(config) else share)
+    # A model shared by the machine's processes (dn2ops.engines.shared) runs one call at a
+    # time for all of them: on every core.
+    engine = usable_cores() if plan.shared else share
+    threads = config.threads or (1 if on_gpu(config) else engine)
     return threads, config.decode_threads or share
+
+
+def shares_model(config: EmbedConfig, processes: int | None) -> bool:
+    """Whether the SDK processes of a machine share one model (dn2ops.engines.shared):
+    ``config.share_model`` 'on' / 'off', or 'auto': when more than one process runs the
+    model on a machine (``processes``: the local runner's processes, 1 for threads; None:
+    one a vCPU, as Dataflow runs Python) on a CPU engine. A GPU's torch model is not
+    shared by 'auto' (dn2's GPU workers run one SDK process: deploy/); neither is an
+    engine that the launcher cannot tell (``--device auto``, ``--engine auto``, on a
+    remote runner, whose workers may have a GPU)."""
+    if config.share_model != "auto":
+        return config.share_model == "on"
+    if (processes is not None and processes <= 1) or config.device == "cuda":
+        return False
+    if config.engine in ("onnxruntime", "openvino") or config.device == "cpu":
+        return True
+    return processes is not None and resolve_engine(config.engine, config.device) != "torch"
 
 
 def on_gpu(config: EmbedConfig) -> bool:

@@ -414,11 +414,20 @@ def check_free(directory: str) -> None:
     with _HELD_LOCK:
         if _key(directory) in _HELD:
             return
+    other = live_holder(directory)
+    if other is not None:
+        raise LeaseHeld(_held_message(directory, other, time.time()))
+
+
+def live_holder(directory: str) -> Record | None:
+    """The record of the live run that holds ``directory``'s lease, or None (no lease, a
+    gone holder, a damaged record, a filesystem dn2 does not lease). Also asked of a
+    run's staging folder, whose own lease says whether that run still runs."""
     probe = Lease(directory, run_id="")
     if probe.store is None:
-        return
+        return None
     found = probe._guard("read the lease of", probe.store.read, probe.path)
     other = Record.decode(found[0]) if found else None
-    now = time.time()
-    if other is not None and other.gone(now, probe.host) is None:
-        raise LeaseHeld(_held_message(directory, other, now))
+    if other is not None and other.gone(time.time(), probe.host) is None:
+        return other
+    return None

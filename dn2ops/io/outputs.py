@@ -12,13 +12,15 @@ into it. commit() does, in order:
    lease was taken over stops here and changes nothing;
 1. write ``_COMMITTING`` (the kind and run id): the directory is being replaced;
 2. delete ``_SUCCESS``: from here on readers see an uncommitted directory;
-3. delete everything else in DIR but this run's staging prefix and the lease: old
-   tables, a stale ``_staging-*`` of a run that died, files half-copied by a commit
-   that died;
+3. delete everything else in DIR but this run's staging prefix, the lease and the
+   staging of another run that still runs (its staging folder's own ``_LEASE`` is live:
+   dn2ops.io.pieces): old tables, the ``_staging-*`` of a run that died (and the sealed
+   pieces a rerun adopted from it), files half-copied by a commit that died;
 4. copy each staged file to its final name (a rename on local disk, which has one);
 5. check the lease again (lease.fence), then write ``_SUCCESS`` last, listing every
    committed file (name, size) under ``committed_files``: the one commit point;
-6. delete the staging prefix, then ``_COMMITTING``.
+6. delete the staging prefix (but its ``_LEASE``, which the run's own process
+   releases), then ``_COMMITTING``.
 
 A crash before 2 leaves the previous commit readable; between 2 and 5 an uncommitted
 directory that the next run of the same kind cleans up and replaces (``_COMMITTING``
@@ -49,8 +51,10 @@ COMMITTING = "_COMMITTING"
 STAGING_PREFIX = "_staging-"
 # The marker key listing the committed files: [{"name": relative path, "size": bytes}].
 FILES = "committed_files"
-# Beam's file sinks write into beam-temp-* beside their shards and delete it when done.
-_NOT_STAGED = ("beam-temp-", ".")
+# Beam's file sinks write into beam-temp-* beside their shards and delete it when done;
+# hidden names (the sealed pieces, dn2ops.io.pieces) and the staging's own lease are not
+# output either.
+_NOT_STAGED = ("beam-temp-", ".", lease.LEASE)
 
 LOG = logging.getLogger("dn2")
 
@@ -144,8 +148,12 @@ def is_bookkeeping(name: str) -> bool:
     return name.startswith((STAGING_PREFIX, lease.LEASE, "."))
 
 
-def new_staging(directory: str) -> str:
-    return join(directory, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+def new_staging(directory: str, key: str | None = None) -> str:
+    """A new staging folder's name in ``directory``: ``_staging-RUN``, or with ``key``
+    (what makes the run's features: dn2ops.embed.resume.resume_key)
+    ``_staging-KEY-RUN``, which a rerun of the same work finds (dn2ops.io.pieces)."""
+    run = uuid.uuid4().hex[:12]
+    return join(directory, f"{STAGING_PREFIX}{key}-{run}" if key else f"{STAGING_PREFIX}{run}")
 
 
 def is_staging(directory: str) -> bool:
@@ -212,8 +220,9 @@ def commit(staging: str, directory: str, marker: dict[str, Any]) -> None:
 
 
 def finish_commit(staging: str, directory: str) -> None:
-    """Deletes what a commit leaves once ``_SUCCESS`` is written: staging, ``_COMMITTING``."""
-    discard(staging)
+    """Deletes what a commit leaves once ``_SUCCESS`` is written: staging (but its lease,
+    which the process holding it releases), ``_COMMITTING``."""
+    discard(staging, keep=(lease.LEASE,))
     fs, path = fs_and_path(directory)
     committing = join(path, COMMITTING)
     fs.invalidate_cache(committing)
@@ -223,13 +232,21 @@ def finish_commit(staging: str, directory: str) -> None:
 
 def _clear(fs: fsspec.AbstractFileSystem, path: str, keep: tuple[str, ...]) -> None:
     """Deletes ``_SUCCESS`` first, then every other entry of ``path`` not named in keep,
-    but the lease (this run's, and the only live one: the commit is fenced by it)."""
+    but the lease (this run's, and the only live one: the commit is fenced by it) and
+    the staging folder of another run that still runs (its own lease is live)."""
     if fs.exists(join(path, MARKER)):
         fs.rm(join(path, MARKER))  # from here on readers see an uncommitted directory
     for old in fs.ls(path, detail=False):
         name = posixpath.basename(old.rstrip("/"))
-        if name not in keep and not name.startswith(lease.LEASE):
-            fs.rm(old, recursive=True)
+        if name in keep or name.startswith(lease.LEASE):
+            continue
+        if name.startswith(STAGING_PREFIX):
+            holder = lease.live_holder(fs.unstrip_protocol(old.rstrip("/")))
+            if holder is not None:
+                LOG.info("leaving %s alone: its run still runs (run %s on host %s, pid "
+                         "%s)", name, holder.run_id, holder.host, holder.pid)
+                continue
+        fs.rm(old, recursive=True)
     fs.invalidate_cache(path)
 
 
@@ -243,7 +260,18 @@ def _place(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
         fs.copy(src, dst)
 
 
-def discard(staging: str) -> None:
+def discard(staging: str, keep: tuple[str, ...] = ()) -> None:
+    """Deletes a staging folder, but its entries whose names start with one of ``keep``
+    (the folder goes too when none is left)."""
     fs, path = fresh_fs_and_path(staging)
-    if fs.exists(path):
+    if not fs.exists(path):
+        return
+    entries = fs.ls(path, detail=False) if keep else []
+    kept = [e for e in entries if posixpath.basename(e.rstrip("/")).startswith(keep)]
+    if not kept:
         fs.rm(path, recursive=True)
+        return
+    for entry in entries:
+        if entry not in kept:
+            fs.rm(entry, recursive=True)
+    fs.invalidate_cache(path)

@@ -27,6 +27,8 @@ INDEX_KIND = "index"
 # provenance, stay on disk); the label column is added.
 ANOMALY_COLUMNS = ("uri", "score", "rank", "percentile", "neighbor_uris", "neighbor_distances",
                    "p_value", "flagged")
+# Read after the label column where the results have them (--explain: the heatmaps).
+HEATMAP_COLUMNS = ("heatmap_uri", "hot_box")
 ERROR_COLUMNS = ("uri", "stage", "error")
 # Removed normal images shown (most suspicious first); the rest are counted.
 MAX_REMOVED = 24
@@ -85,7 +87,8 @@ def read_inputs(results_dir: str, index_dir: str | None, label_column: str) -> R
     """
     outputs.require_complete(results_dir, RESULTS_KIND)
     summary = _read_summary(results_dir)
-    anomalies = _read(results_dir, "anomalies", (*ANOMALY_COLUMNS, label_column))
+    anomalies = _read(results_dir, "anomalies", (*ANOMALY_COLUMNS, label_column,
+                                                 *HEATMAP_COLUMNS))
     errors = _read(results_dir, "errors", ERROR_COLUMNS)
     groups = features.read_table(results_dir, "groups")
     normal_loo, index_note = read_normal_scores(index_dir, summary)

@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dn2ops.report import content, plots
 from dn2ops.report.inputs import ReportInputs, read_inputs
+from dn2ops.report.overlays import make_overlays
 from dn2ops.report.thumbs import make_thumbs
 
 TEMPLATE = "report.html"
@@ -133,6 +134,7 @@ def _context(inputs: ReportInputs, results_dir: str, top: int, sample: int, labe
         "title": _title(inputs.summary, results_dir),
         "thumb_px": thumb_px,
         "thumbs": make_thumbs(uris, thumb_px),
+        "overlays": make_overlays(results_dir, top_rows, thumb_px),
         "removed": removed,
         "label_column": label_column,
         **_summary_context(inputs, results_dir),

@@ -33,11 +33,17 @@ from dn2ops.index.calibration import load_reference
 from dn2ops.index.knn import set_faiss_threads
 from dn2ops.io import features, outputs
 from dn2ops.score import decisions
+from dn2ops.score.heatmaps import ExplainTop
 
 FEATURE_COLUMNS = ("uri", "sha256", "backbone", "dim", "embedding")
 # Rows of an unranked shard ranked and rewritten at once (about 200 bytes a row
 # without neighbours).
 _RANK_BATCH = 65_536
+
+
+# The hottest region of a heatmap: x0, y0, x1, y1 in the oriented image's pixels (null
+# for rows without a heatmap: only the --explain top rows have one).
+HOT_BOX = pa.list_(pa.int32())
 
 
 def anomaly_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
@@ -46,7 +52,8 @@ def anomaly_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
               ("p_value_source", pa.string()), ("flagged", pa.bool_()),
               ("neighbor_uris", pa.list_(pa.string())),
               ("neighbor_distances", pa.list_(pa.float64())), ("partition", pa.string()),
-              ("backbone", pa.string()), ("index_id", pa.string()), ("sha256", pa.string())]
+              ("backbone", pa.string()), ("index_id", pa.string()), ("sha256", pa.string()),
+              ("heatmap_uri", pa.string()), ("hot_box", HOT_BOX)]
     return pa.schema(fields + [(c, pa.string()) for c in extra_columns])
 
 
@@ -84,6 +91,7 @@ def score_batch(batch: pa.RecordBatch, index: LoadedIndex, partition: str) -> pa
         "backbone": pa.array([index.manifest["backbone"]] * n, pa.string()),
         "index_id": pa.array([index.index_id] * n, pa.string()),
         "sha256": batch.column("sha256"),
+        "heatmap_uri": pa.nulls(n, pa.string()), "hot_box": pa.nulls(n, HOT_BOX),
         **{c: batch.column(c).cast(pa.string()) for c in extras},
     }
     schema = anomaly_schema(extras)
@@ -158,12 +166,22 @@ def flags(scores: np.ndarray, decision: dict[str, Any] | None) -> pa.Array | Non
     return pa.array(flagged, pa.bool_())
 
 
+def heatmap_columns(uris: pa.Array, explained: dict[str, tuple[str, list[int]]]
+                    ) -> tuple[pa.Array, pa.Array]:
+    """The ``heatmap_uri`` and ``hot_box`` columns of rows ``uris`` from the explain
+    stage's rows (uri -> (heatmap_uri, hot_box)); null for rows it did not explain."""
+    found = [explained.get(u) for u in uris.to_pylist()]
+    return (pa.array([f and f[0] for f in found], pa.string()),
+            pa.array([f and f[1] for f in found], HOT_BOX))
+
+
 def rank_shard(src: str, dst: str, sorted_scores: np.ndarray,
-               decision: dict[str, Any] | None = None, *, batch_size: int = _RANK_BATCH
-               ) -> str:
+               decision: dict[str, Any] | None = None, *, batch_size: int = _RANK_BATCH,
+               explained: dict[str, tuple[str, list[int]]] | None = None) -> str:
     """Rewrites the unranked anomaly shard ``src`` to ``dst`` with its ``rank`` column
     filled in (see ranks), and ``flagged`` (see flags) under ``decision``
-    (decisions.decide), a slice of rows at a time. Returns ``dst``.
+    (decisions.decide), a slice of rows at a time; with ``explained`` (the explain
+    stage's rows), ``heatmap_uri`` and ``hot_box`` (heatmap_columns). Returns ``dst``.
 
     Writing ``dst`` whole again is harmless, so a retried step gives the same file.
     """
@@ -183,6 +201,11 @@ def rank_shard(src: str, dst: str, sorted_scores: np.ndarray,
                 flagged = flags(scores, decision) if at_flag >= 0 else None
                 if flagged is not None:
                     batch = batch.set_column(at_flag, schema.field(at_flag), flagged)
+                if explained:
+                    for name, column in zip(("heatmap_uri", "hot_box"), heatmap_columns(
+                            batch.column("uri"), explained), strict=True):
+                        at_col = schema.get_field_index(name)
+                        batch = batch.set_column(at_col, schema.field(at_col), column)
                 writer.write_batch(batch)
     return dst
 
@@ -196,9 +219,11 @@ class RankShards(beam.DoFn):
         self.directory = directory
 
     def process(self, src: str, sorted_scores: np.ndarray,
-                decision: dict[str, Any] | None = None) -> Iterator[str]:
+                decision: dict[str, Any] | None = None,
+                explained: dict[str, Any] | None = None) -> Iterator[str]:
         name = src.rstrip("/").rsplit("/", 1)[-1]
-        yield rank_shard(src, outputs.join(self.directory, name), sorted_scores, decision)
+        yield rank_shard(src, outputs.join(self.directory, name), sorted_scores, decision,
+                         explained=(explained or {}).get("rows"))
 
 
 def partition_decision(sorted_scores: np.ndarray, index_dir: str, rule: FlagConfig
@@ -208,15 +233,18 @@ def partition_decision(sorted_scores: np.ndarray, index_dir: str, rule: FlagConf
     return decisions.decide(sorted_scores, load_reference(index_dir), rule.rule, rule.level)
 
 
-def rank_and_decide(unranked, scores, directory: str, decide) -> tuple[Any, Any]:
+def rank_and_decide(unranked, scores, directory: str, decide, explain=None
+                    ) -> tuple[Any, Any]:
     """The ranking pass of a scoring stage: unranked shard paths and score arrays ->
     (ranked shard paths, the decision singleton). ``decide(sorted_scores)`` -> decision,
-    computed once."""
+    computed once. ``explain(decision)``: None, or a singleton of the explain stage's
+    result (dn2ops.score.heatmaps.ExplainTop), whose rows the ranked shards carry."""
     sorted_scores = scores | "SortedScores" >> beam.CombineGlobally(SortedScores())
     decision = sorted_scores | "Decide" >> beam.Map(decide)
+    side = {} if explain is None else {"explained": beam.pvalue.AsSingleton(explain(decision))}
     ranked = unranked | "Rank" >> beam.ParDo(
         RankShards(directory), sorted_scores=beam.pvalue.AsSingleton(sorted_scores),
-        decision=beam.pvalue.AsSingleton(decision))
+        decision=beam.pvalue.AsSingleton(decision), **side)
     return ranked, decision
 
 
@@ -230,16 +258,23 @@ class ScoreFeatures(beam.PTransform):
     into one sorted array and the decision is taken from it; pass 2, once all are
     complete, rewrites each unranked shard ranked against that array and flagged.
     Both passes are parallel over batches / shards.
+
+    ``explain``: None, or the keywords of dn2ops.score.heatmaps.ExplainTop (backbone,
+    explain, top, ...): the top rows' heatmaps are written under ``directory/heatmaps/``
+    beside pass 1, and pass 2 fills their ``heatmap_uri`` and ``hot_box``; expand then
+    returns a third item, the explain stage's result (a singleton, for summary.json).
     """
 
     def __init__(self, index_dir: str, directory: str, *, extra_columns: Sequence[str] = (),
                  partition: str = "", search: SearchConfig = SearchConfig(),
-                 flags: FlagConfig = FlagConfig()):
+                 flags: FlagConfig = FlagConfig(), explain: dict[str, Any] | None = None):
         super().__init__()
         self.directory = directory
+        self.index_dir = index_dir
         self.schema = anomaly_schema(extra_columns)
         self.handler = IndexModelHandler(index_dir, partition=partition, search=search)
         self.decide = functools.partial(partition_decision, index_dir=index_dir, rule=flags)
+        self.explain = explain
 
     def expand(self, batches):
         scored = batches | "Score" >> RunInference(self.handler)
@@ -249,4 +284,15 @@ class ScoreFeatures(beam.PTransform):
                         outputs.join(self.directory, ".unranked", "anomalies"), self.schema,
                         file_name_suffix=".parquet", shard_name_template="-SSSSS-of-NNNNN"))
         scores = scored | "Scores" >> beam.Map(lambda b: b.column("score").to_numpy())
-        return rank_and_decide(unranked, scores, self.directory, self.decide)
+        if self.explain is None:
+            return rank_and_decide(unranked, scores, self.directory, self.decide)
+        explained = []
+
+        def explain(decision):
+            explained.append(scored | "Explain" >> ExplainTop(
+                self.directory, decision, index_dir=self.index_dir, **self.explain))
+            return explained[0]
+
+        ranked, decision = rank_and_decide(unranked, scores, self.directory, self.decide,
+                                           explain)
+        return ranked, decision, explained[0]

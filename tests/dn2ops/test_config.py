@@ -99,7 +99,7 @@ def test_embed_and_search_config_defaults():
         "backbone": DEFAULT_BACKBONE, "weights": None, "batch_size": 64, "device": "auto",
         "max_pixels": DEFAULT_MAX_PIXELS, "engine": "auto", "decode": "draft",
         "threads": None, "decode_threads": None, "max_in_flight": None, "cache_dir": None,
-        "engine_batch": None}
+        "engine_batch": None, "share_model": "auto"}
     assert SearchConfig() == SearchConfig(stream_shards=False, device="auto", faiss_threads=1)
 
 

@@ -112,7 +112,7 @@ def test_p_values_flags_and_drift_in_the_table_and_summary(run_out):
     (warning,) = summary["warnings"]
     assert "a lone anomaly cannot be flagged" in warning and "24 scores" in warning
     top = (run_out / "results" / "top_anomalies.csv").read_text().splitlines()
-    assert top[0] == "rank,score,percentile,p_value,flagged,uri,neighbor_uris"
+    assert top[0] == "rank,score,percentile,p_value,flagged,uri,neighbor_uris,heatmap_uri"
     marker = json.loads((run_out / "results" / "_SUCCESS").read_text())
     assert (marker["flags"], marker["drift"]) == (summary["flags"], summary["drift"])
 
@@ -279,3 +279,24 @@ def test_a_missed_recall_target_is_warned_about(run_out, tmp_path, caplog, flags
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "below the target" in
               r.getMessage()]
     assert len(warned) == (0 if recall["target_reached"] else 1)
+
+
+def test_the_top_rows_have_heatmaps_and_the_others_none(run_out):
+    """--top 5 and no --explain: the 5 top-ranked images get a heatmap (committed, listed
+    in _SUCCESS, 16-bit at the image's size); every other row's columns are null."""
+    from PIL import Image
+
+    results = run_out / "results"
+    rows = sorted(_results(results), key=lambda r: (r["rank"], r["uri"]))
+    assert all(r["heatmap_uri"] and len(r["hot_box"]) == 4 for r in rows[:5])
+    assert all(r["heatmap_uri"] is None and r["hot_box"] is None for r in rows[5:])
+    marker = json.loads((results / "_SUCCESS").read_text())
+    listed = {f["name"] for f in marker["committed_files"]}
+    for r in rows[:5]:
+        assert r["heatmap_uri"] in listed
+        png = Image.open(results / r["heatmap_uri"])
+        assert png.mode == "I;16" and png.size == Image.open(r["uri"]).size
+    heat = json.loads((results / "summary.json").read_text())["heatmaps"]
+    assert (heat["explained"], heat["asked"], heat["failed"]) == (5, 5, {})
+    top = list(csv.DictReader(open(results / "top_anomalies.csv")))
+    assert [t["heatmap_uri"] for t in top] == [r["heatmap_uri"] for r in rows[:5]]

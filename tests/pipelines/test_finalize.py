@@ -31,8 +31,8 @@ from pipelines.cli import main
 from tests.conftest import brute_scores, digit_images, root4_l2
 
 SUMMARY_KEYS = ["count_in", "scored", "errored", "errors_by_stage", "partition", "backbone",
-                "index_id", "index_dir", "input", "timings", "created_at", "flags", "drift",
-                "warnings"]
+                "index_id", "index_dir", "input", "timings", "created_at", "schema_version",
+                "flags", "drift", "warnings"]
 DRIFT = {"test": "ks-uniform", "lower": 0.2, "level": 0.001, "rows": 3, "statistic": None,
          "pvalue": None, "warn": False}
 # What the scoring stage decided for _stage_results' partition (dn2ops.score.decisions).
@@ -64,7 +64,8 @@ def _stage_results(output: Path) -> str:
     """A staged image-mode result: 3 anomalies, 3 errors (2 read, 1 decode)."""
     staging = Path(outputs.new_staging(str(output)))
     _write(staging, "anomalies", [_anomaly("a", 0.5, 2, 80.0, 0.2),
-                                  _anomaly("b", 0.9, 1, 99.5, 1.2345678e-5, True),
+                                  {**_anomaly("b", 0.9, 1, 99.5, 1.2345678e-5, True),
+                                   "heatmap_uri": "heatmaps/b.png", "hot_box": [1, 2, 3, 4]},
                                   _anomaly("c", 0.1, 3, 10.25, 0.9)], anomaly_schema())
     _write(staging, "errors", [_error("x", "read"), _error("y", "decode"), _error("z", "read")],
            graphs.RESULT_ERROR_SCHEMA)
@@ -105,9 +106,10 @@ def test_finalize_results_writes_summary_top_csv_and_commits(tmp_path, caplog):
                      if p.name != outputs.MARKER]
     rows = list(csv.reader(io.StringIO((out / "top_anomalies.csv").read_text())))
     assert rows == [["rank", "score", "percentile", "p_value", "flagged", "uri",
-                     "neighbor_uris"],
-                    ["1", "0.900000", "99.50", "1.23457e-05", "true", "b", "b-n1 b-n2"],
-                    ["2", "0.500000", "80.00", "0.2", "false", "a", "a-n1 a-n2"]]
+                     "neighbor_uris", "heatmap_uri"],
+                    ["1", "0.900000", "99.50", "1.23457e-05", "true", "b", "b-n1 b-n2",
+                     "heatmaps/b.png"],
+                    ["2", "0.500000", "80.00", "0.2", "false", "a", "a-n1 a-n2", ""]]
     assert not Path(staging).exists() and not (out / outputs.COMMITTING).exists()
     assert sorted(read_table(str(out), "anomalies").column("uri").to_pylist()) == ["a", "b", "c"]
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import posixpath
+
 import apache_beam as beam
 import numpy as np
 import pytest
 
 from dn2ops.config import IndexConfig, JobConfig, ScoreConfig
 from dn2ops.errors import ConfigError
-from dn2ops.io import features, outputs
+from dn2ops.io import features, outputs, pieces
 from pipelines import jobs, options
 from pipelines.cli import main
 from tests.conftest import brute_scores, clustered, root4_l2, write_features
@@ -61,6 +63,12 @@ def test_score_of_features_ranks_by_the_brute_force_score(toy):
     np.testing.assert_allclose(table.column("score").to_numpy(), expected, rtol=1e-4)
     top = (root / "results" / "top_anomalies.csv").read_text().splitlines()[1:]
     assert [line.split(",")[5] for line in top] == [uris[i] for i in np.argsort(-expected)[:4]]
+    # heatmaps (--explain, default: the --top 4) cannot be made of these features: their
+    # images do not exist and their backbone is a toy. The run scores anyway and says why.
+    heatmaps = summary["heatmaps"]
+    assert (heatmaps["asked"], heatmaps["explained"]) == (4, 0)
+    assert sorted(heatmaps["failed"]) == sorted(uris[i] for i in np.argsort(-expected)[:4])
+    assert table.column("heatmap_uri").null_count == len(uris)
 
 
 def _fail(x):
@@ -77,6 +85,20 @@ def test_a_failed_pipeline_discards_its_staging_folder(tmp_path):
     with pytest.raises(ZeroDivisionError, match="a worker failed"):
         jobs._run_staged(p, staging)
     assert not fs.exists(path)
+
+
+def test_a_failed_pipeline_keeps_its_sealed_pieces(tmp_path):
+    """What a rerun resumes from (pipelines.resume) survives a failure; the rest goes."""
+    staging = outputs.new_staging(str(tmp_path / "out"), "0123456789abcdef")
+    fs, path = outputs.fs_and_path(staging)
+    fs.makedirs(f"{path}/{pieces.PIECES}")
+    fs.pipe_file(f"{path}/{pieces.PIECES}/p.parquet", b"sealed")
+    fs.pipe_file(f"{path}/features-00000-of-00001.parquet", b"half written")
+    p = beam.Pipeline(options=options.beam_options([]))
+    _ = p | beam.Create([1]) | beam.Map(_fail)
+    with pytest.raises(ZeroDivisionError, match="a worker failed"):
+        jobs._run_staged(p, staging)
+    assert [posixpath.relpath(f, path) for f in fs.find(path)] == [f"{pieces.PIECES}/p.parquet"]
 
 
 def test_run_returns_false_for_a_template_launch(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.datasets import write_png_store
-from dn2ops.io import features, lease, outputs
+from dn2ops.io import features, lease, outputs, pieces
 from pipelines import finalize
 from pipelines.cli import main
 from tests.conftest import digit_images
@@ -54,15 +54,19 @@ def place(request, tmp_path_factory):
         yield f"{bucket}/images", f"{bucket}/out"
 
 
-def _check_whole(output: str, run: str) -> dict:
-    """The committed features directory of run ``run``: every image, nothing else."""
+def _check_whole(output: str, run: str, failed: bool = False) -> dict:
+    """The committed features directory of run ``run``: every image, nothing else (with
+    ``failed``: but the sealed pieces a failed run keeps for its rerun, dn2ops.io.pieces)."""
     marker = outputs.require_complete(output, features.KIND)
     assert marker["run_id"] == run
     assert marker["count_in"] == N_IMAGES == marker["embedded"] + marker["errored"]
     assert marker["errored"] == 0
     fs, path = outputs.fresh_fs_and_path(output)
     present = sorted(posixpath.relpath(p, path) for p in fs.find(path))
-    assert present == sorted([*outputs.committed_files(output), outputs.MARKER])  # no lease
+    kept = [p for p in present if p.startswith(outputs.STAGING_PREFIX)]
+    assert all(p.split("/")[1] == pieces.PIECES for p in kept) and (bool(kept) == failed)
+    assert sorted(set(present) - set(kept)) == sorted(
+        [*outputs.committed_files(output), outputs.MARKER])  # no lease
     uris = features.read_table(output, "features", columns=["uri"]).column("uri").to_pylist()
     assert sorted(posixpath.basename(u) for u in uris) == [
         f"n{i:03d}.png" for i in range(N_IMAGES)]
@@ -120,7 +124,7 @@ def test_two_runs_into_one_output(place, monkeypatch, capsys):
     held = lease.Lease(output, "reader")
     assert held.store.read(held.path)[1] == seen["intruder"]
     held.store.delete(held.path, seen["intruder"])
-    assert _check_whole(output, seen["a"]) == first
+    assert _check_whole(output, seen["a"], failed=True) == first
 
 
 def test_the_last_step_takes_the_lease_or_adopts_the_jobs(tmp_path):

@@ -261,3 +261,10 @@ def test_score_features_flags_the_partition_as_brute_force_does(small_index, tmp
     np.testing.assert_array_equal(got.column("flagged").to_numpy(zero_copy_only=False),
                                   expected)
     assert expected[-10:].all() and expected.sum() < 20  # the moved rows, few others
+
+
+def test_heatmap_columns_close_the_fixed_columns_and_are_null_when_scored():
+    schema = anomaly_schema(["lot"])
+    assert schema.names[-3:] == ["heatmap_uri", "hot_box", "lot"]
+    assert schema.field("heatmap_uri").type == pa.string()
+    assert schema.field("hot_box").type == pa.list_(pa.int32())
