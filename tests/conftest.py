@@ -290,17 +290,24 @@ def bigquery_emulator(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["s3", "gs"])
-def bucket(request):
-    """A new bucket on a real S3 (moto) or GCS (fake-gcs-server) server on 127.0.0.1, with
-    the environment pointing every client at it for the module: its URL, s3://... or gs://..."""
-    server = request.getfixturevalue("moto_server" if request.param == "s3"
-                                     else "fake_gcs_server")
+@contextlib.contextmanager
+def new_bucket(request, kind: str):
+    """A new bucket on a real S3 (moto, ``kind`` "s3") or GCS (fake-gcs-server, "gs")
+    server on 127.0.0.1, with the environment pointing every client at it while the block
+    runs: its URL, s3://... or gs://..."""
+    server = request.getfixturevalue("moto_server" if kind == "s3" else "fake_gcs_server")
     with pytest.MonkeyPatch.context() as mp, (
-            fake_gcs_compatible() if request.param == "gs" else contextlib.nullcontext()):
+            fake_gcs_compatible() if kind == "gs" else contextlib.nullcontext()):
         for k, v in server.env.items():
             mp.setenv(k, v)
         yield server.new_bucket(f"dn2-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def bucket(request):
+    """new_bucket for the module, on each server."""
+    with new_bucket(request, request.param) as url:
+        yield url
 
 
 

@@ -8,13 +8,11 @@ committing. Each time the committed output is checked whole.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import posixpath
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,7 @@ from benchmarks.datasets import write_png_store
 from dn2ops.io import features, lease, outputs, pieces
 from pipelines import finalize
 from pipelines.cli import main
-from tests.conftest import digit_images
-from tests.objectstores import fake_gcs_compatible
+from tests.conftest import digit_images, new_bucket
 from tests.pipelines.test_finalize import _results, _stage_results
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,13 +39,7 @@ def place(request, tmp_path_factory):
     if request.param == "local":
         yield str(local / "images"), str(local / "out")
         return
-    server = request.getfixturevalue("moto_server" if request.param == "s3"
-                                     else "fake_gcs_server")
-    with pytest.MonkeyPatch.context() as mp, (
-            fake_gcs_compatible() if request.param == "gs" else contextlib.nullcontext()):
-        for k, v in server.env.items():
-            mp.setenv(k, v)
-        bucket = server.new_bucket(f"dn2-{uuid.uuid4().hex[:10]}")
+    with new_bucket(request, request.param) as bucket:
         fs, path = outputs.fs_and_path(bucket)
         fs.put(str(local / "images"), f"{path}/images", recursive=True)
         yield f"{bucket}/images", f"{bucket}/out"
