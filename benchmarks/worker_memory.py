@@ -54,7 +54,9 @@ LOADS = re.compile(r"model loads: embedding (\d+)")
 
 
 def stores(scratch: str, n_png: int, n_photos: int) -> dict[str, str]:
-    """Manifests of the two workloads, written once under ``scratch``."""
+    """Manifests of the two workloads, written once under ``scratch`` (absolute paths: dn2
+    reads a manifest's relative paths against the manifest's own folder)."""
+    scratch = os.path.abspath(scratch)
     images, _ = load_fashion_mnist(split="test")
     names = [f"test-{i:05d}" for i in range(n_png)]
     write_png_store(images[:n_png], names, os.path.join(scratch, "png"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import re
+from typing import TYPE_CHECKING
 
 from apache_beam.options.pipeline_options import (
     DebugOptions,
@@ -19,6 +20,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from dn2ops.config import EmbedConfig, FlagConfig, JobConfig
+from dn2ops.embed import weights_memo
 from dn2ops.embed.backbones import (
     RANDOM_WEIGHTS,
     BackboneSpec,
@@ -28,13 +30,13 @@ from dn2ops.embed.backbones import (
 )
 from dn2ops.embed.export import export_dir
 from dn2ops.embed.plan import EmbedPlan
-from dn2ops.engines.base import resolve_device, resolve_engine, shares_model
+from dn2ops.engines.base import device_type, resolve_engine, shares_model
 from dn2ops.errors import ConfigError
-from dn2ops.index import LoadedIndex
-from dn2ops.index.gpu import resolve_faiss_device
 from dn2ops.io import features, outputs, sources
-from dn2ops.score import decisions
-from dn2ops.score.grouping import check_index_mode, check_key
+
+if TYPE_CHECKING:  # imported where used: `dn2 embed` starts without torch, faiss, scipy
+    from dn2ops.index import LoadedIndex
+    from dn2ops.score import decisions
 
 
 def preflight(config: EmbedConfig, options: PipelineOptions, *,
@@ -46,7 +48,8 @@ def preflight(config: EmbedConfig, options: PipelineOptions, *,
     The GPU is checked here only when the pipeline runs in this process: a Dataflow job is
     launched from a machine without one, and its workers check ``--device cuda`` themselves.
     So is the export cache of a CPU engine (created private, or refused: CacheDirError).
-    The weights are loaded once here, to hash them for the plan. Weights the user names
+    The weights are loaded once here, to hash them for the plan (unless their files are
+    the ones hashed before: dn2ops.embed.weights_memo). Weights the user names
     are untrusted files, loaded with ``torch.load(weights_only=True)``: a damaged, hostile
     or ill-fitting file fails now with a short reason, not later inside every worker.
     ``spec``: the spec of ``config.backbone``, when the caller has it already.
@@ -55,12 +58,13 @@ def preflight(config: EmbedConfig, options: PipelineOptions, *,
     if config.weights != RANDOM_WEIGHTS:
         resolve_weights(spec, config.weights)
     if runs_here(options):
-        resolve_device(config.device)
+        device_type(config.device)  # a --device cuda without a GPU fails here
         if resolve_engine(config.engine, config.device) != "torch":
             export_dir(config.cache_dir)
     try:
         return EmbedPlan.resolve(config, spec=spec, workers=model_workers(options),
-                                 shared=shares_model(config, model_processes(options)))
+                                 shared=shares_model(config, model_processes(options)),
+                                 weights_hash=weights_memo.weights_sha256(spec, config))
     except WeightsError as e:
         if config.weights in (None, RANDOM_WEIGHTS):
             raise
@@ -193,6 +197,10 @@ class ScorePlan:
 def check_score(index: str | None, output: str, input: str | None, features_dir: str | None,
                  config: JobConfig, options: PipelineOptions) -> ScorePlan:
     """Everything dn2 score can check before the pipeline starts."""
+    from dn2ops.index import LoadedIndex
+    from dn2ops.index.gpu import resolve_faiss_device
+    from dn2ops.score.grouping import check_index_mode, check_key
+
     if is_template(options) and config.score.report:
         raise ConfigError("--report needs the results, which a template launch does not "
                           "wait for; run dn2 report RESULTS_DIR after the job")
@@ -223,6 +231,8 @@ def check_flags(flags: FlagConfig, reference: decisions.Reference) -> None:
     """Refuses --alpha below the smallest p-value the index's normal reference can give:
     nothing could ever be flagged. (BH's reach depends on the partition's size: the
     summary warns, dn2ops.score.decisions.resolution_warning.)"""
+    from dn2ops.score import decisions
+
     if flags.rule == "alpha":
         why = decisions.resolution_warning("alpha", flags.level, 1, reference)
         if why:

@@ -7,6 +7,10 @@ so a job launched from a Dataflow template commits too (see dn2ops.io.outputs).
 Each job holds its output's lease while it runs (dn2ops.io.lease): a second run into the
 same output stops with an error naming the first; in a template job, which no process
 waits on, the pipeline's last step takes it.
+
+The index and scoring modules (torch, faiss, scipy: about 3 s of imports on 2 cores) are
+imported by the jobs that use them, not here: `dn2 embed`, and so the rerun that resumes
+a crashed one, starts without them.
 """
 
 from __future__ import annotations
@@ -27,11 +31,7 @@ from dn2ops.embed.plan import EmbedPlan
 from dn2ops.embed.resume import Resume
 from dn2ops.embed.reuse import check_reusable
 from dn2ops.errors import ConfigError
-from dn2ops.index import build_index, kinds
-from dn2ops.index.add import add_to_index
-from dn2ops.index.gpu import resolve_faiss_device
 from dn2ops.io import features, lease, outputs, pieces
-from dn2ops.score.grouping import build_group_index
 from pipelines import checks, finalize, graphs, resume
 from pipelines.finalize import JobError  # noqa: F401  (moved there; callers import it here)
 
@@ -150,6 +150,9 @@ def build(*, features_dir: str, output: str, config: JobConfig) -> dict:
 
 
 def _build(features_dir: str, output: str, config: JobConfig) -> dict:
+    from dn2ops.index import build_index  # here, not at the top: see the module's docstring
+    from dn2ops.score.grouping import build_group_index
+
     if config.group is not None:
         manifest = build_group_index(features_dir, output, config.index, config.group)
         LOG.info("index %s: %s normal sets (--group-by %s, --pool %s), %s too small",
@@ -167,6 +170,9 @@ def add(*, features_dir: str, index: str, output: str, retrain: bool = False,
     """dn2 build-index --add: INDEX_DIR + FEATURES_DIR -> NEW_INDEX_DIR. Returns the manifest.
     Only ``config``'s reference sample, faiss device and whether to clean the added images
     (the parent's auto rule; --no-clean: not) apply: the rest is the parent's."""
+    from dn2ops.index.add import add_to_index  # see the module's docstring
+    from dn2ops.index.gpu import resolve_faiss_device
+
     outputs.check_writable(output, "index")  # before the lease is written into it
     with lease.hold(output, lease.new_run_id()):
         manifest = add_to_index(features_dir, index, output, retrain=retrain,
@@ -180,6 +186,8 @@ def add(*, features_dir: str, index: str, output: str, retrain: bool = False,
 
 
 def _log_built(manifest: dict, k: int) -> None:
+    from dn2ops.index import kinds  # see the module's docstring
+
     kinds.for_manifest(manifest).log_built(manifest, k)  # e.g. an approximate index's recall
     LOG.info(
         "index %s: %s normal images kept of %s, %s shard(s)",

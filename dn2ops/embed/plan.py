@@ -59,13 +59,16 @@ class EmbedPlan:
 
     @classmethod
     def resolve(cls, config: EmbedConfig, *, spec: BackboneSpec | None = None,
-                workers: int | None = 1, shared: bool = False) -> EmbedPlan:
+                workers: int | None = 1, shared: bool = False,
+                weights_hash: str | None = None) -> EmbedPlan:
         """The plan of ``config``: its backbone's spec (``spec``: looked up already) and
-        its weights, loaded once to hash them. Raises ConfigError for an unknown
+        its weights, loaded once to hash them (``weights_hash``: hashed already, as the
+        launcher does from dn2ops.embed.weights_memo). Raises ConfigError for an unknown
         backbone, WeightsError for weights missing, unreadable or unfit."""
         spec = spec or get_spec(config.backbone)
-        model = load_backbone(spec.name, config.weights)
-        return cls(config, spec, weights_sha256(model), workers, shared)
+        if weights_hash is None:
+            weights_hash = weights_sha256(load_backbone(spec.name, config.weights))
+        return cls(config, spec, weights_hash, workers, shared)
 
     @property
     def backbone(self) -> str:
