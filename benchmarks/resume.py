@@ -16,7 +16,9 @@ two images), as on a machine that ran dn2 before.
         [-- EXTRA dn2 embed FLAGS]
 
 The manifests default to the issue 29 workloads (1,000 Fashion-MNIST PNGs and 256 12 MP
-photos; benchmarks/worker_memory.py writes them with ``stores``).
+photos), written under ``SCRATCH/stores`` by benchmarks/worker_memory.py's ``stores``.
+Each cycle's own ratio (its rerun over the uninterrupted run just before it) is printed
+too, with their median: on a 10 s workload a cycle varies by about 0.5 s.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ if REPO not in sys.path:  # run as a script
 
 from benchmarks.datasets import write_manifest  # noqa: E402
 from benchmarks.markdown import table  # noqa: E402
+from benchmarks.worker_memory import stores  # noqa: E402
 from dn2ops.io import features, pieces  # noqa: E402
 from dn2ops.io.sources import read_manifest  # noqa: E402
 
-BENCH = "/work/bc/w29/bench"
 RESUMED = re.compile(r"resumed (\d+) of (\d+) images from (\d+) sealed pieces")
 
 
@@ -146,6 +148,8 @@ def bench(name: str, manifest: str, scratch: str, fraction: float, extra: list[s
             "cpu_ratio": round(rerun_cpu / whole_cpu, 3),
             "killed_at_s": round(kill["seconds"], 1), "sealed_at_kill": kill["sealed"],
             "rerun_s": round(rerun, 1), "ratio": round(rerun / whole, 3),
+            "cycle_ratios": [round(c[0][0] / w, 3) for c, (w, _) in zip(cycles, wholes,
+                                                                         strict=True)],
             "resumed": " of ".join(said[:2]) if said else "nothing",
             "pieces": int(said[2]) if said else 0, "same_rows": same_rows,
             "same_features": same_features, "max_diff": diff}
@@ -154,11 +158,14 @@ def bench(name: str, manifest: str, scratch: str, fraction: float, extra: list[s
 def markdown(res: list[dict]) -> str:
     return table(
         ["store", "images", "uninterrupted (s)", "killed at (s)", "sealed at the kill",
-         "rerun (s)", "rerun / uninterrupted", "CPU s: uninterrupted, rerun (ratio)",
+         "rerun (s)", "rerun / uninterrupted", "each cycle's ratio (median)",
+         "CPU s: uninterrupted, rerun (ratio)",
          "resumed", "pieces", "same rows", "same features (max |diff|)"],
         [[r["store"], str(r["images"]), f"{r['whole_s']:.1f}", f"{r['killed_at_s']:.1f}",
           f"{r['sealed_at_kill']} ({r['sealed_at_kill'] / r['images']:.0%})",
           f"{r['rerun_s']:.1f}", f"{r['ratio']:.2f}",
+          " ".join(f"{x:.2f}" for x in r["cycle_ratios"])
+          + f" ({np.median(r['cycle_ratios']):.2f})",
           f"{r['whole_cpu_s']:.1f}, {r['rerun_cpu_s']:.1f} ({r['cpu_ratio']:.2f})",
           r["resumed"], str(r["pieces"]),
           str(r["same_rows"]), f"{r['same_features']} ({r['max_diff']})"] for r in res])
@@ -166,14 +173,17 @@ def markdown(res: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--png", default=f"{BENCH}/png-1000.csv")
-    ap.add_argument("--photos", default=f"{BENCH}/photos-256.csv")
+    ap.add_argument("--png", help="manifest (default: 1,000 Fashion-MNIST PNGs)")
+    ap.add_argument("--photos", help="manifest (default: 256 12 MP photos)")
     ap.add_argument("--fraction", type=float, default=0.6)
     ap.add_argument("--scratch", default="bench-out/resume")
     ap.add_argument("--stores", default="png,photos")
     ap.add_argument("--repeat", type=int, default=1, help="cycles; the fastest is shown")
     ap.add_argument("extra", nargs="*", help="more dn2 embed flags (after --)")
     args = ap.parse_args(argv)
+    if not (args.png and args.photos):
+        made = stores(os.path.join(args.scratch, "stores"), 1000, 256)
+        args.png, args.photos = args.png or made["png"], args.photos or made["photos"]
     res = []
     for name in args.stores.split(","):
         res.append(bench(name, getattr(args, name), args.scratch, args.fraction, args.extra,

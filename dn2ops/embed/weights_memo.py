@@ -12,7 +12,8 @@ change if the weights did:
   set back by a file's owner: only the clock's owner could forge it), so a file
   replaced or rewritten in place is a miss;
 - the sha256 of dn2's sources that build the network and hash its state (the module
-  names are part of the hash), and torch's version.
+  names are part of the hash), and the versions of torch and torchvision (whose ResNets
+  name the modules of a user's weights).
 
 Weights that are not local files (an fsspec URI) or random weights are hashed each time.
 A miss loads and hashes as before, and the memo is written only after the weights
@@ -82,7 +83,15 @@ def _key(spec: BackboneSpec, weights: str | None) -> dict | None:
         files.append([real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                       st.st_ctime_ns])
     return {"version": MEMO_VERSION, "backbone": spec.name, "files": files,
-            "torch": metadata.version("torch"), "sources": [_file_sha256(p) for p in _SOURCES]}
+            "torch": _version("torch"), "torchvision": _version("torchvision"),
+            "sources": [_file_sha256(p) for p in _SOURCES]}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _read(path: str, key: dict) -> str | None:
