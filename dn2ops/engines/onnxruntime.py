@@ -9,26 +9,35 @@ imports the ``onnx`` package (and with it ml_dtypes) to read the file with
 ``onnx.load`` and serialise it again, which costs every worker process ~1.2 s of
 CPU at start (measured: ``import pipelines.embed, dn2ops.engines.onnxruntime`` 5.9 s of
 CPU against 4.6 s with ``onnxruntime`` alone); ONNX Runtime reads the file itself.
+
+``onnxruntime`` itself is imported where a session is made, not with this module: with a
+model shared by a machine's SDK processes (dn2ops.engines.shared) every process unpickles
+this handler, and only the one that serves the model needs the engine (0.1 s and 36 MB
+a process that does not).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 from apache_beam.ml.inference.base import PredictionResult
 
 from dn2ops.embed.export import exported_model
 from dn2ops.embed.plan import EmbedPlan
 from dn2ops.engines.base import Dn2ModelHandler, engine_batch, in_slices, thread_plan
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 LOG = logging.getLogger("dn2")
 
 
 def session_options(threads: int) -> ort.SessionOptions:
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # a CNN is one chain of operators
@@ -42,8 +51,7 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-class OnnxBackboneModelHandler(
-        Dn2ModelHandler[np.ndarray, PredictionResult, ort.InferenceSession]):
+class OnnxBackboneModelHandler(Dn2ModelHandler[np.ndarray, PredictionResult, Any]):
     """uint8 batches (N, 3, crop, crop) -> pooled backbone features (dim,) float32, run
     in slices of dn2ops.engines.base.engine_batch images."""
 
@@ -53,6 +61,8 @@ class OnnxBackboneModelHandler(
         self.engine_batch = engine_batch(plan.config, gpu=False)
 
     def load_model(self) -> ort.InferenceSession:
+        import onnxruntime as ort
+
         threads, _ = thread_plan(self.plan)
         path = exported_model(self.plan)  # the torch backbone is loaded only to export it
         LOG.info("engine onnxruntime %s: %s, %d threads", ort.__version__,

@@ -4,6 +4,8 @@ returns, and that its server answers only the pipeline's own key."""
 from __future__ import annotations
 
 import multiprocessing.managers
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -53,6 +55,20 @@ def test_a_shared_plan_wraps_its_engine_handler():
     assert handler.batch_elements_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}
     assert type(make_handler(_plan(shared=False, engine="onnxruntime"))) is \
         OnnxBackboneModelHandler
+
+
+def test_a_process_that_only_calls_the_shared_model_does_not_import_the_engine(tmp_path):
+    """Every SDK process unpickles the handler; only the serving one loads ONNX Runtime."""
+    from apache_beam.internal import pickler
+
+    path = tmp_path / "handler.pkl"
+    path.write_bytes(pickler.dumps(make_handler(_plan(shared=True, engine="onnxruntime"))))
+    code = ("import sys\nfrom apache_beam.internal import pickler\n"
+            f"handler = pickler.loads(open({str(path)!r}, 'rb').read())\n"
+            "print(type(handler.inner).__name__, 'onnxruntime' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["OnnxBackboneModelHandler", "False"]
 
 
 def test_the_served_model_returns_what_its_engine_returns(real_batch):
