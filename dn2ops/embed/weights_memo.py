@@ -32,7 +32,7 @@ from importlib import metadata
 from dn2ops.config import EmbedConfig
 from dn2ops.embed import backbones, plan
 from dn2ops.embed.backbones import COMPOSITE_SEP, RANDOM_WEIGHTS, BackboneSpec
-from dn2ops.embed.export import cache_root, private_dir, write_atomic
+from dn2ops.embed.export import cache_root, file_sha256, private_dir, write_atomic
 
 LOG = logging.getLogger("dn2")
 MEMO_DIR = "weights"
@@ -84,7 +84,7 @@ def _key(spec: BackboneSpec, weights: str | None) -> dict | None:
                       st.st_ctime_ns])
     return {"version": MEMO_VERSION, "backbone": spec.name, "files": files,
             "torch": _version("torch"), "torchvision": _version("torchvision"),
-            "sources": [_file_sha256(p) for p in _SOURCES]}
+            "sources": [file_sha256(p) for p in _SOURCES]}
 
 
 def _version(package: str) -> str | None:
@@ -105,7 +105,3 @@ def _read(path: str, key: dict) -> str | None:
     digest = memo.get("weights_sha256")
     return digest if isinstance(digest, str) and len(digest) == 64 else None
 
-
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -120,3 +120,21 @@ def test_a_commit_leaves_a_live_runs_staging_alone(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == sorted(
             [Path(live).name, outputs.MARKER, "summary.json"])
         assert len(list(Path(live, pieces.PIECES).glob("*.json"))) == 1
+
+
+def test_pieces_sealed_in_a_bucket_are_found_and_read_back(bucket):
+    """The same on a real object store (moto's S3, fake-gcs-server): seal, find, read."""
+    out = f"{bucket}/pieces-{KEY}"
+    gone = f"{out}/{outputs.STAGING_PREFIX}{KEY}-deadbeef0001"
+    rows = [_rows(3, 0), _rows(2, 3)]
+    sealed = [pieces.seal(gone, r, SECRET) for r in rows]
+    found = pieces.find(out, KEY, f"{out}/{outputs.STAGING_PREFIX}{KEY}-own000000001",
+                        SECRET)
+    assert found.images == 5 and found.pieces[0].startswith(bucket)  # URIs: the store's
+    assert sorted(p.split("://", 1)[1] for p in found.pieces) == sorted(sealed)  # paths
+    fs, path = outputs.fs_and_path(f"{bucket.split('://')[0]}://{sealed[0]}")
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    assert table.column("uri").to_pylist() == [r["uri"] for r in rows[0]]
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(
+        zero_copy_only=False)), np.stack([r["embedding"] for r in rows[0]]))
