@@ -63,5 +63,5 @@ setup(
                 "google-cloud-bigquery>=3.20", "bqemulator==1.4.0", "duckdb==1.5.5",
                 "duckdb-extension-spatial==1.5.5"],
     },
-    entry_points={"console_scripts": ["dn2=pipelines.cli:main"]},
+    entry_points={"console_scripts": ["dn2=pipelines.cli:console"]},
 )
