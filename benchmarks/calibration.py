@@ -45,6 +45,10 @@ sample of 20,000 exceeds N) or a uniform sample of them (``--sample``). Tables:
   default      what a user gets without a flag: auto cleaning (dn2ops.index.cleaning.auto),
                the reference of all rows against the kept set; calibration and BH on clean
                sets and on sets with 5 % / 10 % impurities
+  null         what a test set of this size can tell: the default's figures on clean sets
+               beside the same figures for p-values that are exactly valid (the class's
+               test normals replaced by exchangeable draws, ``--null-sims`` times): how
+               often such p-values meet each goal, and where the observed value falls
 
     python benchmarks/calibration.py --dataset digits --cache /work/bc/acc/features
     python benchmarks/calibration.py --dataset fmnist --tables calibration,bh
@@ -80,7 +84,7 @@ CLEAN_K = 200  # dn2ops.config.CLEAN_K
 DEEP_LOO = 201  # leave-one-out neighbours kept per normal image (cleaning over k=200)
 DEEP_TEST = 64  # neighbours kept per test image (scores against subsets read from these)
 TABLES = ("auc", "calibration", "exchange", "tail", "cleaning", "kmeans", "bh", "night",
-          "drift", "default")
+          "drift", "default", "null")
 
 # -- p-values, flags and drift: small pure functions (to move into dn2ops) -------------
 
@@ -959,6 +963,21 @@ def render(res: dict[str, Any]) -> str:
                         f"{b['fdp_mean']:.4f}", f"{b['fdp_max_class']:.4f}",
                         f"{b['power_mean']:.3f}", f"{b['power_min_class']:.3f}"]
                        for r in res["default"] for b in r["bh"]]), ""]
+    if "null" in res:
+        out += ["## What a test set of this size can tell: the default (clean sets) beside "
+                "exactly valid p-values", "",
+                table(["figure", "observed", "meets the goal", "exactly valid p: mean "
+                       "[5 %, 95 %]", "exactly valid p meet the goal", "exactly valid p at "
+                       "or above the observed"],
+                      [[r["figure"], f"{r['observed']:.4f}",
+                        "" if r["meets_goal"] is None else str(r["meets_goal"]),
+                        "" if r["null_mean"] is None else
+                        f"{r['null_mean']:.4f} [{r['null_p5']:.4f}, {r['null_p95']:.4f}]",
+                        "" if r["null_meets_goal"] is None
+                        else f"{r['null_meets_goal']:.0%} of {r['sims']}",
+                        "" if r["null_at_or_above_observed"] is None
+                        else f"{r['null_at_or_above_observed']:.0%}"] for r in res["null"]]),
+                ""]
     return "\n".join(out) + "\n"
 
 
@@ -1024,6 +1043,98 @@ def table_default(data: Data, work: str, alphas: Sequence[float], fdr: Sequence[
     return rows
 
 
+def exact_p(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """The p-values of m test scores against a reference of n scores, all n + m drawn from
+    one continuous distribution (exchangeable): exactly valid conformal p-values,
+    (1 + #{reference >= score}) / (n + 1), sharing one reference as a class's do."""
+    ref = np.sort(rng.random(n))
+    return (1 + n - np.searchsorted(ref, rng.random(m), side="left")) / (n + 1)
+
+
+def _goal_figures(pns: Sequence[np.ndarray], pas: Sequence[np.ndarray],
+                  alphas: Sequence[float], fdr: Sequence[float], mix: Sequence[float],
+                  draws: int, rng: np.random.Generator) -> dict[str, float]:
+    """Issue 28's figures over the classes: the mean share of test normals with p <= alpha
+    and how many classes fall outside their 99 % binomial interval; BH's mean FDP and
+    mean power per (anomaly share, Q)."""
+    out: dict[str, float] = {}
+    for a in alphas:
+        shares = np.array([np.mean(pn <= a) for pn in pns])
+        out[f"share {a:g}"] = float(shares.mean())
+        out[f"outside {a:g}"] = float(sum(
+            not (lo - 1e-12 <= x <= hi + 1e-12)
+            for x, (lo, hi) in zip(shares, (binom_interval(len(pn), a) for pn in pns),
+                                   strict=True)))
+    for m in mix:
+        for q in fdr:
+            res = [_bh_power(pn, pa, q, max(1, round(m * len(pn) / (1 - m))), draws, rng)
+                   for pn, pa in zip(pns, pas, strict=True)]
+            out[f"fdp {m:g} {q:g}"] = float(np.mean([r[0] for r in res]))
+            out[f"power {m:g} {q:g}"] = float(np.mean([r[1] for r in res]))
+    return out
+
+
+def _meets(name: str, value: float) -> bool | None:
+    """Whether one of _goal_figures' values meets issue 28's goal (None: no goal)."""
+    kind, *args = name.split()
+    if kind == "share":
+        return abs(value - float(args[0])) <= 0.2 * float(args[0])
+    if kind == "outside":
+        return value == 0
+    if kind == "fdp":
+        return value <= float(args[1])
+    if kind == "power" and args == ["0.1", "0.1"]:
+        return value >= 0.7
+    return None
+
+
+def table_null(data: Data, work: str, alphas: Sequence[float], fdr: Sequence[float],
+               mix: Sequence[float], seed: int, draws: int = 20, sims: int = 200,
+               **_: Any) -> list[dict[str, Any]]:
+    """What a test set of this size can tell about issue 28's goals. Observed: the
+    default on clean sets (auto cleaning, the reference of all rows against the kept set,
+    rank + tail, as table_default). Null: the same protocol with each class's test
+    normals' p-values replaced by exactly valid ones (``exact_p``: as many test scores,
+    a reference of the class's size) and the real anomalies' p-values, ``sims`` times. Per
+    figure: the observed value, the null's mean and 5-95 % range, the share of null runs
+    that meet the goal (a method whose p-values are exactly valid meets it that often on
+    this test set), and the share of null runs at or above the observed value."""
+    rng = np.random.default_rng(seed)
+    ns, pns, pas = [], [], []
+    for c in data.train_idx:
+        cl = normal_lists(data, c, work)
+        kept = auto_kept(cl.x)
+        ref = np.sort(cl.loo(kept))
+        p = p_values(cl.test_scores(data.test, kept), ref, fit_tail(ref))[0]
+        ns.append(len(ref))
+        pns.append(p[data.test_labels == c])
+        pas.append(p[other_class(data, c)])
+    observed = _goal_figures(pns, pas, alphas, fdr, mix, draws, rng)
+    null = [_goal_figures([exact_p(n, len(pn), rng) for n, pn in zip(ns, pns, strict=True)],
+                          pas, alphas, fdr, mix, draws, rng) for _ in range(sims)]
+    LOG.info("null: %d simulations done", sims)
+    rows = []
+    for name, value in observed.items():
+        v = np.array([x[name] for x in null])
+        met = [_meets(name, x) for x in v]
+        rows.append({"figure": name, "observed": value, "meets_goal": _meets(name, value),
+                     "null_mean": float(v.mean()), "null_p5": float(np.quantile(v, 0.05)),
+                     "null_p95": float(np.quantile(v, 0.95)),
+                     "null_meets_goal": None if met[0] is None else float(np.mean(met)),
+                     "null_at_or_above_observed": float(np.mean(v >= value - 1e-12)),
+                     "sims": sims})
+
+    def all_met(figures: dict[str, float]) -> bool:
+        return all(m for m in (_meets(k, v) for k, v in figures.items()) if m is not None)
+
+    rows.append({"figure": "every goal at once", "observed": float(all_met(observed)),
+                 "meets_goal": all_met(observed), "null_mean": None, "null_p5": None,
+                 "null_p95": None,
+                 "null_meets_goal": float(np.mean([all_met(x) for x in null])),
+                 "null_at_or_above_observed": None, "sims": sims})
+    return rows
+
+
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
@@ -1048,6 +1159,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--train-per-class", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--null-sims", type=int, default=200,
+                   help="simulations of exactly valid p-values (table null)")
     args = p.parse_args(argv)
     args.tables = [t for t in args.tables.split(",") if t]
     bad = set(args.tables) - set(TABLES)
@@ -1077,7 +1190,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fns = {"auc": table_auc, "calibration": table_calibration, "exchange": table_exchange,
            "tail": lambda **k: table_tail(sizes=args.tail_sizes, **k),
            "cleaning": table_cleaning, "kmeans": table_kmeans, "bh": table_bh,
-           "night": table_night, "drift": table_drift, "default": table_default}
+           "night": table_night, "drift": table_drift, "default": table_default,
+           "null": lambda **k: table_null(sims=args.null_sims, **k)}
     for name in [t for t in TABLES if t in args.tables]:
         t0 = time.perf_counter()
         res[name] = fns[name](**kw)
