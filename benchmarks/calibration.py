@@ -994,6 +994,16 @@ def auto_kept(x: np.ndarray, k: int = 2) -> np.ndarray:
     return cleaning.auto(lambda: iter([x]), len(x), config, k + 1).kept
 
 
+def default_cleaned_p(data: Data, cl: ClassLists
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept mask, sorted reference, p of every test image) as a user's default build
+    gives them: auto cleaning, every row's score against the kept set as the reference,
+    rank + tail."""
+    kept = auto_kept(cl.x)
+    ref = np.sort(cl.loo(kept))
+    return kept, ref, p_values(cl.test_scores(data.test, kept), ref, fit_tail(ref))[0]
+
+
 def table_default(data: Data, work: str, alphas: Sequence[float], fdr: Sequence[float],
                   mix: Sequence[float], seed: int,
                   impurities: Sequence[float] = (0.0, 0.05, 0.10), draws: int = 20,
@@ -1018,10 +1028,8 @@ def table_default(data: Data, work: str, alphas: Sequence[float], fdr: Sequence[
                                  data.train[np.concatenate([idx, bad])], work)
             else:
                 cl = normal_lists(data, c, work)
-            kept = auto_kept(cl.x)
+            kept, ref, p = default_cleaned_p(data, cl)
             removed.append(1 - kept.mean())
-            ref = np.sort(cl.loo(kept))
-            p = p_values(cl.test_scores(data.test, kept), ref, fit_tail(ref))[0]
             normal = data.test_labels == c
             pn, pa = p[normal], p[other_class(data, c)]
             ms.append(int(normal.sum()))
@@ -1102,10 +1110,7 @@ def table_null(data: Data, work: str, alphas: Sequence[float], fdr: Sequence[flo
     rng = np.random.default_rng(seed)
     ns, pns, pas = [], [], []
     for c in data.train_idx:
-        cl = normal_lists(data, c, work)
-        kept = auto_kept(cl.x)
-        ref = np.sort(cl.loo(kept))
-        p = p_values(cl.test_scores(data.test, kept), ref, fit_tail(ref))[0]
+        _, ref, p = default_cleaned_p(data, normal_lists(data, c, work))
         ns.append(len(ref))
         pns.append(p[data.test_labels == c])
         pas.append(p[other_class(data, c)])
