@@ -34,12 +34,14 @@ def _count(name: str):
 
 
 def embed(p: beam.Pipeline, src: str, plan: EmbedPlan, *, reuse: str | None = None,
-          workers: int = 1, resume: Resume | None = None):
+          workers: int = 1, resume: Resume | None = None, extra_columns: Sequence[str] = ()):
     """Lists SRC and embeds it as ``plan`` says (EmbedImages). Returns (feature rows, error
     rows, count of listed images, count of images whose features were copied from
-    ``reuse``, an earlier features directory). ``workers``: the local runner's, for the
-    progress log. ``resume``: seal the rows made into pieces, copy the adopted ones
-    (pipelines.resume).
+    ``reuse``, an earlier features directory, the copied rows). ``workers``: the local
+    runner's, for the progress log. ``resume``: seal the rows made into pieces, copy the
+    adopted ones (pipelines.resume). The copied rows (from ``reuse`` or the adopted
+    pieces) are record batches of ``features.feature_schema(extra_columns)``, apart from
+    the embedded rows (EmbedImages says why), or None when nothing can be copied.
 
     The counts (singleton PCollections) are what finalize checks and records.
     """
@@ -48,18 +50,35 @@ def embed(p: beam.Pipeline, src: str, plan: EmbedPlan, *, reuse: str | None = No
     rows = rows | "Progress" >> beam.ParDo(
         LogProgress("embedding", workers=workers), total=beam.pvalue.AsSingleton(total)
     )
-    feats, errors, reused = rows | "Embed" >> EmbedImages(plan, reuse=reuse, resume=resume)
-    return feats, errors, total, reused | "Reused" >> beam.combiners.Count.Globally()
+    feats, errors, reused, copied = rows | "Embed" >> EmbedImages(
+        plan, reuse=reuse, resume=resume, extra_columns=extra_columns)
+    return (feats, errors, total, reused | "Reused" >> beam.combiners.Count.Globally(),
+            copied)
 
 
-def write_features(feats, errors, staging: str, extra_columns: Sequence[str]) -> list:
-    """Writes the shards; returns the PCollections of the file names written (for finalize)."""
-    return [
-        feats | "WriteFeatures" >> features.WriteTable(
-            staging, "features", features.feature_schema(extra_columns)),
+def write_features(feats, errors, staging: str, extra_columns: Sequence[str],
+                   copied=None) -> list:
+    """Writes the shards; returns the PCollections of the file names written (for
+    finalize). ``copied``: record batches of copied rows (embed's last output), written
+    as shards of their own, ``features-copied-SSSSS-of-NNNNN.parquet``."""
+    schema = features.feature_schema(extra_columns)
+    written = [
+        feats | "WriteFeatures" >> features.WriteTable(staging, "features", schema),
         errors | "WriteErrors" >> features.WriteTable(
             staging, "errors", features.ERROR_SCHEMA, num_shards=1),
     ]
+    if copied is not None:
+        written.append(copied | "WriteCopied" >> features.WriteBatches(
+            staging, "features-copied", schema))
+    return written
+
+
+def embedded_batches(feats, copied, extra_columns: Sequence[str]):
+    """Embed's feature rows and copied batches -> one PCollection of record batches."""
+    batches = as_batches(feats, extra_columns)
+    if copied is None:
+        return batches
+    return (batches, copied) | "WithCopied" >> beam.Flatten()
 
 
 def _count_rows(name: str):

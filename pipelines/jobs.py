@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -39,12 +40,13 @@ LOG = logging.getLogger("dn2")
 
 
 def _embed_graph(p: beam.Pipeline, src: str, options: PipelineOptions, plan: EmbedPlan,
-                 reuse: str | None = None, resumed: Resume | None = None):
+                 reuse: str | None = None, resumed: Resume | None = None,
+                 extra_columns: Sequence[str] = ()):
     """Lists and embeds SRC on ``p`` as ``plan`` says: (feature rows, error rows, count of
-    listed images, count of images copied by ``reuse``). ``resumed``: seal the rows
-    made, copy the adopted pieces' (pipelines.resume)."""
+    listed images, count of images copied by ``reuse``, the copied rows: graphs.embed).
+    ``resumed``: seal the rows made, copy the adopted pieces' (pipelines.resume)."""
     return graphs.embed(p, src, plan, reuse=reuse, workers=checks.local_workers(options),
-                        resume=resumed)
+                        resume=resumed, extra_columns=extra_columns)
 
 
 def _run(pipeline: beam.Pipeline, resumed: Resume | None = None) -> bool:
@@ -122,9 +124,9 @@ def embed(*, input: str, output: str, config: EmbedConfig, reuse: str | None = N
     with _leased(output, staging, options), resume.adopt(output, staging, key,
                                                          plan) as resumed:
         p = test_pipeline or beam.Pipeline(options=options)
-        feats, errors, count_in, reused = _embed_graph(p, input, options, plan, reuse=reuse,
-                                                       resumed=resumed)
-        written = graphs.write_features(feats, errors, staging, extras)
+        feats, errors, count_in, reused, copied = _embed_graph(
+            p, input, options, plan, reuse=reuse, resumed=resumed, extra_columns=extras)
+        written = graphs.write_features(feats, errors, staging, extras, copied)
         # The last step of the pipeline counts, checks and commits (also in a template job).
         graphs.finalize(p, functools.partial(
             finalize.finalize_embedded, plan=plan, staging=staging, output=output,
@@ -256,10 +258,9 @@ def _score_graph(p: beam.Pipeline, plan: checks.ScorePlan, index: str | None, in
     if features_dir:
         feats, errors, count_in = graphs.read_features(p, features_dir)
     else:
-        feats, errors, count_in, _ = _embed_graph(p, input, options, plan.embed,
-                                                  resumed=resumed)
-    if not features_dir:
-        feats = graphs.as_batches(feats, plan.extras)
+        feats, errors, count_in, _, copied = _embed_graph(
+            p, input, options, plan.embed, resumed=resumed, extra_columns=plan.extras)
+        feats = graphs.embedded_batches(feats, copied, plan.extras)
     partition = config.score.partition
     if group:
         # The number of buckets sets are spilled into: from the features' marker, or the

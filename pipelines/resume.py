@@ -39,12 +39,15 @@ RESUME_KEY = "resume.key"  # in dn2's cache: the key that signs sealed pieces
 
 def key(input: str, plan: EmbedPlan, options: PipelineOptions) -> str | None:
     """The key a run that embeds ``input`` stages under, or None where it does not seal
-    (a remote runner, a template launch)."""
+    (a remote runner, a template launch). ``input`` counts as the place it names, not
+    as it is spelled: a relative path, its absolute form and either with a trailing
+    slash are one input (fsspec's canonical uri of it)."""
     if not checks.runs_here(options) or checks.is_template(options):
         return None
     c = plan.config
-    return resume_key(plan, input=input, engine=resolve_engine(c.engine, c.device),
-                      device=device_type(c.device))
+    fs, path = outputs.fs_and_path(input)
+    return resume_key(plan, input=fs.unstrip_protocol(path),
+                      engine=resolve_engine(c.engine, c.device), device=device_type(c.device))
 
 
 @contextlib.contextmanager

@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dn2ops.io import features, outputs
-from dn2ops.rows import ImageKey, feature_row
 
 
 class Location(NamedTuple):
@@ -123,12 +123,14 @@ def _tables_by_shard(batch: Sequence[tuple[Any, Location]]) -> Iterator[tuple[in
 
 
 class _CopyRows(beam.DoFn):
-    """(shard index, shard path) -> the feature rows of the keys that want that shard."""
+    """(shard index, shard path) -> the feature record batches (``schema``) of the keys
+    that want that shard: their rows taken from the shard's read batches, under the
+    keys' uris and manifest columns, never one Python object a row."""
 
-    def __init__(self, backbone: str):
-        self.backbone = backbone
+    def __init__(self, backbone: str, schema: pa.Schema):
+        self.backbone, self.schema = backbone, schema
 
-    def process(self, shard: tuple[int, str], wanted) -> Iterator[dict[str, Any]]:
+    def process(self, shard: tuple[int, str], wanted) -> Iterator[pa.RecordBatch]:
         index, path = shard
         parts = list(wanted[index])
         if not parts:
@@ -140,20 +142,28 @@ class _CopyRows(beam.DoFn):
             pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
             for start, batch in _wanted_batches(pf, at):
                 lo, hi = np.searchsorted(at, [start, start + batch.num_rows])
-                yield from self._rows(keys.slice(lo, hi - lo), batch, start, path)
+                yield self._batch(keys.slice(lo, hi - lo), batch, start, path)
 
-    def _rows(self, keys: pa.Table, batch: pa.RecordBatch, start: int, path: str
-              ) -> Iterator[dict[str, Any]]:
+    def _batch(self, keys: pa.Table, batch: pa.RecordBatch, start: int, path: str
+               ) -> pa.RecordBatch:
         taken = batch.take(pa.array(keys.column("row").to_numpy() - start))
-        X = features.embeddings(taken)
-        for key, sha, x in zip(keys.select(["uri", "sha256", "extras"]).to_pylist(),
-                               taken.column("sha256").to_pylist(), X, strict=True):
-            if sha != key["sha256"]:
-                raise outputs.OutputError(
-                    f"{path} changed while this run read it (a row's sha256 is no longer "
-                    f"{key['sha256']}); run again")
-            image = ImageKey(key["uri"], sha, tuple(map(tuple, json.loads(key["extras"]))))
-            yield feature_row(image, x, self.backbone)
+        sha = taken.column("sha256")
+        if not sha.equals(keys.column("sha256").combine_chunks().cast(sha.type)):
+            raise outputs.OutputError(
+                f"{path} changed while this run read it (a row's sha256 is no longer the "
+                "one its digests said); run again")
+        emb = taken.column("embedding").cast(pa.list_(pa.float32()))
+        dims = pc.list_value_length(emb).cast(pa.int32())
+        extras = [dict(json.loads(e)) for e in keys.column("extras").to_pylist()]
+        n = taken.num_rows
+        cols = {"uri": keys.column("uri").combine_chunks(), "sha256": sha,
+                "backbone": pa.array([self.backbone] * n, pa.string()), "dim": dims,
+                "embedding": emb}
+        for f in self.schema:
+            if f.name not in cols:
+                cols[f.name] = pa.array([e.get(f.name) for e in extras], f.type)
+        return pa.RecordBatch.from_arrays([cols[f.name].cast(f.type) for f in self.schema],
+                                          schema=self.schema)
 
 
 def _wanted_batches(pf: pq.ParquetFile, at: np.ndarray
@@ -176,17 +186,22 @@ def _wanted_batches(pf: pq.ParquetFile, at: np.ndarray
 
 
 class CopyFeatures(beam.PTransform):
-    """(ImageKey, Location) of known images -> their feature rows, copied from
-    ``features_dir`` (its committed shards, in the order Known.load numbered them).
+    """(ImageKey, Location) of known images -> their feature rows as record batches of
+    ``features.feature_schema(extra_columns)``, copied from ``features_dir`` (its
+    committed shards, in the order Known.load numbered them).
 
     The keys become a side input of compact Arrow tables (about 150 bytes an image,
     grouped by shard); each earlier shard is then read once, only its row groups that
-    hold a wanted row, by whichever worker takes it.
+    hold a wanted row, by whichever worker takes it, and its rows leave as the record
+    batches they were read in (at most features.READ_BATCH_ROWS rows): a copied row is
+    never a Python dict, and a run writes or scores the batches as they are
+    (pipelines.graphs).
     """
 
     def __init__(self, features_dir: str | None, backbone: str, *,
-                 paths: Sequence[str] | None = None):
+                 paths: Sequence[str] | None = None, extra_columns: Sequence[str] = ()):
         super().__init__()
+        self.schema = features.feature_schema(extra_columns)
         # paths: Parquet files of feature rows to copy from instead of a directory's
         # shards (the sealed pieces a resumed run adopts: dn2ops.embed.resume)
         self.paths = (list(paths) if paths is not None
@@ -199,5 +214,5 @@ class CopyFeatures(beam.PTransform):
                   | "ByShard" >> beam.FlatMap(_tables_by_shard))
         return (reused.pipeline
                 | "ReusedShards" >> beam.Create(list(enumerate(self.paths)))
-                | "CopyRows" >> beam.ParDo(_CopyRows(self.backbone),
+                | "CopyRows" >> beam.ParDo(_CopyRows(self.backbone, self.schema),
                                            wanted=beam.pvalue.AsMultiMap(wanted)))

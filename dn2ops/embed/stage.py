@@ -246,13 +246,20 @@ def _failed_batch_rows(failed: tuple[Sequence[tuple[ImageKey, Any]], Any]):
 
 
 class EmbedImages(beam.PTransform):
-    """Rows {"uri", ...} -> (feature rows, error rows, reused keys), as ``plan`` says
-    (dn2ops.embed.plan.EmbedPlan: the EmbedConfig whole, the backbone's spec, the model
-    calls that share a machine's cores).
+    """Rows {"uri", ...} -> (feature rows, error rows, reused keys, copied feature
+    batches), as ``plan`` says (dn2ops.embed.plan.EmbedPlan: the EmbedConfig whole, the
+    backbone's spec, the model calls that share a machine's cores).
 
     ``reuse``: an earlier features directory (checked by reuse.check_reusable); images
     it holds are not decoded or embedded, their rows are copied (reuse.CopyFeatures) and
     their (ImageKey, Location) pairs are the third output (empty without ``reuse``).
+
+    The feature rows are the images the model embedded (dicts); the rows copied from
+    ``reuse`` or from adopted pieces come apart, as record batches of
+    ``features.feature_schema(extra_columns)`` (None when nothing can be copied): joining
+    them into one PCollection would end the embedding's fused stage there, so that every
+    embedded row would be encoded, held and decoded again before it is written, where
+    now it is written as it leaves the model (pipelines.graphs writes or scores both).
 
     From ``plan.config``: ``engine``, auto | torch | openvino | onnxruntime
     (dn2ops.engines.auto.make_handler); ``decode``, draft | full (DECODES); ``threads`` /
@@ -272,8 +279,9 @@ class EmbedImages(beam.PTransform):
     """
 
     def __init__(self, plan: EmbedPlan, *, reuse: str | None = None,
-                 resume: Resume | None = None):
+                 resume: Resume | None = None, extra_columns: Sequence[str] = ()):
         super().__init__()
+        self.extra_columns = tuple(extra_columns)
         config = plan.config
         if config.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {config.decode!r}")
@@ -303,18 +311,19 @@ class EmbedImages(beam.PTransform):
         if self.resume:
             features = features | "Seal" >> beam.ParDo(SealPieces(
                 self.resume.staging, self.resume.piece_rows, self.resume.secret))
-        parts = [features]
+        copied = []
         if self.reuse:
-            parts.append(prepared[REUSED] | "CopyReused" >> CopyFeatures(self.reuse,
-                                                                        plan.backbone))
+            copied.append(prepared[REUSED] | "CopyReused" >> CopyFeatures(
+                self.reuse, plan.backbone, extra_columns=self.extra_columns))
         if self.resume and self.resume.pieces:
-            parts.append(prepared[RESUMED]
-                         | "CountResumed" >> beam.Map(_counted(RESUMED))
-                         | "CopyResumed" >> CopyFeatures(None, plan.backbone,
-                                                         paths=self.resume.pieces))
-        if len(parts) > 1:
-            features = tuple(parts) | "AllFeatures" >> beam.Flatten()
-        return features, errors, prepared[REUSED]
+            copied.append(prepared[RESUMED]
+                          | "CountResumed" >> beam.Map(_counted(RESUMED))
+                          | "CopyResumed" >> CopyFeatures(None, plan.backbone,
+                                                          paths=self.resume.pieces,
+                                                          extra_columns=self.extra_columns))
+        if len(copied) > 1:
+            copied = [tuple(copied) | "AllCopied" >> beam.Flatten()]
+        return features, errors, prepared[REUSED], (copied[0] if copied else None)
 
 
 def _counted(name: str):

@@ -64,6 +64,28 @@ class WriteTable(beam.PTransform):
             record_batch_size=RECORD_BATCH_ROWS)
 
 
+class WriteBatches(beam.PTransform):
+    """Record batches (or tables) of ``schema`` -> ``{prefix}-SSSSS-of-NNNNN.parquet``
+    files under ``directory``, each batch written as it comes (a row group or more)."""
+
+    def __init__(self, directory: str, prefix: str, schema: pa.Schema, num_shards: int = 0):
+        super().__init__()
+        self.path = outputs.join(directory, prefix)
+        self.schema = schema
+        self.num_shards = num_shards
+
+    def expand(self, batches):
+        return (batches
+                | "AsTable" >> beam.Map(_as_table)
+                | beam.io.WriteToParquetBatched(
+                    self.path, self.schema, file_name_suffix=".parquet",
+                    num_shards=self.num_shards, shard_name_template="-SSSSS-of-NNNNN"))
+
+
+def _as_table(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    return batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+
+
 # Rows a feature shard is read and scored in at once (1280-d: about 5 MB of vectors).
 READ_BATCH_ROWS = 1024
 
@@ -201,7 +223,11 @@ def load_features(directory: str) -> tuple[pa.Table | None, np.ndarray, dict[str
     if not parts:
         return None, np.zeros((0, marker["dim"]), np.float32), marker
     table = pa.concat_tables([t for t, _ in parts], promote_options="default")
-    return table, np.concatenate([x for _, x in parts]), marker
+    # A shard may hold no rows (a run that copied every row writes its embedded-rows
+    # shard empty, and an empty shard says nothing of the dimension).
+    X = [x for _, x in parts if len(x)]
+    return (table, np.concatenate(X) if X else np.zeros((0, marker["dim"]), np.float32),
+            marker)
 
 
 def check_compatible(expected: dict[str, Any], got: dict[str, Any], what: str,

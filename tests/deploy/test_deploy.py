@@ -247,7 +247,7 @@ def test_score_graph_for_dataflow_constructs_offline(no_network):
     assert opts.view_as(GoogleCloudOptions).dataflow_service_options == [gpu]
     p = beam.Pipeline(options=opts)
     assert type(p.runner).__name__ == "DataflowRunner"
-    feats, errors, count_in, _ = graphs.embed(p, args.input,
+    feats, errors, count_in, _, _ = graphs.embed(p, args.input,
                                               EmbedPlan.resolve(args.config.embed))
     staging = args.output + "_staging-test"
     written, decision = graphs.score(graphs.as_batches(feats, []), errors, staging,

@@ -132,6 +132,25 @@ def test_a_rerun_resumes_and_commits_what_an_uninterrupted_run_does(crashed, tmp
     # the commit deleted the crashed run's staging (its pieces adopted) and its own
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [*outputs.committed_files(str(out)), outputs.MARKER])
+    # the adopted rows were copied into shards of their own, the embedded rows not
+    copied = features.read_table(str(out), "features-copied", columns=["uri", "sha256"])
+    assert set(zip(copied.column("uri").to_pylist(), copied.column("sha256").to_pylist(),
+                   strict=True)) == sealed
+
+
+def test_a_rerun_resumes_whatever_the_inputs_spelling(crashed, tmp_path, caplog,
+                                                      monkeypatch):
+    """The crashed run named its input by an absolute path; a rerun that names the same
+    folder relatively, with a trailing slash, adopts its pieces all the same."""
+    store, reference, out = crashed
+    out = _copy(out, tmp_path / "out")
+    n_pieces, sealed = len(seals(out)), set(sealed_inputs(out))
+    monkeypatch.chdir(store.parent)
+    caplog.set_level(logging.INFO, logger="dn2")
+    dn2("embed", "--input", f"{store.name}/", "--output", str(out), *EMBED)
+    assert resumed_line(caplog) == (
+        f"resumed {len(sealed)} of {N_IMAGES} images from {n_pieces} sealed pieces")
+    assert_same(out, reference)
 
 
 def test_a_changed_image_is_embedded_again_and_a_removed_one_dropped(crashed, tmp_path,

@@ -50,13 +50,16 @@ def test_an_empty_directory_knows_nothing():
 
 def test_copy_features_copies_each_known_row_under_its_new_key(tmp_path):
     """CopyFeatures on the FnApiRunner: rows come from the earlier shards (toy vectors,
-    checked against the array written), under the new uri and manifest columns; an image
-    known twice (two uris, one digest) gets two rows."""
+    checked against the array written), under the new uri and manifest columns, as
+    record batches of the feature schema with those columns; an image known twice (two
+    uris, one digest) gets two rows."""
     import apache_beam as beam
+    import pyarrow as pa
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import BeamAssertException, assert_that
 
     from dn2ops.embed.reuse import CopyFeatures
+    from dn2ops.io.features import embeddings, feature_schema
     from dn2ops.rows import ImageKey
     from tests.conftest import clustered, write_features
 
@@ -69,19 +72,23 @@ def test_copy_features_copies_each_known_row_under_its_new_key(tmp_path):
               Location(0, i) if i < 20 else Location(1, i - 20))
              for uri, i in wanted.items()]
 
-    def check(rows):
-        got = {r["uri"]: r for r in rows}
-        if set(got) != set(wanted):
+    def check(batches):
+        if any(b.schema != feature_schema(["batch"]) for b in batches):
+            raise BeamAssertException(f"schemas {[b.schema for b in batches]}")
+        table = pa.Table.from_batches(batches)
+        got = {r["uri"]: (r, x) for r, x in zip(table.drop(["embedding"]).to_pylist(),
+                                                embeddings(table), strict=True)}
+        if set(got) != set(wanted) or table.num_rows != len(wanted):
             raise BeamAssertException(f"uris {sorted(got)}")
         for uri, i in wanted.items():
-            r = got[uri]
+            r, x = got[uri]
             if (r["sha256"], r["batch"], r["backbone"], r["dim"]) != (f"h{i}", uri[-5], "toy",
                                                                        8):
                 raise BeamAssertException(f"row {r}")
-            if not np.array_equal(np.asarray(r["embedding"], np.float32), X[i]):
+            if not np.array_equal(x, X[i]):
                 raise BeamAssertException(f"embedding of {uri}")
 
     with TestPipeline(runner="FnApiRunner") as p:
         rows = (p | beam.Create(pairs, reshuffle=False)
-                | CopyFeatures(str(tmp_path / "earlier"), "toy"))
+                | CopyFeatures(str(tmp_path / "earlier"), "toy", extra_columns=["batch"]))
         assert_that(rows, check)

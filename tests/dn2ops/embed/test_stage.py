@@ -176,7 +176,8 @@ def test_embed_images_embeds_as_its_plan_says(rows):
                                          device="cpu", batch_size=4))
     good, bad = rows[:5], rows[-3:]
     p = BeamTestPipeline(runner=LOCAL_RUNNER)
-    feats, errors, reused = p | beam.Create(good + bad) | EmbedImages(plan)
+    feats, errors, reused, copied = p | beam.Create(good + bad) | EmbedImages(plan)
+    assert copied is None  # nothing to copy from: no reuse, no adopted pieces
     assert_that(feats | beam.Map(lambda r: (r["uri"], r["backbone"], r["dim"], r["label"],
                                             r["embedding"].shape)),
                 equal_to([(r["uri"], "efficientnet_lite0", 1280, r["label"], (1280,))
