@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import posixpath
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,10 +51,12 @@ PIECES = ".pieces"
 # A piece is sealed once it holds this many model calls' worth of rows (--batch-size
 # each), or once its first row waited SEAL_FRACTION of the time the worker has run,
 # between SEAL_MIN_S and SEAL_MAX_S: a crash loses about 2 % of the work done (at least
-# a model call's rows, which come out together), and a 19-hour run writes a few thousand
-# pieces, not one a second.
+# the model call under way), and a 19-hour run writes a few thousand pieces, not one a
+# second. The wait is watched by a thread of the sealing DoFn, not only as rows arrive:
+# rows leave the model a call at a time, and the next row comes only after the next call.
 CALLS_PER_PIECE = 4
 SEAL_MIN_S, SEAL_MAX_S, SEAL_FRACTION = 0.5, 60.0, 0.02
+WATCH_S = 0.05  # how often that thread looks
 # Pieces checked at once by a rerun (each a read of the seal and of the piece: on an
 # object store, latency more than bandwidth).
 _CHECKS_IN_FLIGHT = 16
@@ -104,39 +107,98 @@ def seal_after(running: float) -> float:
 class SealPieces(beam.DoFn):
     """Feature rows -> the same rows, each handed on once the piece holding it is sealed
     in ``staging`` (so that whatever is written after, the commit included, comes after
-    its seal). A piece is sealed at ``rows`` rows, when its first row waited
-    ``seal_after`` the time this worker has run, and at the end of each bundle."""
+    its seal). A piece is sealed at ``rows`` rows, once its first row has waited
+    ``seal_after`` the time this worker has run, and at the end of each bundle.
+
+    The wait is kept by a watcher thread: while the bundle's thread is blocked in the
+    next model call (it feeds this DoFn too, in the same fused stage), the rows of the
+    last call are sealed all the same, so a crash loses only the call under way. Rows the
+    watcher sealed are handed on by the bundle's thread (Beam's outputs belong to it),
+    with the next row or at the bundle's end; an error of the watcher's seal is raised
+    there too."""
 
     def __init__(self, staging: str, rows: int, secret: bytes):
         self.staging, self.rows, self.secret = staging, max(1, rows), secret
 
     def setup(self):
         self._started = time.monotonic()
+        self._lock = threading.Lock()  # _held, _since, _sealed, _error
+        self._sealing = threading.Lock()  # held while a piece is written
+        self._held: list[tuple[dict[str, Any], Any, Any]] = []
+        self._sealed: list[tuple[dict[str, Any], Any, Any]] = []
+        self._since, self._error = 0.0, None
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="dn2-seal", daemon=True)
+        self._watcher.start()
 
     def start_bundle(self):
-        self._held: list[tuple[dict[str, Any], Any, Any]] = []
-        self._since = 0.0
+        with self._sealing, self._lock:  # a failed bundle's leftovers are retried
+            self._held, self._sealed, self._error = [], [], None
 
     def process(self, row: dict[str, Any], timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam) -> Iterator[WindowedValue]:
         now = time.monotonic()
-        if not self._held:
-            self._since = now
-        self._held.append((row, timestamp, window))
-        if (len(self._held) >= self.rows
-                or now - self._since >= seal_after(now - self._started)):
-            yield from self._seal()
+        with self._lock:
+            if not self._held:
+                self._since = now
+            self._held.append((row, timestamp, window))
+            due = (len(self._held) >= self.rows
+                   or now - self._since >= seal_after(now - self._started))
+            held = self._take() if due else []
+        if held:
+            with self._sealing:
+                self._write(held)
+        yield from self._handed_on(held)
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        yield from self._seal()
+        with self._sealing:  # waits for a piece the watcher is writing
+            with self._lock:
+                held = self._take()
+            self._write(held)
+        yield from self._handed_on(held)
 
-    def _seal(self) -> Iterator[WindowedValue]:
-        if not self._held:
-            return
+    def teardown(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            self._watcher.join()
+
+    def _take(self) -> list:
         held, self._held = self._held, []
-        seal(self.staging, [row for row, _, _ in held], self.secret)
-        for row, timestamp, window in held:
+        return held
+
+    def _write(self, held: list) -> None:
+        if held:
+            seal(self.staging, [row for row, _, _ in held], self.secret)
+
+    def _handed_on(self, just_sealed: list) -> Iterator[WindowedValue]:
+        """The rows the watcher sealed since the last call, then ``just_sealed``."""
+        with self._lock:
+            error, self._error = self._error, None
+            sealed, self._sealed = self._sealed, []
+        if error is not None:
+            raise error
+        for row, timestamp, window in sealed + just_sealed:
             yield WindowedValue(row, timestamp, (window,))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_S):
+            with self._sealing:
+                with self._lock:
+                    now = time.monotonic()
+                    due = (self._held and self._error is None
+                           and now - self._since >= seal_after(now - self._started))
+                    held = self._take() if due else []
+                if not held:
+                    continue
+                try:
+                    self._write(held)
+                except Exception as e:  # raised by the bundle's thread; its rows go back
+                    with self._lock:
+                        self._error, self._held = e, held + self._held
+                    continue
+                with self._lock:
+                    self._sealed.extend(held)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,6 +104,40 @@ def test_seal_pieces_hands_every_row_on_after_sealing_it(tmp_path):
     assert sorted(u for s in seals for u, _ in s["inputs"]) == [r["uri"] for r in rows]
 
 
+def test_seal_pieces_seals_waiting_rows_while_no_row_comes(tmp_path):
+    """The rows of one model call are sealed once they have waited SEAL_MIN_S, while the
+    bundle's thread is busy elsewhere (in the next model call) and sends no row; they are
+    handed on, once each, with the next row, and the rest at the bundle's end."""
+    import time
+
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    at = {"timestamp": Timestamp(0), "window": GlobalWindow()}
+    staging = _staging(tmp_path)
+    fn = pieces.SealPieces(staging, rows=100, secret=SECRET)
+    fn.setup()
+    try:
+        fn.start_bundle()
+        first, later = _rows(3), _rows(2, start=3)
+        assert [list(fn.process(r, **at)) for r in first] == [[], [], []]  # held: not due yet
+        folder = Path(staging, pieces.PIECES)
+        deadline = time.monotonic() + pieces.SEAL_MIN_S + 5
+        while not list(folder.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (seal,) = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+        assert [u for u, _ in seal["inputs"]] == [r["uri"] for r in first]
+        out = list(fn.process(later[0], **at))  # the watcher's rows come out with the next row
+        assert [w.value["uri"] for w in out] == [r["uri"] for r in first]
+        out = list(fn.process(later[1], **at)) + list(fn.finish_bundle())
+        assert [w.value["uri"] for w in out] == [r["uri"] for r in later]
+        seals = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+        assert sorted(u for s in seals for u, _ in s["inputs"]) == sorted(
+            r["uri"] for r in first + later)
+    finally:
+        fn.teardown()
+
+
 def test_a_commit_leaves_a_live_runs_staging_alone(tmp_path):
     """outputs.commit deletes the staging of a gone run, never that of a live one (its
     staging folder's own lease)."""
