@@ -70,7 +70,7 @@ def adopt(output: str, staging: str, key: str | None, plan: EmbedPlan
                  found.images, ", ".join(found.runs))
     resume = Resume(staging, found.pieces,
                     piece_rows=pieces.CALLS_PER_PIECE * plan.config.batch_size,
-                    secret=key_bytes)
+                    piece_sha256=found.checksums, secret=key_bytes)
     try:
         with lease.hold(staging, finalize.run_id(staging)):
             yield resume

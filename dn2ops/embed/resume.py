@@ -30,7 +30,9 @@ class Resume:
     """What an embedding seals into and resumes from (picklable: it travels to workers).
 
     ``staging``: the run's staging folder, whose ``.pieces/`` the new rows are sealed in;
-    ``pieces``: the adopted pieces (uris, checked by dn2ops.io.pieces.find);
+    ``pieces``: the adopted pieces (uris, checked by dn2ops.io.pieces.find), and
+    ``piece_sha256`` the sha256 of each one's bytes, which a worker that copies from it
+    checks again (the place may be one others can write);
     ``piece_rows``: rows a piece holds before it is sealed; ``secret``: the user's resume
     key, which signs the seals (dn2ops.io.pieces; the local runner only: it never leaves
     this machine)."""
@@ -38,6 +40,7 @@ class Resume:
     staging: str
     pieces: tuple[str, ...] = ()
     piece_rows: int = 256
+    piece_sha256: tuple[str, ...] = ()
     secret: bytes = dataclasses.field(default=b"", repr=False)
 
 

@@ -14,6 +14,8 @@ they are tried again.
 from __future__ import annotations
 
 import binascii
+import contextlib
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -127,8 +129,8 @@ class _CopyRows(beam.DoFn):
     that want that shard: their rows taken from the shard's read batches, under the
     keys' uris and manifest columns, never one Python object a row."""
 
-    def __init__(self, backbone: str, schema: pa.Schema):
-        self.backbone, self.schema = backbone, schema
+    def __init__(self, backbone: str, schema: pa.Schema, checksums: Sequence[str] = ()):
+        self.backbone, self.schema, self.checksums = backbone, schema, tuple(checksums)
 
     def process(self, shard: tuple[int, str], wanted) -> Iterator[pa.RecordBatch]:
         index, path = shard
@@ -138,7 +140,16 @@ class _CopyRows(beam.DoFn):
         keys = pa.concat_tables(parts).sort_by("row")
         at = keys.column("row").to_numpy()
         fs, p = outputs.fs_and_path(path)
-        with fs.open(p, "rb") as f:
+        with contextlib.ExitStack() as stack:
+            if self.checksums:  # a piece: small, read whole and checked before it is used
+                data = fs.cat_file(p)
+                if hashlib.sha256(data).hexdigest() != self.checksums[index]:
+                    raise outputs.OutputError(
+                        f"{path} changed after this run checked it against its seal (its "
+                        "sha256 is no longer the sealed one): not used; run again")
+                f = pa.BufferReader(data)
+            else:
+                f = stack.enter_context(fs.open(p, "rb"))
             pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
             for start, batch in _wanted_batches(pf, at):
                 lo, hi = np.searchsorted(at, [start, start + batch.num_rows])
@@ -199,9 +210,13 @@ class CopyFeatures(beam.PTransform):
     """
 
     def __init__(self, features_dir: str | None, backbone: str, *,
-                 paths: Sequence[str] | None = None, extra_columns: Sequence[str] = ()):
+                 paths: Sequence[str] | None = None, checksums: Sequence[str] = (),
+                 extra_columns: Sequence[str] = ()):
         super().__init__()
         self.schema = features.feature_schema(extra_columns)
+        # checksums: the sha256 of each of ``paths``' bytes (sealed pieces): each file is
+        # read whole and checked before a row of it is copied
+        self.checksums = tuple(checksums)
         # paths: Parquet files of feature rows to copy from instead of a directory's
         # shards (the sealed pieces a resumed run adopts: dn2ops.embed.resume)
         self.paths = (list(paths) if paths is not None
@@ -214,5 +229,6 @@ class CopyFeatures(beam.PTransform):
                   | "ByShard" >> beam.FlatMap(_tables_by_shard))
         return (reused.pipeline
                 | "ReusedShards" >> beam.Create(list(enumerate(self.paths)))
-                | "CopyRows" >> beam.ParDo(_CopyRows(self.backbone, self.schema),
+                | "CopyRows" >> beam.ParDo(_CopyRows(self.backbone, self.schema,
+                                                     self.checksums),
                                            wanted=beam.pvalue.AsMultiMap(wanted)))

@@ -320,6 +320,7 @@ class EmbedImages(beam.PTransform):
                           | "CountResumed" >> beam.Map(_counted(RESUMED))
                           | "CopyResumed" >> CopyFeatures(None, plan.backbone,
                                                           paths=self.resume.pieces,
+                                                          checksums=self.resume.piece_sha256,
                                                           extra_columns=self.extra_columns))
         if len(copied) > 1:
             copied = [tuple(copied) | "AllCopied" >> beam.Flatten()]

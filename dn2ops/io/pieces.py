@@ -203,16 +203,19 @@ class SealPieces(beam.DoFn):
 
 @dataclasses.dataclass(frozen=True)
 class Found:
-    """The pieces a rerun adopts: ``pieces`` (uris, verified), the ``images`` they hold
-    (rows), the ``runs`` they come from and the ``dropped`` ones (name, why);
-    ``others``: staging folders of gone runs with another key that hold pieces (not
-    adopted; the next commit deletes them)."""
+    """The pieces a rerun adopts: ``pieces`` (uris, verified) with the sha256 of each
+    file's bytes that its seal signs (``checksums``: whoever reads a piece again checks
+    it, as the place may be one others can write), the ``images`` they hold (rows), the
+    ``runs`` they come from and the ``dropped`` ones (name, why); ``others``: staging
+    folders of gone runs with another key that hold pieces (not adopted; the next
+    commit deletes them)."""
 
     pieces: tuple[str, ...] = ()
     images: int = 0
     runs: tuple[str, ...] = ()
     dropped: tuple[tuple[str, str], ...] = ()
     others: tuple[str, ...] = ()
+    checksums: tuple[str, ...] = ()
 
 
 def staging_prefix(key: str) -> str:
@@ -227,7 +230,7 @@ def find(directory: str, key: str, own: str, secret: bytes) -> Found:
     if not fs.exists(path):
         return Found()
     mine = posixpath.basename(own.rstrip("/"))
-    pieces, images, runs, dropped, others = [], 0, [], [], []
+    pieces, checksums, images, runs, dropped, others = [], [], 0, [], [], []
     for entry in sorted(fs.ls(path, detail=False)):
         name = posixpath.basename(entry.rstrip("/"))
         if not name.startswith(outputs.STAGING_PREFIX) or name == mine:
@@ -251,19 +254,21 @@ def find(directory: str, key: str, own: str, secret: bytes) -> Found:
             if why is None:
                 pieces.append(_uri(fs, piece[0], directory))
                 images += piece[1]
+                checksums.append(piece[2])
             else:
                 dropped.append((f"{name}/{PIECES}/{posixpath.basename(s)}", why))
                 LOG.warning("not resuming from %s/%s/%s: %s; its images are embedded "
                             "again", name, PIECES, posixpath.basename(s), why)
         if len(pieces) > before:
             runs.append(name)
-    return Found(tuple(pieces), images, tuple(runs), tuple(dropped), tuple(others))
+    return Found(tuple(pieces), images, tuple(runs), tuple(dropped), tuple(others),
+                 tuple(checksums))
 
 
 def verify(fs: Any, seal_path: str, secret: bytes
-           ) -> tuple[tuple[str, int] | None, str | None]:
-    """((piece path, rows), None) for a piece that matches its seal, signed with
-    ``secret``, else (None, why)."""
+           ) -> tuple[tuple[str, int, str] | None, str | None]:
+    """((piece path, rows, its bytes' sha256), None) for a piece that matches its seal,
+    signed with ``secret``, else (None, why)."""
     try:
         record = json.loads(fs.cat_file(seal_path))
         piece = outputs.join(posixpath.dirname(seal_path), posixpath.basename(record["piece"]))
@@ -289,4 +294,4 @@ def verify(fs: Any, seal_path: str, secret: bytes
     if list(zip(*[table.column(c).to_pylist() for c in ("uri", "sha256")],
                 strict=True)) != inputs:
         return None, "its rows are not the inputs its seal lists"
-    return (piece, len(inputs)), None
+    return (piece, len(inputs), got), None

@@ -66,3 +66,48 @@ def test_the_key_changes_with_what_changes_features():
     assert key == resume_key(dataclasses.replace(plan, config=EmbedConfig(
         backbone="efficientnet_lite0", batch_size=8, threads=1)), input="/in",
         engine="onnxruntime", device="cpu")
+
+
+def test_a_piece_is_copied_only_while_it_is_the_piece_its_seal_signed(tmp_path):
+    """CopyFeatures with the pieces' checksums (as pieces.find checked them): the rows
+    of a piece that still has its sealed bytes are copied; a piece rewritten since the
+    check (same uris and sha256 values, other embeddings: planted features) is refused,
+    whatever its rows say."""
+    import apache_beam as beam
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import BeamAssertException, assert_that
+
+    from dn2ops.embed.reuse import CopyFeatures
+    from dn2ops.io.features import embeddings
+    from dn2ops.rows import ImageKey
+
+    staging = str(tmp_path / "_staging-k-r")
+    uris, shas = ["/x/a.png", "/x/b.png"], [_sha(b"a"), _sha(b"b")]
+    piece = pieces.seal(staging, _rows(uris, shas), bytes(32))
+    checksum = _sha(Path(piece).read_bytes())
+    keys = [(ImageKey(u, s, ()), PieceLocation(0, i))
+            for i, (u, s) in enumerate(zip(uris, shas, strict=True))]
+
+    def copy(p):
+        return (p | beam.Create(keys, reshuffle=False)
+                | CopyFeatures(None, "b", paths=[piece], checksums=[checksum]))
+
+    def ones(batches):
+        table = pa.Table.from_batches(batches)
+        if sorted(table.column("uri").to_pylist()) != uris or not np.array_equal(
+                embeddings(table), np.ones((2, 2), np.float32)):
+            raise BeamAssertException(f"copied {table.to_pylist()}")
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        assert_that(copy(p), ones)
+
+    planted = pq.read_table(piece)
+    planted = planted.set_column(planted.schema.get_field_index("embedding"), "embedding",
+                                 pa.array([[9.0, 9.0]] * 2, pa.list_(pa.float32())))
+    pq.write_table(planted, piece)
+    with pytest.raises(Exception, match="changed after this run checked it"):
+        with TestPipeline(runner="FnApiRunner") as p:
+            copy(p)

@@ -43,7 +43,7 @@ def test_a_sealed_piece_holds_its_rows_and_its_seal_says_so(tmp_path):
         zero_copy_only=False)), np.stack([r["embedding"] for r in rows]))
     piece, why = pieces.verify(outputs.fs_and_path(str(path))[0], str(path.with_suffix(".json")),
                                SECRET)
-    assert why is None and piece == (str(path), 5)
+    assert why is None and piece == (str(path), 5, record["sha256"])
 
 
 def test_find_adopts_the_checked_pieces_of_gone_runs_of_the_key(tmp_path):
