@@ -12,8 +12,14 @@ own ``dn2 embed`` process; the exported model is cached first (an unmeasured emb
 two images), as on a machine that ran dn2 before.
 
     python benchmarks/resume.py [--png MANIFEST] [--photos MANIFEST] [--fraction 0.6] \\
-        [--scratch bench-out/resume] [--stores png,photos] [--repeat N] \\
+        [--scratch bench-out/resume] [--stores png,photos] [--repeat N] [--floor] \\
         [-- EXTRA dn2 embed FLAGS]
+
+``--floor``: each cycle also times a fresh ``dn2 embed`` of only the images the kill left
+unsealed (a manifest of them, another output): what a rerun would cost if resuming cost
+nothing, as a share of the uninterrupted run. On a short run the fixed start-up of a
+``dn2 embed`` process (Beam's import, building and starting the graph, the model) is a
+large part of it.
 
 The manifests default to the issue 29 workloads (1,000 Fashion-MNIST PNGs and 256 12 MP
 photos), written under ``SCRATCH/stores`` by benchmarks/worker_memory.py's ``stores``.
@@ -97,6 +103,14 @@ def killed(manifest: str, out: str, extra: list[str], at: int, log: str) -> dict
             "sealed": sealed_rows(out, seen)}
 
 
+def unsealed(manifest: str, out: str) -> list[dict]:
+    """The manifest's rows whose uri no seal under OUT's staging folders lists."""
+    sealed = set()
+    for s in glob.glob(f"{out}/_staging-*/{pieces.PIECES}/*.json"):
+        sealed |= {uri for uri, *_ in json.load(open(s))["inputs"]}
+    return [r for r in read_manifest(manifest) if r["uri"] not in sealed]
+
+
 def rows(directory: str) -> dict[tuple[str, str], np.ndarray]:
     table_, X, _ = features.load_features(directory)
     keys = zip(table_.column("uri").to_pylist(), table_.column("sha256").to_pylist(),
@@ -114,7 +128,7 @@ def compare(a: str, b: str) -> tuple[bool, bool, float | None]:
 
 
 def bench(name: str, manifest: str, scratch: str, fraction: float, extra: list[str],
-          repeat: int = 1) -> dict:
+          repeat: int = 1, floor: bool = False) -> dict:
     """The fastest of ``repeat`` uninterrupted runs against the fastest of ``repeat``
     kill-and-rerun cycles (the machine's load varies), with what that rerun resumed;
     the comparison of outputs is the last cycle's."""
@@ -125,7 +139,7 @@ def bench(name: str, manifest: str, scratch: str, fraction: float, extra: list[s
     warm = os.path.join(base, "warm.csv")  # the export cached, unmeasured
     write_manifest(list(read_manifest(manifest))[:2], warm)
     timed(warm, os.path.join(base, "warm"), extra, os.path.join(base, "warm.log"))
-    wholes, cycles = [], []
+    wholes, cycles, floors = [], [], []
     out = os.path.join(base, "resumed")
     for _ in range(repeat):
         subprocess.run(["rm", "-rf", os.path.join(base, "whole"), out], check=True)
@@ -135,7 +149,13 @@ def bench(name: str, manifest: str, scratch: str, fraction: float, extra: list[s
                       os.path.join(base, "killed.log"))
         if kill["returncode"] != -signal.SIGKILL:
             raise RuntimeError(f"{name}: the run ended ({kill}) before it could be killed")
+        rest = os.path.join(base, "rest.csv")
+        write_manifest(unsealed(manifest, out), rest)
         rerun = timed(manifest, out, extra, os.path.join(base, "rerun.log"))
+        if floor:
+            subprocess.run(["rm", "-rf", os.path.join(base, "rest")], check=True)
+            floors.append(timed(rest, os.path.join(base, "rest"), extra,
+                                os.path.join(base, "rest.log"))[0])
         said = RESUMED.findall(open(os.path.join(base, "rerun.log")).read())
         cycles.append((rerun, kill, said[-1] if said else None))
     whole, whole_cpu = min(wholes)
@@ -152,7 +172,11 @@ def bench(name: str, manifest: str, scratch: str, fraction: float, extra: list[s
                                                                          strict=True)],
             "resumed": " of ".join(said[:2]) if said else "nothing",
             "pieces": int(said[2]) if said else 0, "same_rows": same_rows,
-            "same_features": same_features, "max_diff": diff}
+            "same_features": same_features, "max_diff": diff,
+            **({"floor_all_s": [round(f, 1) for f in floors],
+                "floor_ratios": [round(f / w, 3) for f, (w, _) in zip(floors, wholes,
+                                                                       strict=True)]}
+               if floor else {})}
 
 
 def markdown(res: list[dict]) -> str:
@@ -179,6 +203,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--scratch", default="bench-out/resume")
     ap.add_argument("--stores", default="png,photos")
     ap.add_argument("--repeat", type=int, default=1, help="cycles; the fastest is shown")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time a fresh embed of only the images each kill left unsealed")
     ap.add_argument("extra", nargs="*", help="more dn2 embed flags (after --)")
     args = ap.parse_args(argv)
     if not (args.png and args.photos):
@@ -187,9 +213,15 @@ def main(argv=None) -> list[dict]:
     res = []
     for name in args.stores.split(","):
         res.append(bench(name, getattr(args, name), args.scratch, args.fraction, args.extra,
-                         args.repeat))
+                         args.repeat, args.floor))
         print(json.dumps(res[-1]), flush=True)
     print(markdown(res))
+    for r in res:
+        if "floor_ratios" in r:
+            print(f"{r['store']}: a fresh run of only the unsealed images, each cycle: "
+                  f"{' '.join(f'{x:.1f}' for x in r['floor_all_s'])} s, "
+                  f"{' '.join(f'{x:.2f}' for x in r['floor_ratios'])} of the uninterrupted "
+                  f"run (median {np.median(r['floor_ratios']):.2f})")
     with open(os.path.join(args.scratch, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     return res
