@@ -64,15 +64,9 @@ class WriteTable(beam.PTransform):
             record_batch_size=RECORD_BATCH_ROWS)
 
 
-class WriteBatches(beam.PTransform):
-    """Record batches (or tables) of ``schema`` -> ``{prefix}-SSSSS-of-NNNNN.parquet``
-    files under ``directory``, each batch written as it comes (a row group or more)."""
-
-    def __init__(self, directory: str, prefix: str, schema: pa.Schema, num_shards: int = 0):
-        super().__init__()
-        self.path = outputs.join(directory, prefix)
-        self.schema = schema
-        self.num_shards = num_shards
+class WriteBatches(WriteTable):
+    """WriteTable for record batches (or tables) of ``schema`` instead of rows, each
+    batch written as it comes (a row group or more)."""
 
     def expand(self, batches):
         return (batches
