@@ -15,14 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 PIPELINE = """
-import sys
+import os
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from tests.dn2ops.exit_probe import Probe
+seen = os.environ["DN2_EXIT_SEEN"]
 with beam.Pipeline(options=PipelineOptions(["--direct_num_workers", "2",
                                             "--direct_running_mode", "multi_processing"])) as p:
     (p | beam.Create(list(range(8))) | beam.Reshuffle() | beam.ParDo(Probe())
-       | beam.Map(lambda pid: print("worker", pid)))
+       | beam.Map(lambda pid: open(os.path.join(seen, str(pid)), "w").close()))
 """
 
 
@@ -35,13 +36,17 @@ def _records(folder: Path) -> dict[int, tuple[str, int]]:
 
 
 def test_sdk_workers_freeze_at_exit_and_the_launcher_does_not(tmp_path):
-    env = dict(os.environ, DN2_EXIT_PROBE=str(tmp_path))
+    # the workers share the launcher's stdout, where their lines can interleave: each
+    # names itself by a file of its own instead
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "seen").mkdir()
+    env = dict(os.environ, DN2_EXIT_PROBE=str(tmp_path / "probe"),
+               DN2_EXIT_SEEN=str(tmp_path / "seen"))
     proc = subprocess.run([sys.executable, "-c", PIPELINE], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    workers = {int(line.split()[1]) for line in proc.stdout.splitlines()
-               if line.startswith("worker ")}
-    records = _records(tmp_path)
+    workers = {int(f.name) for f in (tmp_path / "seen").iterdir()}
+    records = _records(tmp_path / "probe")
     assert workers and workers <= set(records) and os.getpid() not in records
     launcher = set(records) - workers
     assert len(launcher) == 1, records
