@@ -30,10 +30,10 @@ Scores are plain Euclidean (not squared) distances, averaged over k, as in
 dn2ops.score.estimator; higher = more anomalous. Flat shards give exact scores; IVF and HNSW
 scores are approximate (>= exact; the manifest records recall@k).
 
-`build_index` streams: it reads the feature shards one at a time (several
-passes), writes one index shard at a time, and computes the leave-one-out
-reference scores by searching the shards it wrote, loaded one at a time, so
-the whole normal set is never in memory (unless --shards 1 asks for one shard
+`build_index` streams: it reads the feature shards in blocks of 8,192 rows (several
+passes), grows one index shard at a time from those blocks and writes it, and computes
+the leave-one-out reference scores by searching the shards it wrote, loaded one at a
+time, so the whole normal set is never in memory (unless --shards 1 asks for one shard
 of everything). `LoadedIndex(stream_shards=True)` scores the same way.
 
 torch is imported before anything else in this package on purpose: torch and faiss each

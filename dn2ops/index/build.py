@@ -34,23 +34,29 @@ def feature_rows(features_dir: str) -> list[int]:
     return rows
 
 
+# Rows of features read, transformed and handed on at once by `read_chunks`: 80 MiB of
+# 2560-d vectors, whatever the size of the shards `dn2 embed` wrote.
+CHUNK_ROWS = 8192
+
+
 def read_chunks(features_dir: str, dim: int, kept: np.ndarray | None = None,
-            transform: str = "none") -> Iterator[np.ndarray]:
-    """The (kept) normal vectors, transformed, one feature shard at a time: (n_i, dim)."""
+                transform: str = "none") -> Iterator[np.ndarray]:
+    """The (kept) normal vectors, transformed, in order, in blocks of at most CHUNK_ROWS
+    rows: (m_i, dim). A pass holds one block (and its transform), not a feature shard."""
     start = 0
-    for _, X in features.iter_feature_shards(features_dir, columns=("embedding",)):
+    for X in features.iter_embedding_blocks(features_dir, CHUNK_ROWS):
         n = len(X)
-        if n and X.shape[1] != dim:
+        if X.shape[1] != dim:
             raise features.MetadataMismatch(
                 f"feature rows have dimension {X.shape[1]}, the directory says {dim}")
         mask = None if kept is None else kept[start:start + n]
         start += n
-        if n and (mask is None or mask.any()):
+        if mask is None or mask.any():
             # Transformed, then masked (the transform is row by row: the same rows): the
-            # reader still holds the shard, so masking first would copy it once more.
+            # reader still holds the block, so masking first would copy it once more.
             X = transforms.apply(X, transform)
             if mask is not None and not mask.all():
-                X = X[mask]  # rebound: the whole transformed shard is freed before the yield
+                X = X[mask]  # rebound: the whole transformed block is freed before the yield
             yield X
 
 
@@ -118,26 +124,27 @@ def _build_staged(fs, stage: str, rows: Callable[..., Iterator[np.ndarray]],
                   features_dir: str, config: IndexConfig, device: str) -> dict[str, Any]:
     """The index's files in ``stage``; returns its manifest. ``rows(kept)`` yields the
     normal rows (of the bool mask ``kept``; all when None), transformed, in blocks of
-    ``per_shard`` rows (fewer once cleaned)."""
+    at most CHUNK_ROWS rows (``per_shard``: the rows of each feature shard)."""
     kind = kinds.for_config(config)
     dim, n = int(fmeta["dim"]), int(sum(per_shard))
-    cleaned = cleaning.clean(rows, per_shard, config, kind.min_kept(config), fs=fs,
-                             stage=stage, device=device)
-    kept = cleaned.kept
-    n_kept = int(kept.sum())
-    kept_arg = None if kept.all() else kept
-    kept_per_shard = [int(kept[a:b].sum()) for a, b in
-                      zip(np.cumsum([0] + per_shard[:-1]), np.cumsum(per_shard), strict=True)]
     sample = config.reference_sample
     # The reference sample is drawn among every normal row, kept or removed, so cleaning
     # does not cut the top of the normal scores (the draw of an uncleaned index is as it was).
     ref_rows = (None if sample is None or sample >= n
                 else streams.sample_ids(n, sample, config.seed + 2))
+    cleaned = cleaning.clean(rows, per_shard, config, kind.min_kept(config), fs=fs,
+                             stage=stage, device=device,
+                             gather=np.arange(n) if ref_rows is None else ref_rows)
+    kept = cleaned.kept
+    n_kept = int(kept.sum())
+    kept_arg = None if kept.all() else kept
+    kept_per_shard = [int(kept[a:b].sum()) for a, b in
+                      zip(np.cumsum([0] + per_shard[:-1]), np.cumsum(per_shard), strict=True)]
     src = Source(
         chunks=lambda: rows(kept_arg),
         n=n_kept, dim=dim, kept_per_shard=kept_per_shard, ref_ids=_kept_ids(kept, ref_rows))
     built = kind.build(fs, stage, src, config, device)
-    loo, loo_d = _all_rows_reference(rows, kept, ref_rows, built, config.seed)
+    loo, loo_d = _all_rows_reference(rows, cleaned, ref_rows, built, config.seed)
     built.checksums["normal.parquet"] = _write_normal(fs, stage, names, kept, loo, loo_d,
                                                       cleaned.scores)
     return _manifest(features_dir, fmeta, config, n, n_kept,
@@ -152,12 +159,14 @@ def _kept_ids(kept: np.ndarray, ref_rows: np.ndarray | None) -> np.ndarray | Non
     return (np.cumsum(kept) - 1)[ref_rows[kept[ref_rows]]]
 
 
-def _all_rows_reference(rows: Callable[..., Iterator[np.ndarray]], kept: np.ndarray,
+def _all_rows_reference(rows: Callable[..., Iterator[np.ndarray]], cleaned: cleaning.Cleaned,
                         ref_rows: np.ndarray | None, built: Built, seed: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """loo_score (n,) and loo_distances (n, k') of every normal row: the kind's scores of
     the sampled kept rows, and the sampled removed rows' (at the kind's share) against the
-    kept rows, as a new image's score; NaN for rows not in the reference."""
+    kept rows, as a new image's score; NaN for rows not in the reference. The removed rows
+    are those the cleaning gathered, or read again when it did not."""
+    kept = cleaned.kept
     n = len(kept)
     loo = np.full(n, np.nan)
     loo_d = np.full((n, built.ref_d.shape[1]), np.nan, np.float32)
@@ -167,10 +176,14 @@ def _all_rows_reference(rows: Callable[..., Iterator[np.ndarray]], kept: np.ndar
         removed = removed[streams.sample_ids(len(removed),
                                              round(built.scorer.share * len(removed)), seed + 4)]
     if len(removed):
-        mask = np.zeros(n, bool)
-        mask[removed] = True
-        loo[removed], loo_d[removed] = outside_scores(built.scorer.score, rows(mask),
-                                                      len(removed), loo_d.shape[1])
+        removed = np.sort(removed)  # rows(mask) yields them in order
+        held = cleaned.rows_removed(removed)
+        if held is None:
+            mask = np.zeros(n, bool)
+            mask[removed] = True
+        loo[removed], loo_d[removed] = outside_scores(
+            built.scorer.score, iter([held]) if held is not None else rows(mask),
+            len(removed), loo_d.shape[1])
     return loo, loo_d
 
 

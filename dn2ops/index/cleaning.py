@@ -72,11 +72,22 @@ _QUERY_BLOCK = 8192
 class Cleaned:
     """What a cleaning rule decided for n normal rows: ``kept`` (n,) bool, ``scores``
     (n,) float64 each row's cleaning score (higher = more suspicious; NaN where none was
-    computed) and ``entry``, the manifest's ``cleaning`` record."""
+    computed) and ``entry``, the manifest's ``cleaning`` record. ``removed_rows``: {id:
+    row (d,)} for rows of the ``gather`` ids `clean` was given, copied during the rule's
+    own passes so that no pass is made again for them: every such id the rule removed is
+    there (others may be); None when the rule gathered nothing."""
 
     kept: np.ndarray
     scores: np.ndarray
     entry: dict[str, Any]
+    removed_rows: dict[int, np.ndarray] | None = None
+
+    def rows_removed(self, ids: np.ndarray) -> np.ndarray | None:
+        """The rows (len(ids), d) of the removed ``ids`` if they were all gathered."""
+        got = self.removed_rows
+        if got is None or not all(int(i) in got for i in ids):
+            return None
+        return np.stack([got[int(i)] for i in ids]) if len(ids) else None
 
 
 def rule_of(config: IndexConfig) -> str:
@@ -85,16 +96,18 @@ def rule_of(config: IndexConfig) -> str:
 
 
 def clean(rows: Rows, per_shard: list[int], config: IndexConfig, min_keep: int, *,
-          fs, stage: str, device: str) -> Cleaned:
+          fs, stage: str, device: str, gather: np.ndarray | None = None) -> Cleaned:
     """The rule of ``config`` applied to the normal rows ``rows()`` yields (transformed,
-    ``per_shard`` rows per feature shard), leaving at least ``min_keep``."""
+    ``per_shard`` rows per feature shard), leaving at least ``min_keep``. ``gather``:
+    sorted ids whose rows, if removed, are wanted after (the build's reference sample:
+    Cleaned.removed_rows)."""
     n = int(sum(per_shard))
     rule = rule_of(config)
     if rule == "fraction":
         return by_fraction(rows, per_shard, config, min_keep, fs=fs, stage=stage,
                            device=device)
     if rule == "auto":
-        return auto(rows, n, config, min_keep)
+        return auto(rows, n, config, min_keep, gather=gather)
     return off(n)
 
 
@@ -277,22 +290,38 @@ def _search(flat: _Flat, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     return D, I
 
 
-def score_rows(chunks: Iterator[np.ndarray], sample: np.ndarray | _Flat, k: int) -> np.ndarray:
+def score_rows(chunks: Iterator[np.ndarray], sample: np.ndarray | _Flat, k: int, *,
+               over: tuple[np.ndarray, float, dict[int, np.ndarray]] | None = None
+               ) -> np.ndarray:
     """(n,) float64: log of every streamed row's mean distance to its k nearest rows of
     ``sample`` (m', d) float32 (or its _Flat), one chunk, then one block of queries, at a
-    time (a block's k distances are all it holds beside the chunk)."""
+    time (a block's k distances are all it holds beside the chunk). ``over`` = (ids,
+    threshold, out): the rows of ``ids`` (sorted) scoring above ``threshold`` are copied
+    into ``out`` {id: row} as they pass."""
     flat = sample if isinstance(sample, _Flat) else _Flat(sample)
-    parts = []
+    parts: list[np.ndarray] = []
+    start = 0
     for x in chunks:
+        mean = np.zeros(len(x))
         for a in range(0, len(x), _QUERY_BLOCK):
             D2, _ = flat.index.search(x[a:a + _QUERY_BLOCK] - flat.shift, k)
-            parts.append(np.sqrt(np.maximum(D2, 0)).mean(axis=1, dtype=np.float64))
-    return log_score(np.concatenate(parts)) if parts else np.zeros(0)
+            mean[a:a + _QUERY_BLOCK] = np.sqrt(np.maximum(D2, 0)).mean(axis=1,
+                                                                       dtype=np.float64)
+        parts.append(log_score(mean))
+        if over is not None:
+            ids, threshold, out = over
+            lo, hi = np.searchsorted(ids, [start, start + len(x)])
+            for i in ids[lo:hi][parts[-1][ids[lo:hi] - start] > threshold]:
+                out[int(i)] = x[i - start].copy()
+        start += len(x)
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def auto(rows: Rows, n: int, config: IndexConfig, min_keep: int) -> Cleaned:
+def auto(rows: Rows, n: int, config: IndexConfig, min_keep: int, *,
+         gather: np.ndarray | None = None) -> Cleaned:
     """The auto rule over the n rows ``rows()`` yields (see the module's docstring): scores
-    (n,) float64, s = log(mean distance to the k_s nearest kept sample rows)."""
+    (n,) float64, s = log(mean distance to the k_s nearest kept sample rows). ``gather``:
+    as `clean`'s (the rows of those ids that go are copied in the passes made anyway)."""
     if n < CLEAN_AUTO_MIN_ROWS or n - 1 < 2:
         return off(n, f"{n} normal rows: the auto rule needs at least {CLEAN_AUTO_MIN_ROWS} "
                       "to estimate their spread; nothing removed")
@@ -302,12 +331,21 @@ def auto(rows: Rows, n: int, config: IndexConfig, min_keep: int) -> Cleaned:
     x = streams.gather_rows(rows(), ids)
     k_s = sample_k(k_c, m, n)
     fit = fit_sample(x, k_s)
+    # A row goes only above the threshold: the gathered rows of ``gather`` are those above
+    # it, the sample's (by their own scores) from x, the others' as the pass reads them.
+    wanted = None if gather is None else np.asarray(gather, np.int64)
+    removed_rows: dict[int, np.ndarray] | None = None if wanted is None else {}
+    if removed_rows is not None:
+        for pos in np.flatnonzero((fit.scores > fit.threshold) & np.isin(ids, wanted)):
+            removed_rows[int(ids[pos])] = x[pos].copy()
     if m == n:
         scores = fit.scores  # the sample is every row, in order: the exact rule
     else:
         flat = _Flat(x[fit.against])
         del x  # the pass holds one chunk and the kept sample's index
-        scores = score_rows(rows(), flat, k_s)
+        rest = None if wanted is None else np.setdiff1d(wanted, ids, assume_unique=True)
+        scores = score_rows(rows(), flat, k_s, over=None if rest is None
+                            else (rest, fit.threshold, removed_rows))
         scores[ids] = fit.scores  # sample rows: their own, leaving themselves out
     kept = over_threshold(scores, fit.threshold, max_drop(n, min_keep))
     entry = {**_entry("auto", n, kept, _finite(fit.threshold),
@@ -320,7 +358,7 @@ def auto(rows: Rows, n: int, config: IndexConfig, min_keep: int) -> Cleaned:
              "%.2f %%; k_c %s, %s round(s), %s)", entry["removed"], n,
              100 * entry["estimated_rate"], k_c, fit.rounds,
              "exact" if m == n else f"scored against a sample of {m:,}")
-    return Cleaned(kept, scores, entry)
+    return Cleaned(kept, scores, entry, removed_rows)
 
 
 def _finite(x: float) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+import faiss
 import numpy as np
 
 from dn2ops.index import streams
@@ -26,11 +27,19 @@ def write_flat_shards(fs, directory: str, chunks: Iterable[np.ndarray],
     """Writes shard-SSSSS-of-NNNNN.faiss files of ``sizes`` rows each; returns name -> sha256."""
     checksums = {}
     fs.makedirs(directory, exist_ok=True)
-    for i, xb in enumerate(streams.rechunk(chunks, sizes)):
+    for i, pieces in enumerate(streams.split(chunks, sizes)):
         name = shard_name(i, len(sizes))
-        # The chunk and its index: the build's peak (the file is written in blocks).
-        checksums[name] = write_index(fs, outputs.join(directory, name), flat_of(xb))
-        del xb
+        # The index grows a chunk at a time: it and one chunk are the build's peak (the
+        # file is written in blocks), not the shard's rows joined and then copied into it.
+        index = None
+        for xb in pieces:
+            if index is None:
+                index = faiss.IndexFlatL2(xb.shape[1])
+            index.add(xb)
+        checksums[name] = write_index(fs, outputs.join(directory, name),
+                                      index if index is not None
+                                      else flat_of(np.zeros((0, 0), np.float32)))
+        del index
     return checksums
 
 

@@ -43,6 +43,37 @@ def rechunk(chunks: Iterable[np.ndarray], sizes: Sequence[int]) -> Iterator[np.n
         raise ValueError("the chunks hold fewer rows than the sizes ask for")
 
 
+def split(chunks: Iterable[np.ndarray], sizes: Sequence[int]
+          ) -> Iterator[Iterator[np.ndarray]]:
+    """The rows of ``chunks`` cut into consecutive parts of ``sizes`` rows, each part an
+    iterator of pieces (views of the chunks): ``rechunk`` without joining the pieces, so a
+    consumer that adds them one at a time (a faiss index) holds no copy of a whole part.
+    A part not read to its end is skipped when the next is asked for. Raises ValueError
+    if the chunks hold fewer or more rows than ``sum(sizes)``."""
+    source = iter(chunks)
+    rest = np.zeros((0, 0), np.float32)
+
+    def part(want: int) -> Iterator[np.ndarray]:
+        nonlocal rest
+        while want:
+            if not len(rest):
+                rest = next(source, None)
+                if rest is None:
+                    raise ValueError("the chunks hold fewer rows than the sizes ask for")
+                continue
+            piece, rest = rest[:want], rest[want:]
+            want -= len(piece)
+            yield piece
+
+    for want in sizes:
+        pieces = part(int(want))
+        yield pieces
+        for _ in pieces:  # what the consumer left of this part
+            pass
+    if len(rest) or any(len(c) for c in source):
+        raise ValueError("the chunks hold more rows than the sizes ask for")
+
+
 class Tap:
     """Passes a chunk stream through unchanged while copying out the rows of some id sets,
     so samples are gathered during a pass that is made anyway.

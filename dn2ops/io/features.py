@@ -180,6 +180,35 @@ def iter_feature_shards(directory: str,
         yield table, X
 
 
+def iter_embedding_blocks(directory: str, rows: int) -> Iterator[np.ndarray]:
+    """Every feature shard's embeddings, in order, as float32 blocks (m, dim) of at most
+    ``rows`` rows (a block never spans two shards; an empty shard yields nothing): a pass
+    over the vectors that holds one block, however large the shards are."""
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    fs, _ = outputs.fs_and_path(directory)
+    dim = 0  # the first row's, which every row must have
+    for p in shard_paths(directory, "features"):
+        with fs.open(outputs.fs_and_path(p)[1], "rb") as f:
+            pf = pq.ParquetFile(f, buffer_size=1 << 22, pre_buffer=False)
+            left = pf.metadata.num_rows
+            block, at = None, 0
+            for batch in pf.iter_batches(batch_size=min(_READ_BATCH, rows),
+                                         columns=["embedding"]):
+                x = embeddings(batch)
+                if len(x) and x.shape[1] != (dim := dim or x.shape[1]):
+                    raise MetadataMismatch("feature rows have embeddings of different lengths")
+                while len(x):
+                    if block is None:
+                        block, at = np.empty((min(rows, left), dim), np.float32), 0
+                    take = min(len(x), len(block) - at)
+                    block[at:at + take] = x[:take]
+                    x, at, left = x[take:], at + take, left - take
+                    if at == len(block):
+                        yield block
+                        block = None
+
+
 def _read_embeddings(pf: pq.ParquetFile) -> np.ndarray:
     n = pf.metadata.num_rows
     X = None

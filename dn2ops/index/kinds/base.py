@@ -28,8 +28,9 @@ LOG = logging.getLogger("dn2")
 
 @dataclasses.dataclass
 class Source:
-    """The kept normal rows a build reads: ``chunks()`` yields them transformed, one
-    feature shard at a time (``kept_per_shard`` rows each); ``ref_ids`` are the kept rows
+    """The kept normal rows a build reads: ``chunks()`` yields them transformed, in
+    blocks of at most dn2ops.index.build.CHUNK_ROWS rows (``kept_per_shard``: the kept
+    rows of each feature shard); ``ref_ids`` are the kept rows
     of the normal reference's sample (None: all; dn2ops.index.build scores the sample's
     removed rows)."""
 

@@ -30,6 +30,9 @@ def test_written_shards_load_back_and_search_as_the_rows(tmp_path, root):
     assert names == [f"shard-0000{i}-of-00003.faiss" for i in range(3)]
     for name, sha in checksums.items():
         assert hashlib.sha256(fs.cat_file(outputs.join(path, name))).hexdigest() == sha
+    # shards grown a chunk at a time are the files of the shards' rows added at once
+    whole = write_flat_shards(fs, outputs.join(path, "whole"), iter([X]), [80, 80, 70])
+    assert whole == checksums
     load = shard_loader(fs, path, names, "cpu")
     assert [len(s) for s in load()] == [80, 80, 70]
     xq = clustered(20, seed=7)

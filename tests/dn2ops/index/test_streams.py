@@ -26,6 +26,25 @@ def test_rechunk_regroups_rows_in_order():
         list(streams.rechunk(_blocks(X, [20]), [15, 10]))
 
 
+def test_split_cuts_the_rows_into_parts_of_pieces_without_joining_them():
+    X = np.arange(40, dtype=np.float32).reshape(20, 2)
+    blocks = _blocks(X, [3, 9, 1, 7])
+    parts = [list(p) for p in streams.split(blocks, [5, 5, 10])]
+    assert [[len(x) for x in p] for p in parts] == [[3, 2], [5], [2, 1, 7]]
+    for got, want in zip(parts, streams.rechunk(blocks, [5, 5, 10]), strict=True):
+        np.testing.assert_array_equal(np.concatenate(got), want)
+    assert all(np.shares_memory(x, X) for p in parts for x in p)  # views, not copies
+    # a part left unread is skipped: the next part starts where it should
+    parts = streams.split(blocks, [5, 5, 10])
+    np.testing.assert_array_equal(next(next(parts)), X[:3])  # the first part, half read
+    next(parts)  # the second, not read at all
+    np.testing.assert_array_equal(np.concatenate(list(next(parts))), X[10:])
+    with pytest.raises(ValueError, match="more rows"):
+        [list(p) for p in streams.split(_blocks(X, [20]), [5, 5])]
+    with pytest.raises(ValueError, match="fewer rows"):
+        [list(p) for p in streams.split(_blocks(X, [20]), [15, 10])]
+
+
 def test_tap_copies_the_rows_of_each_id_set_during_one_pass():
     X = np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32)
     a, b = np.array([0, 7, 8, 29]), np.array([12])

@@ -57,12 +57,35 @@ def test_shards_read_in_batches_equal_a_whole_table_read(tmp_path, monkeypatch, 
                                   np.concatenate([parts[0], parts[2]]))
 
 
+@pytest.mark.parametrize("rows", [1, 16, 25, 1000])
+def test_embedding_blocks_are_every_shards_rows_in_order_at_most_rows_at_a_time(
+        tmp_path, monkeypatch, rows):
+    monkeypatch.setattr(features, "_READ_BATCH", 7)
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=(n, 4)).astype(np.float32) for n in (50, 0, 33)]
+
+    def write(staging):
+        for s, X in enumerate(parts):
+            _write(staging / f"features-{s:05d}-of-00003.parquet", X, row_group_size=20)
+
+    _committed(tmp_path, write)
+    blocks = list(features.iter_embedding_blocks(str(tmp_path), rows))
+    assert all(0 < len(b) <= rows for b in blocks)
+    # a block never spans two shards: as many blocks as each shard needs
+    assert len(blocks) == sum(-(-len(X) // rows) for X in parts)
+    np.testing.assert_array_equal(np.concatenate(blocks), np.concatenate(parts))
+    with pytest.raises(ValueError, match="at least 1"):
+        next(features.iter_embedding_blocks(str(tmp_path), 0))
+
+
 def test_embeddings_of_different_lengths_are_refused(tmp_path):
     t = pa.table({"uri": ["a", "b"], "embedding": pa.array([[1.0, 2.0], [3.0]],
                                                           pa.list_(pa.float32()))})
     _committed(tmp_path, lambda d: pq.write_table(t, d / "features-00000-of-00001.parquet"))
     with pytest.raises(features.MetadataMismatch, match="different lengths"):
         list(features.iter_feature_shards(str(tmp_path), columns=("uri", "embedding")))
+    with pytest.raises(features.MetadataMismatch, match="different lengths"):
+        list(features.iter_embedding_blocks(str(tmp_path), 1))
 
 
 def test_column_names_of_a_table_and_of_none(tmp_path):
