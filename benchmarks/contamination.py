@@ -39,6 +39,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -383,6 +384,15 @@ RULES: dict[str, Rule] = {
     "sampled": sampled,
     "fixed-30%": fixed_share(0.30),
 }
+FIXED = re.compile(r"fixed-(\d+(?:\.\d+)?)%")
+
+
+def rule_named(name: str) -> Rule:
+    """RULES[name], or fixed_share for any ``fixed-P%`` (e.g. fixed-15%)."""
+    got = FIXED.fullmatch(name)
+    return fixed_share(float(got.group(1)) / 100) if got else RULES[name]
+
+
 HEAD = {"auto": "auto (default)", "true rate (k=200)": "true rate (fraction rule, k=200)"}
 RULE_TEXT = {
     "auto": "dn2's default (dn2ops.index.cleaning.auto): min(0.25, 3 MAD) above the median "
@@ -432,6 +442,16 @@ def impure_sets(train_labels: np.ndarray, train_idx: dict[int, np.ndarray], rate
     return out
 
 
+def best_share(per_class: dict[str, list[float]]) -> dict[str, Any]:
+    """{name: AUC of each class} of the fixed shares (and none) -> the mean over the classes
+    of each class's best AUC, and which share gave it: a choice only the test labels allow,
+    so the most a rule removing rows by this score could reach."""
+    names = list(per_class)
+    a = np.array([per_class[n] for n in names])
+    return {"auc": round(float(a.max(axis=0).mean()), 4), "of": names,
+            "best": [names[i] for i in a.argmax(axis=0)]}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.accuracy import DEEP, auc, kept_scores
     from dn2ops.index.knn import knn, set_faiss_threads
@@ -445,7 +465,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sets = impure_sets(ds.train_labels, prot.train_idx, rate, args.seed)
         rules: dict[str, Rule] = {"no cleaning": no_cleaning,
                                   "true rate (k=200)": true_rate(rate)}
-        rules.update({name: RULES[name] for name in args.rules})
+        rules.update({name: rule_named(name) for name in args.rules})
         got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in rules}
         agree: list[float] = []  # removed-set Jaccard of ``sampled`` and ``exact``
         seconds = dict.fromkeys(rules, 0.0)
@@ -483,6 +503,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "seconds": round(seconds[name], 2)}
         if agree:
             row["sampled_default_jaccard"] = round(float(np.mean(agree)), 3)
+        fixed = [name for name in rules if FIXED.fullmatch(name)]
+        if fixed:  # the ceiling of removing rows by this score, with the labels' help
+            row["oracle"] = best_share({"none": [a for a, _, _ in got["no cleaning"]],
+                                        **{f: [a for a, _, _ in got[f]] for f in fixed}})
         res["rows"].append(row)
         LOG.info("rate %.2f: %s", rate, {n: row[n]["auc"] for n in rules})
     return res
@@ -511,7 +535,7 @@ def time_pass(n: int, d: int = 2560, sample: int = SAMPLE, seed: int = 0) -> dic
 def render(res: dict[str, Any]) -> str:
     rows = res["rows"]
     names = [key for key in rows[0]
-             if key not in ("rate", "search_seconds", "sampled_default_jaccard")]
+             if key not in ("rate", "search_seconds", "sampled_default_jaccard", "oracle")]
     head = ["rate", "no cleaning",
             *(f"{HEAD.get(n, n)}: AUC / imp. / good (max)" for n in names[1:])]
 
@@ -546,7 +570,16 @@ def render(res: dict[str, Any]) -> str:
                   "the classes): " + ", ".join(f"{r['rate']:.0%}: "
                                                f"{r['sampled_default_jaccard']:.2f}"
                                                for r in rows), ""]
+    if "oracle" in rows[0]:
+        lines += ["Best of the fixed shares for each class, chosen with the test labels (the "
+                  "most any rule that removes rows by this score could give; no rule can "
+                  "choose so without the labels): " + ", ".join(
+                      f"{r['rate']:.0%}: {r['oracle']['auc']:.4f}" for r in rows)
+                  + f" (of {', '.join(rows[0]['oracle']['of'])})", ""]
     lines += [f"- {n}: {RULE_TEXT[n]}" for n in names if n in RULE_TEXT]
+    lines += [f"- {n}: reference: always drop {FIXED.fullmatch(n).group(1)} % (highest mean "
+              "distance to 5 % of n)" for n in names
+              if FIXED.fullmatch(n) and n not in RULE_TEXT]
     return "\n".join(lines) + "\n"
 
 
@@ -559,7 +592,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default=DEFAULT_CACHE)
     p.add_argument("--rates", default="0,0.01,0.05,0.1,0.2")
     p.add_argument("--rules", default="auto",
-                   help=f"comma-separated, of {','.join(RULES)}")
+                   help=f"comma-separated, of {','.join(RULES).replace('%', '%%')} "
+                        "(fixed-P%%: any share P)")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the impurity draw")
     p.add_argument("--threads", type=int, default=2, help="faiss threads")
@@ -569,7 +603,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r]
     args.rules = [r for r in args.rules.split(",") if r]
-    unknown = set(args.rules) - set(RULES)
+    unknown = {r for r in args.rules if r not in RULES and not FIXED.fullmatch(r)}
     if unknown:
         p.error(f"unknown rules {sorted(unknown)}; choose from {sorted(RULES)}")
     return args
