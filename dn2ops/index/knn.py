@@ -237,8 +237,13 @@ def knn_sharded(
     nq = xq.shape[0]
     heap = faiss.ResultHeap(nq, k)
     running = 0
-    for s, (shard, offset) in enumerate(_with_offsets(shards, offsets)):
+    s = -1
+    # No enumerate, and the shard dropped once searched: a generator of shards (loaded
+    # from files) then holds one in memory, not the last one while it loads the next.
+    for shard, offset in _with_offsets(shards, offsets):
+        s += 1
         found = _search_shard(xq, shard, k, s)
+        del shard
         if found is None:
             continue
         D, I, nb = found
@@ -260,17 +265,19 @@ def _with_offsets(shards: Iterable[Any], offsets: Sequence[int] | None
     if offsets is None:
         for shard in shards:
             yield shard, None
+            del shard  # before the next is loaded (see knn_sharded)
         return
     offset_iter = iter(offsets)
     nshards = 0
-    for s, shard in enumerate(shards):
+    for shard in shards:
         nshards += 1
         try:
             offset = int(next(offset_iter))
         except StopIteration:
-            raise ValueError(
-                f"offsets has fewer entries than shards (no offset for shard {s})") from None
+            raise ValueError(f"offsets has fewer entries than shards (no offset for shard "
+                             f"{nshards - 1})") from None
         yield shard, offset
+        del shard
     if next(offset_iter, None) is not None:
         raise ValueError(f"offsets has more entries than shards ({nshards})")
 

@@ -8,6 +8,7 @@ import pytest
 
 import dn2ops.index.knn as knn_mod
 from dn2ops.index.knn import (
+    FlatShard,
     as_float32,
     kmeans_centroids,
     knn,
@@ -170,6 +171,33 @@ def test_knn_sharded_explicit_offsets_and_empty_shard():
     np.testing.assert_allclose(D, Dc, rtol=1e-5)
     expected = np.where(Ic < 30, Ic + 1000, Ic - 30 + 2000)
     np.testing.assert_array_equal(I, expected)
+
+
+@pytest.mark.parametrize("offsets", [None, [0, 40, 80, 120]])
+@pytest.mark.parametrize("flat", [False, True])
+def test_knn_sharded_lets_each_streamed_shard_go_before_the_next_is_made(offsets, flat):
+    """Shards loaded from files one at a time: when the generator makes the next shard,
+    the one before is no longer held by the search (one shard in memory, not two)."""
+    import weakref
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(160, 6)).astype(np.float32)
+    xq = rng.normal(size=(9, 6)).astype(np.float32)
+    made, alive_at_make = [], []
+
+    def load():
+        for a in range(0, 160, 40):
+            alive_at_make.append(sum(r() is not None for r in made))
+            shard = FlatShard(X[a:a + 40].copy()) if flat else X[a:a + 40].copy()
+            made.append(weakref.ref(shard))
+            yield shard
+            del shard
+
+    D, I = knn_sharded(xq, load(), 3, offsets)
+    assert alive_at_make == [0, 0, 0, 0]
+    D_ref, I_ref = brute_knn(xq, X, 3)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5)
 
 
 def test_knn_sharded_errors():
