@@ -132,9 +132,12 @@ def _build_staged(fs, stage: str, rows: Callable[..., Iterator[np.ndarray]],
     # does not cut the top of the normal scores (the draw of an uncleaned index is as it was).
     ref_rows = (None if sample is None or sample >= n
                 else streams.sample_ids(n, sample, config.seed + 2))
+    # The removed rows of the reference are copied as the cleaning reads them, not read
+    # again after; under --reference-sample all (every row, any n) they are read again,
+    # which holds no more than a block.
+    gather = ref_rows if ref_rows is not None else None if sample is None else np.arange(n)
     cleaned = cleaning.clean(rows, per_shard, config, kind.min_kept(config), fs=fs,
-                             stage=stage, device=device,
-                             gather=np.arange(n) if ref_rows is None else ref_rows)
+                             stage=stage, device=device, gather=gather)
     kept = cleaned.kept
     n_kept = int(kept.sum())
     kept_arg = None if kept.all() else kept

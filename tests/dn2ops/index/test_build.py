@@ -190,12 +190,14 @@ def test_a_cleaned_index_samples_its_reference_among_every_normal_row(data, tmp_
     assert ref.tail == fit_tail(loo[rows]) and m["reference"]["tail"] == tail_entry(ref.tail)
 
 
-@pytest.mark.parametrize("clean_sample, passes", [(None, 2), (150, 3)])
-def test_auto_cleaning_hands_its_removed_reference_rows_to_the_build(tmp_path, monkeypatch,
-                                                                    clean_sample, passes):
+@pytest.mark.parametrize("clean_sample, reference_sample, passes",
+                         [(None, 200, 2), (150, 200, 3), (None, None, 4)])
+def test_auto_cleaning_hands_its_removed_reference_rows_to_the_build(
+        tmp_path, monkeypatch, clean_sample, reference_sample, passes):
     """The removed rows of the reference sample are scored from the rows the auto rule
     copied while it read the features (its sample, then its scoring pass), not from one
-    pass more; their scores are a new image's against the kept rows, as brute force."""
+    pass more (but under --reference-sample all, where they could be any number: read
+    again); their scores are a new image's against the kept rows, as brute force."""
     X = np.concatenate([clustered(300, seed=4), clustered(12, seed=5, offset=60.0)])
     write_features(tmp_path / "feats", X, [130, 0, 182])
     from dn2ops.index import build as build_module
@@ -205,11 +207,13 @@ def test_auto_cleaning_hands_its_removed_reference_rows_to_the_build(tmp_path, m
                         lambda *a, **kw: (calls.append(1), read(*a, **kw))[1])
     build_index(str(tmp_path / "feats"), str(tmp_path / "i"),
                 IndexConfig(k=2, clean_fraction="auto", clean_sample=clean_sample,
-                            reference_sample=200))
-    assert len(calls) == passes  # (the sample,) the scoring pass, the shards
+                            reference_sample=reference_sample))
+    # the sample, (the scoring pass,) the shards (and, for "all", every kept row, then the
+    # removed ones)
+    assert len(calls) == passes
     t = normal_table(tmp_path / "i")
     kept, loo = t.column("kept").to_numpy(), t.column("loo_score").to_numpy()
-    rows = streams.sample_ids(312, 200, IndexConfig().seed + 2)
+    rows = streams.sample_ids(312, reference_sample, IndexConfig().seed + 2)
     removed = rows[~kept[rows]]
     assert len(removed) >= 5 and not kept[300:].any()  # the far rows, at least
     np.testing.assert_allclose(loo[removed], brute_scores(X[removed], X[kept], 2), rtol=1e-5)
