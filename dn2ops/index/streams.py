@@ -15,32 +15,16 @@ import numpy as np
 
 
 def rechunk(chunks: Iterable[np.ndarray], sizes: Sequence[int]) -> Iterator[np.ndarray]:
-    """Regroups the rows of ``chunks`` into arrays of exactly ``sizes`` rows, in order.
+    """Regroups the rows of ``chunks`` into arrays of exactly ``sizes`` rows, in order
+    (`split`'s parts, joined; an empty part is a (0, 0) array).
 
     Holds at most one output array plus one input chunk. Raises ValueError if
     the chunks hold fewer or more rows than ``sum(sizes)``.
     """
-    buf: list[np.ndarray] = []
-    have = 0
-    targets = iter(sizes)
-    want = next(targets, None)
-    for chunk in chunks:
-        while len(chunk):
-            if want is None:
-                raise ValueError("the chunks hold more rows than the sizes ask for")
-            take = min(want - have, len(chunk))
-            buf.append(chunk[:take])
-            have += take
-            chunk = chunk[take:]
-            if have == want:
-                yield buf[0] if len(buf) == 1 else np.concatenate(buf)
-                buf, have, want = [], 0, next(targets, None)
-        del chunk
-    while want == 0:  # empty target shards at the end
-        yield np.zeros((0, 0), np.float32)
-        want = next(targets, None)
-    if want is not None:
-        raise ValueError("the chunks hold fewer rows than the sizes ask for")
+    for pieces in split(chunks, sizes):
+        parts = list(pieces)
+        yield (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
+               else np.zeros((0, 0), np.float32))
 
 
 def split(chunks: Iterable[np.ndarray], sizes: Sequence[int]
