@@ -22,19 +22,31 @@ def shard_sizes(n: int, shards: int | None, per_feature_shard: list[int]) -> lis
     return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def reserved_flat(d: int, n: int) -> faiss.IndexFlatL2:
+    """An empty IndexFlatL2 whose storage holds n rows already: adding up to n rows fills
+    it in place. Left to itself the storage (a std::vector) doubles as rows are added, and
+    each doubling holds the old and the new copy at once: up to twice a shard at its peak.
+    (Sized, then emptied: a vector keeps its capacity when it shrinks.)"""
+    index = faiss.IndexFlatL2(d)
+    index.codes.resize(n * index.code_size)
+    index.codes.resize(0)
+    return index
+
+
 def write_flat_shards(fs, directory: str, chunks: Iterable[np.ndarray],
                       sizes: list[int]) -> dict[str, str]:
     """Writes shard-SSSSS-of-NNNNN.faiss files of ``sizes`` rows each; returns name -> sha256."""
     checksums = {}
     fs.makedirs(directory, exist_ok=True)
-    for i, pieces in enumerate(streams.split(chunks, sizes)):
+    for i, (size, pieces) in enumerate(zip(sizes, streams.split(chunks, sizes), strict=True)):
         name = shard_name(i, len(sizes))
-        # The index grows a chunk at a time: it and one chunk are the build's peak (the
-        # file is written in blocks), not the shard's rows joined and then copied into it.
+        # The index grows a chunk at a time into storage sized for the shard: it and one
+        # chunk are the build's peak (the file is written in blocks), not the shard's rows
+        # joined and then copied into it.
         index = None
         for xb in pieces:
             if index is None:
-                index = faiss.IndexFlatL2(xb.shape[1])
+                index = reserved_flat(xb.shape[1], int(size))
             index.add(xb)
         checksums[name] = write_index(fs, outputs.join(directory, name),
                                       index if index is not None

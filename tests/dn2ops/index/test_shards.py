@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 
+import faiss
 import numpy as np
 import pytest
 
 from dn2ops.index.knn import knn_sharded
-from dn2ops.index.shards import shard_loader, shard_sizes, write_flat_shards
+from dn2ops.index.shards import reserved_flat, shard_loader, shard_sizes, write_flat_shards
 from dn2ops.io import outputs
 from tests.conftest import brute_knn, clustered
 
@@ -18,6 +19,25 @@ def test_shard_sizes_by_hand():
     assert shard_sizes(10, 3, [10]) == [3, 3, 4]  # equal parts, by np.linspace
     assert shard_sizes(2, 5, [2]) == [1, 1]  # never more shards than rows
     assert shard_sizes(9, None, [4, 0, 5]) == [4, 5]  # one per non-empty feature shard
+
+
+def test_reserved_flat_fills_in_place_and_serializes_as_a_plain_index():
+    X = clustered(300, seed=8)
+    index = reserved_flat(X.shape[1], len(X))
+    assert index.ntotal == 0
+    index.add(X[:7])
+    at = index.codes.data()
+    for a in range(7, len(X), 7):  # many small adds: a plain vector would move several times
+        index.add(X[a:a + 7])
+        assert index.codes.data() == at  # never reallocated (no second copy of the rows)
+    plain = faiss.IndexFlatL2(X.shape[1])
+    plain.add(X)
+    assert bytes(faiss.serialize_index(index)) == bytes(faiss.serialize_index(plain))
+    # more rows than reserved still work (the vector grows as before)
+    index.add(X[:5])
+    assert index.ntotal == len(X) + 5
+    np.testing.assert_array_equal(faiss.rev_swig_ptr(index.get_xb(), (len(X) + 5) * X.shape[1])
+                                  .reshape(-1, X.shape[1])[-5:], X[:5])
 
 
 @pytest.mark.parametrize("root", ["local", "memory://dn2-shards"])
