@@ -135,7 +135,10 @@ def _build_staged(fs, stage: str, rows: Callable[..., Iterator[np.ndarray]],
     # The removed rows of the reference are copied as the cleaning reads them, not read
     # again after; under --reference-sample all (every row, any n) they are read again,
     # which holds no more than a block.
-    gather = ref_rows if ref_rows is not None else None if sample is None else np.arange(n)
+    if sample is None:
+        gather = None
+    else:
+        gather = np.arange(n) if ref_rows is None else ref_rows
     cleaned = cleaning.clean(rows, per_shard, config, kind.min_kept(config), fs=fs,
                              stage=stage, device=device, gather=gather)
     kept = cleaned.kept
